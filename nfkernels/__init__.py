@@ -1,0 +1,13 @@
+"""nfkernels: batched ops for weight-space learning on neural fields.
+
+Each op has a pure-torch reference and fast implementations (C++ CPU, CUDA, Triton) behind one
+dispatching function with a ``backend=`` override ("auto", "torch", "cpp", "cuda", "triton").
+This package does not depend on nfgen.
+"""
+from nfkernels._ext import BACKENDS, HAS_EXT, HAS_TRITON
+from nfkernels.siren import SirenSpec, coord_grid, siren_forward, siren_forward_reference, siren_init
+
+__all__ = [
+    "BACKENDS", "HAS_EXT", "HAS_TRITON",
+    "SirenSpec", "coord_grid", "siren_init", "siren_forward", "siren_forward_reference",
+]

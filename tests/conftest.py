@@ -1,0 +1,30 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter when there is no GPU. The flag is read
+# when a kernel is defined, so it must be set before nfkernels' Triton modules are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("NFGEN_DATA", str(ROOT.parent / "shared" / "data"))
+
+
+def _mnist_available() -> bool:
+    root = Path(os.environ["NFGEN_DATA"])
+    return (root / "mnist" / "t10k-images-idx3-ubyte.gz").exists() or (root / "mnist" / "t10k-images-idx3-ubyte").exists()
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not _mnist_available():
+        pytest.fail(f"MNIST not found under NFGEN_DATA={os.environ['NFGEN_DATA']}; point NFGEN_DATA at shared/data")
+    return Path(os.environ["NFGEN_DATA"])
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
