@@ -5,9 +5,11 @@ dispatching function with a ``backend=`` override ("auto", "torch", "cpp", "cuda
 This package does not depend on nfgen.
 """
 from nfkernels._ext import BACKENDS, HAS_EXT, HAS_TRITON
-from nfkernels.siren import SirenSpec, coord_grid, siren_forward, siren_forward_reference, siren_init
+from nfkernels.siren import (SirenSpec, coord_grid, siren_forward, siren_forward_reference, siren_init,
+                             siren_fit_steps, siren_fit_steps_reference)
 
 __all__ = [
     "BACKENDS", "HAS_EXT", "HAS_TRITON",
     "SirenSpec", "coord_grid", "siren_init", "siren_forward", "siren_forward_reference",
+    "siren_fit_steps", "siren_fit_steps_reference",
 ]

@@ -105,3 +105,43 @@ def siren_forward_reference(params: torch.Tensor, coords: torch.Tensor, spec: Si
 def siren_forward(params: torch.Tensor, coords: torch.Tensor, spec: SirenSpec, backend: str = "auto") -> torch.Tensor:
     """[N, P] weights, [C, in_dim] coordinates → [N, C, out_dim]; differentiable in `params`."""
     return siren_forward_reference(params, coords, spec)
+
+
+def siren_fit_steps_reference(params: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+                              coords: torch.Tensor, target: torch.Tensor, spec: SirenSpec, *, lr: float,
+                              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, n_steps: int = 1,
+                              active: torch.Tensor | None = None) -> torch.Tensor:
+    """`n_steps` Adam steps on every field at once, in place; returns the per-field MSE [N] of the last step.
+
+    Loss = sum over fields of each field's mean squared error, so a field's gradient does not depend on
+    N. The Adam update is torch.optim.Adam's (bias-corrected, no weight decay); `step` is the number of
+    steps already taken (0 before the first). Fields with active[i] == False are left untouched.
+    """
+    b1, b2 = betas
+    loss = None
+    for s in range(n_steps):
+        p = params.detach().requires_grad_(True)
+        err = siren_forward_reference(p, coords, spec) - target
+        per_field = err.pow(2).mean(dim=(1, 2))
+        (grad,) = torch.autograd.grad(per_field.sum(), p)
+        t = step + s + 1
+        with torch.no_grad():
+            m = exp_avg.mul(b1).add_(grad, alpha=1 - b1)
+            v = exp_avg_sq.mul(b2).addcmul_(grad, grad, value=1 - b2)
+            upd = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps) * lr
+            if active is None:
+                exp_avg.copy_(m), exp_avg_sq.copy_(v), params.sub_(upd)
+            else:
+                keep = active.view(-1, 1)
+                exp_avg.copy_(torch.where(keep, m, exp_avg))
+                exp_avg_sq.copy_(torch.where(keep, v, exp_avg_sq))
+                params.sub_(torch.where(keep, upd, torch.zeros_like(upd)))
+        loss = per_field.detach()
+    return loss
+
+
+def siren_fit_steps(params, exp_avg, exp_avg_sq, step, coords, target, spec, *, lr, betas=(0.9, 0.999), eps=1e-8,
+                    n_steps=1, active=None, backend: str = "auto") -> torch.Tensor:
+    """Fused fitting: forward, per-field MSE, backward and Adam, `n_steps` times. See the reference."""
+    return siren_fit_steps_reference(params, exp_avg, exp_avg_sq, step, coords, target, spec, lr=lr, betas=betas,
+                                     eps=eps, n_steps=n_steps, active=active)
