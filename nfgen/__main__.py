@@ -1,0 +1,5 @@
+import sys
+
+from nfgen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,260 @@
+"""The command line: ``python -m nfgen {fit,tokenize,train,generate,evaluate,classifier,demo}``.
+
+Every command works inside a run directory (``--run``, default ``runs/default``): it reads the artifacts
+the earlier stages left there unless told otherwise, writes its own there, and saves its resolved
+options as ``<command>.config.json``. Problems with the input end in one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from nfgen import __version__
+from nfgen.io import NfgenError, write_json
+
+EXIT_USAGE = 2
+
+
+# --- argument plumbing -----------------------------------------------------------------------------------
+
+def _opt(p: argparse.ArgumentParser, name: str, cls, help: str, type_=None, **kw):
+    """Add --name mapped onto field `name` of dataclass `cls`; the default shown is the dataclass's."""
+    dest = name.replace("-", "_")
+    field = {f.name: f for f in dataclasses.fields(cls)}[dest]
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if type_ is None and isinstance(default, bool):
+        p.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                       help=f"{help} (default: {default})")
+        return
+    t = type_ or (type(default) if default is not None else str)
+    p.add_argument(f"--{name}", dest=dest, type=t, default=None, help=f"{help} (default: {default})", **kw)
+
+
+def _config(cls, args: argparse.Namespace, **overrides):
+    """Build dataclass `cls` from the parsed args that were given; the rest keep their defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    values.update({k: v for k, v in overrides.items() if k in names})
+    return cls(**values)
+
+
+def _common(p: argparse.ArgumentParser, data: bool = False) -> None:
+    p.add_argument("--run", default="runs/default", help="run directory holding this run's artifacts (default: runs/default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if data:
+        p.add_argument("--data-root", default=None, help="data root (default: $NFGEN_DATA, else ~/.cache/nfgen)")
+        p.add_argument("--download", action="store_true", help="download MNIST into the data root if missing")
+
+
+def _path(value: str | None, run: Path, name: str) -> Path:
+    return Path(value) if value else run / name
+
+
+def _save_config(run: Path, command: str, args: argparse.Namespace, **resolved) -> None:
+    cfg = {k: v for k, v in vars(args).items() if k != "func"}
+    for k, v in resolved.items():
+        cfg[k] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+    write_json(run / f"{command}.config.json", {"command": command, "nfgen_version": __version__,
+                                                "time": time.strftime("%Y-%m-%d %H:%M:%S"), **cfg})
+
+
+def _report(summary: dict) -> None:
+    print(json.dumps(summary, indent=2, default=str))
+
+
+# --- commands --------------------------------------------------------------------------------------------
+
+def cmd_fit(args) -> dict:
+    from nfgen.fields import FitConfig, run_fit
+
+    run = Path(args.run)
+    cfg = _config(FitConfig, args, quiet=args.quiet)
+    out = _path(args.out, run, "fields.safetensors")
+    summary = run_fit(args.split, out, cfg, data_root=args.data_root, download=args.download)
+    _save_config(run, "fit", args, recipe=cfg, out=str(out))
+    return summary
+
+
+def cmd_tokenize(args) -> dict:
+    from nfgen.tokenizer import TokenizerConfig, run_tokenize
+
+    run = Path(args.run)
+    cfg = _config(TokenizerConfig, args, quiet=args.quiet)
+    out = _path(args.out, run, "tokens.safetensors")
+    summary = run_tokenize(_path(args.fields, run, "fields.safetensors"), out, cfg, data_root=args.data_root,
+                           device=args.device, quiet=args.quiet)
+    _save_config(run, "tokenize", args, tokenizer=cfg, out=str(out))
+    return summary
+
+
+def cmd_train(args) -> dict:
+    from nfgen.train import TrainConfig, train
+
+    run = Path(args.run)
+    cfg = _config(TrainConfig, args, quiet=args.quiet)
+    summary = train(_path(args.tokens, run, "tokens.safetensors"), run, cfg, resume=args.resume)
+    _save_config(run, "train", args, train_config=cfg)
+    return summary
+
+
+def cmd_generate(args) -> dict:
+    from nfgen.generate import SampleConfig, run_generate
+
+    run = Path(args.run)
+    cfg = _config(SampleConfig, args, quiet=args.quiet)
+    summary = run_generate(_path(args.model, run, "model.safetensors"), _path(args.tokens, run, "tokens.safetensors"),
+                           run, per_class=args.per_class, unconditional=args.unconditional, cfg=cfg,
+                           device=args.device)
+    _save_config(run, "generate", args, sampling=cfg)
+    return summary
+
+
+def cmd_evaluate(args) -> dict:
+    from nfgen.metrics import run_evaluate
+
+    run = Path(args.run)
+    classifier = args.classifier
+    if classifier is None and (run / "classifier.safetensors").is_file():
+        classifier = run / "classifier.safetensors"
+    summary = run_evaluate(_path(args.samples, run, "samples.safetensors"), run, ref_split=args.ref_split,
+                           train_split=args.train_split, classifier_path=classifier, data_root=args.data_root,
+                           device=args.device, seed=args.seed, quiet=args.quiet)
+    _save_config(run, "evaluate", args, classifier=str(classifier) if classifier else None)
+    return summary
+
+
+def cmd_classifier(args) -> dict:
+    from nfgen.classifier import run_classifier
+
+    run = Path(args.run)
+    out = _path(args.out, run, "classifier.safetensors")
+    summary = run_classifier(args.train_split, args.heldout_split, out, epochs=args.epochs, seed=args.seed,
+                             device=args.device, data_root=args.data_root, quiet=args.quiet)
+    _save_config(run, "classifier", args, out=str(out))
+    return summary
+
+
+def cmd_demo(args) -> dict:
+    from nfgen.demo import run_demo
+
+    return run_demo(Path(args.run), data_root=args.data_root, device=args.device, quiet=args.quiet,
+                    download=args.download)
+
+
+# --- parser ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from nfgen.fields import FitConfig
+    from nfgen.generate import SampleConfig
+    from nfgen.tokenizer import TokenizerConfig
+    from nfgen.train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="nfgen", description="Generate neural fields by predicting their weights "
+                                     "with a transformer: fit → tokenize → train → generate → evaluate.")
+    parser.add_argument("--version", action="version", version=f"nfgen {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fit", help="fit one SIREN per image, thousands at once")
+    _common(p, data=True)
+    p.add_argument("--split", default="mnist:test[:8000]", help="images to fit (default: mnist:test[:8000])")
+    p.add_argument("--out", default=None, help="fields file (default: RUN/fields.safetensors)")
+    for name, h in [("hidden", "hidden width"), ("hidden-layers", "number of sine layers"), ("omega0", "ω0 of every sine layer"),
+                    ("steps", "Adam steps per field"), ("lr", "Adam learning rate"), ("chunk", "fields fitted together"),
+                    ("init", "shared (one template for all fields) or independent"),
+                    ("template", "PATH[:INDEX] of a fitted field to start every field from"),
+                    ("target-psnr", "stop a field once it reaches this PSNR (dB)"), ("seed", "seed of the init"),
+                    ("backend", "auto, torch, cpp or triton"), ("device", "auto, cpu or cuda")]:
+        _opt(p, name, FitConfig, h, type_=float if name == "target-psnr" else None)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("tokenize", help="learn a VQ codebook over the weights and write token sequences")
+    _common(p, data=True)
+    p.add_argument("--fields", default=None, help="fields file (default: RUN/fields.safetensors)")
+    p.add_argument("--out", default=None, help="tokens file (default: RUN/tokens.safetensors)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    for name, h in [("codebook-size", "codes per level"), ("group", "weights per token (vector VQ when > 1)"),
+                    ("levels", "residual VQ levels"), ("normalize", "layer (per-tensor scale) or none"),
+                    ("iters", "Lloyd iterations"), ("sample", "points used to learn the codebook"),
+                    ("seed", "k-means seed"), ("backend", "auto, torch, cpp or triton")]:
+        _opt(p, name, TokenizerConfig, h)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("train", help="train the GPT on the token sequences")
+    _common(p)
+    p.add_argument("--tokens", default=None, help="tokens file (default: RUN/tokens.safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/train_state.safetensors")
+    for name, h in [("n-layer", "transformer blocks"), ("n-head", "attention heads"), ("n-embd", "model width"),
+                    ("dropout", "dropout"), ("steps", "optimizer steps"), ("batch-size", "sequences per step"),
+                    ("lr", "peak learning rate"), ("warmup", "warmup steps"), ("weight-decay", "AdamW weight decay"),
+                    ("grad-clip", "gradient-norm clip"), ("class-dropout", "probability of NO_CLASS in training"),
+                    ("val-fraction", "fields held out for validation loss"), ("eval-every", "steps between validations"),
+                    ("checkpoint-every", "steps between checkpoints"), ("seed", "seed"), ("device", "auto, cpu or cuda"),
+                    ("compile", "torch.compile the model")]:
+        _opt(p, name, TrainConfig, h)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample new fields with the trained GPT")
+    _common(p)
+    p.add_argument("--model", default=None, help="model file (default: RUN/model.safetensors)")
+    p.add_argument("--tokens", default=None, help="tokens file with the codebook (default: RUN/tokens.safetensors)")
+    p.add_argument("--per-class", type=int, default=10, help="class-conditional samples per class (default: 10)")
+    p.add_argument("--unconditional", type=int, default=0, help="unconditional samples (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    for name, h in [("temperature", "softmax temperature"), ("top-k", "keep the k most likely tokens (0: all)"),
+                    ("top-p", "nucleus sampling mass"), ("cfg-scale", "classifier-free guidance scale (1: off)"),
+                    ("seed", "sampling seed"), ("batch-size", "sequences sampled at once (default: from free memory)"),
+                    ("backend", "sampling backend: auto, torch, cpp or triton")]:
+        _opt(p, name, SampleConfig, h, type_=int if name == "batch-size" else None)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="MMD / COV / 1-NNA, memorisation and classifier score, with the real-data oracle")
+    _common(p, data=True)
+    p.add_argument("--samples", default=None, help="generated fields (default: RUN/samples.safetensors)")
+    p.add_argument("--ref-split", default="mnist:test[8000:]", help="held-out references (default: mnist:test[8000:])")
+    p.add_argument("--train-split", default="mnist:test[:8000]", help="training split, for memorisation and the oracle")
+    p.add_argument("--classifier", default=None, help="classifier file (default: RUN/classifier.safetensors if present)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsampling to |Sg| = |Sr| (default: 0)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("classifier", help="train the CNN behind the classifier score")
+    _common(p, data=True)
+    p.add_argument("--train-split", default="mnist:test[:8000]", help="training images (default: mnist:test[:8000])")
+    p.add_argument("--heldout-split", default="mnist:test[8000:]", help="held-out images (default: mnist:test[8000:])")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the classifier's own)")
+    p.add_argument("--out", default=None, help="classifier file (default: RUN/classifier.safetensors)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.set_defaults(func=cmd_classifier)
+
+    p = sub.add_parser("demo", help="the whole pipeline at a size that runs in about 10 minutes on a 2-core CPU")
+    _common(p, data=True)
+    p.set_defaults(run="runs/demo")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        summary = args.func(args)
+    except (NfgenError, ValueError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"nfgen {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"nfgen {args.command}: interrupted; finished artifacts are intact, rerun to redo this stage",
+              file=sys.stderr)
+        return 130
+    _report(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Train a decoder-only GPT on token sequences [SOS, CLASS_c | NO_CLASS, t_1 … t_L].
+
+One model samples both conditionally and unconditionally: with probability `class_dropout` a training
+sequence carries NO_CLASS instead of its class token. Checkpoints are safetensors: `model.safetensors`
+(weights + config, what generate reads) and `train_state.safetensors` (model, AdamW state, step and RNG
+states, what --resume reads). Batches are drawn from a seeded generator whose state is checkpointed, so a
+resumed run sees the same batches and, on CPU, reproduces the uninterrupted loss curve exactly.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from nfgen.common import make_generator, pick_device, progress
+from nfgen.io import NfgenError, load_artifact, save_artifact, write_json
+from nfgen.model import GPT, GPTConfig, save_model
+from nfgen.tokenizer import load_tokens
+from nfgen.vocab import Vocab
+
+
+@dataclass
+class TrainConfig:
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 384
+    dropout: float = 0.0
+    steps: int = 5000
+    batch_size: int = 32
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 200
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    class_dropout: float = 0.1
+    val_fraction: float = 0.05
+    eval_every: int = 250
+    checkpoint_every: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    quiet: bool = False
+
+    def validate(self) -> None:
+        checks = [
+            (self.steps >= 1, "--steps must be ≥ 1"),
+            (self.batch_size >= 1, "--batch-size must be ≥ 1"),
+            (self.lr > 0, "--lr must be > 0"),
+            (self.n_embd % self.n_head == 0, f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}"),
+            (0.0 <= self.class_dropout <= 1.0, "--class-dropout must be in [0, 1]"),
+            (0.0 <= self.val_fraction < 1.0, "--val-fraction must be in [0, 1)"),
+            (0 <= self.warmup, "--warmup must be ≥ 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise NfgenError(msg)
+
+
+# Options that may differ between a run and its resumption: they do not change what is computed.
+_RESUME_FREE = {"steps", "eval_every", "checkpoint_every", "device", "quiet", "compile"}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio·lr at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress_ = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_))
+    return cfg.lr * ratio
+
+
+def make_sequences(tokens: torch.Tensor, labels: torch.Tensor, vocab: Vocab) -> torch.Tensor:
+    """[N, L] codes + [N] labels → [N, L + 2] sequences with the true class token."""
+    n = tokens.shape[0]
+    head = torch.stack([torch.full((n,), vocab.sos), labels + vocab.n_codes + 2], dim=1)
+    return torch.cat([head, tokens], dim=1)
+
+
+def batch_from(seqs: torch.Tensor, idx: torch.Tensor, drop: torch.Tensor | None, vocab: Vocab):
+    """Inputs and targets for sequences `idx`; `drop` marks rows whose class becomes NO_CLASS."""
+    seq = seqs[idx]
+    if drop is not None:
+        seq[:, 1] = torch.where(drop, torch.full_like(seq[:, 1], vocab.no_class), seq[:, 1])
+    x, y = seq[:, :-1], seq[:, 1:].clone()
+    y[:, 0] = -1  # the class token is given, never predicted
+    return x, y
+
+
+def _optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=None)
+
+
+def _state_tensors(model: GPT, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    out["rng.batches"] = gen.get_state()
+    out["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _restore(path: Path, model: GPT, opt: torch.optim.Optimizer, gen: torch.Generator, cfg: TrainConfig, device):
+    tensors, meta = load_artifact(path, "train_state", "start without --resume")
+    old = meta.get("train_config", {})
+    diff = {k: (old.get(k), v) for k, v in asdict(cfg).items() if k not in _RESUME_FREE and old.get(k) != v}
+    if diff:
+        listed = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in diff.items())
+        raise NfgenError(f"--resume with different options than the original run ({listed}); "
+                         "rerun with the original options or start a new run directory")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    sd = opt.state_dict()
+    state = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = v.to(device) if name != "step" else v
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    gen.set_state(tensors["rng.batches"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return meta["step"], meta.get("history", [])
+
+
+@torch.no_grad()
+def evaluate_loss(model: GPT, seqs: torch.Tensor, vocab: Vocab, batch_size: int, device, autocast) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, seqs.shape[0], batch_size):
+        x, y = batch_from(seqs, torch.arange(i, min(i + batch_size, seqs.shape[0])), None, vocab)
+        with autocast():
+            _, loss = model(x.to(device), y.to(device))
+        total += float(loss) * x.shape[0]
+        count += x.shape[0]
+    model.train()
+    return total / max(1, count)
+
+
+def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train on a tokens file; write model.safetensors, train_state.safetensors and train_log.json in run_dir."""
+    cfg.validate()
+    run_dir = Path(run_dir)
+    ts = load_tokens(tokens_path, hint="run `nfgen tokenize` first")
+    device = pick_device(cfg.device)
+    n_classes = int(ts.meta.get("n_classes", int(ts.labels.max()) + 1))
+    vocab = Vocab(ts.tokenizer.n_codes, n_classes)
+    if ts.labels.min() < 0 or ts.labels.max() >= n_classes:
+        raise NfgenError(f"{tokens_path} has labels outside [0, {n_classes}); re-tokenize a labelled fields file")
+    seqs = make_sequences(ts.tokens.long(), ts.labels.long(), vocab)
+    n, seq_len = seqs.shape
+
+    split_gen = make_generator(cfg.seed)
+    perm = torch.randperm(n, generator=split_gen)
+    n_val = int(round(n * cfg.val_fraction)) if n > 1 else 0
+    val_seqs, train_seqs = seqs[perm[:n_val]], seqs[perm[n_val:]]
+
+    torch.manual_seed(cfg.seed)
+    gcfg = GPTConfig(vocab_size=vocab.size, block_size=seq_len - 1, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd, dropout=cfg.dropout)
+    model = GPT(gcfg).to(device)
+    opt = _optimizer(model, cfg)
+    gen = make_generator(cfg.seed + 1)
+    step, history = 0, []
+    state_path = run_dir / "train_state.safetensors"
+    if resume:
+        step, history = _restore(state_path, model, opt, gen, cfg, device)
+        if step >= cfg.steps:
+            raise NfgenError(f"the run in {run_dir} already finished {step} steps; pass a larger --steps to continue")
+
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16) if device.type == "cuda" \
+            else torch.autocast("cpu", enabled=False)
+
+    fwd = torch.compile(model) if cfg.compile else model
+    meta_base = {"config": asdict(gcfg), "n_codes": vocab.n_codes, "n_classes": n_classes,
+                 "tokens_per_field": seq_len - 2, "train_config": asdict(cfg), "tokens_path": str(tokens_path),
+                 "tokenizer": ts.meta.get("tokenizer"), "spec": ts.spec.to_dict(), "image_shape": list(ts.image_shape)}
+
+    def checkpoint(steps_done: int, final: bool):
+        meta = dict(meta_base, step=steps_done, history=history)
+        save_artifact(state_path, "train_state", _state_tensors(model, opt, gen), meta)
+        save_model(run_dir / "model.safetensors", model, meta)
+        write_json(run_dir / "train_log.json", {"step": steps_done, "final": final, "history": history})
+
+    bs = min(cfg.batch_size, train_seqs.shape[0])
+    tokens_per_step = bs * (seq_len - 1)
+    bar = progress(range(step, cfg.steps), quiet=cfg.quiet, desc="train", initial=step, total=cfg.steps)
+    t0, last_val = time.perf_counter(), float("nan")
+    model.train()
+    for step in bar:
+        idx = torch.randint(0, train_seqs.shape[0], (bs,), generator=gen)
+        drop = torch.rand(bs, generator=gen) < cfg.class_dropout
+        x, y = batch_from(train_seqs, idx, drop, vocab)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with autocast():
+            _, loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            train_loss = float(loss)
+            if not math.isfinite(train_loss):
+                raise NfgenError(f"training diverged at step {done} (loss {train_loss}); lower --lr or raise --warmup")
+            last_val = evaluate_loss(model, val_seqs, vocab, bs, device, autocast) if n_val else float("nan")
+            history.append({"step": done, "train_loss": train_loss, "val_loss": last_val, "lr": lr_at(step, cfg)})
+        if not cfg.quiet and (done % 10 == 0 or done == cfg.steps):
+            rate = tokens_per_step * (done - bar.initial) / max(1e-9, time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{float(loss):.3f}", val=f"{last_val:.3f}", tok_s=f"{rate:,.0f}")
+        if done % cfg.checkpoint_every == 0 and done != cfg.steps:
+            checkpoint(done, final=False)
+    elapsed = time.perf_counter() - t0
+    checkpoint(cfg.steps, final=True)
+    last = history[-1] if history else {}
+    return {"steps": cfg.steps, "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
+            "n_train": int(train_seqs.shape[0]), "n_val": n_val, "params": sum(p.numel() for p in model.parameters()),
+            "seconds": round(elapsed, 2), "model": str(run_dir / "model.safetensors")}
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in d.items() if k in names})
+
+
+__all__ = ["TrainConfig", "train", "lr_at", "make_sequences", "batch_from", "config_from_dict"]
