@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from nfkernels._ext import has_op, resolve_backend
+
 
 @dataclass(frozen=True)
 class SirenSpec:
@@ -103,7 +105,19 @@ def siren_forward_reference(params: torch.Tensor, coords: torch.Tensor, spec: Si
 
 
 def siren_forward(params: torch.Tensor, coords: torch.Tensor, spec: SirenSpec, backend: str = "auto") -> torch.Tensor:
-    """[N, P] weights, [C, in_dim] coordinates → [N, C, out_dim]; differentiable in `params`."""
+    """[N, P] weights, [C, in_dim] coordinates → [N, C, out_dim]; differentiable in `params`.
+
+    Backends: ``cpp`` (CPU, float32), ``triton`` (CUDA, or CPU under TRITON_INTERPRET=1; float32, hidden
+    ≤ 128), ``torch`` (the reference). ``auto`` falls back to ``torch`` for shapes/dtypes the fast ones
+    do not take.
+    """
+    b = _pick(backend, params, coords, spec, "siren_forward")
+    if b == "cpp":
+        return torch.ops.nfkernels.siren_forward(params, coords, _dims(spec), spec.omega0)
+    if b == "triton":
+        from nfkernels import siren_triton
+
+        return siren_triton.siren_forward(params, coords, spec)
     return siren_forward_reference(params, coords, spec)
 
 
@@ -142,6 +156,97 @@ def siren_fit_steps_reference(params: torch.Tensor, exp_avg: torch.Tensor, exp_a
 
 def siren_fit_steps(params, exp_avg, exp_avg_sq, step, coords, target, spec, *, lr, betas=(0.9, 0.999), eps=1e-8,
                     n_steps=1, active=None, backend: str = "auto") -> torch.Tensor:
-    """Fused fitting: forward, per-field MSE, backward and Adam, `n_steps` times. See the reference."""
-    return siren_fit_steps_reference(params, exp_avg, exp_avg_sq, step, coords, target, spec, lr=lr, betas=betas,
-                                     eps=eps, n_steps=n_steps, active=active)
+    """Fused fitting: forward, per-field MSE, backward and Adam, `n_steps` times, in place. See the reference.
+
+    `target` is [N, C, out_dim] (or broadcastable to it); `active` an optional bool [N]. The fused
+    backends keep each field's weights, Adam state and image on chip (Triton) or in cache (C++) across
+    all `n_steps`.
+    """
+    b = _pick(backend, params, coords, spec, "siren_fit_steps")
+    if b == "torch":
+        return siren_fit_steps_reference(params, exp_avg, exp_avg_sq, step, coords, target, spec, lr=lr, betas=betas,
+                                         eps=eps, n_steps=n_steps, active=active)
+    n, c = params.shape[0], coords.shape[0]
+    if n_steps < 1 or step < 0:
+        raise ValueError(f"need n_steps >= 1 and step >= 0, got n_steps={n_steps}, step={step}")
+    try:
+        target = target.to(torch.float32).expand(n, c, spec.out_dim).contiguous()
+    except RuntimeError:
+        raise ValueError(f"target must be [N, C, out_dim] = [{n}, {c}, {spec.out_dim}], got {tuple(target.shape)}") from None
+    if active is not None:
+        if active.numel() != n:
+            raise ValueError(f"active must be a bool mask of {n} fields, got shape {tuple(active.shape)}")
+        active = active.reshape(n).to(device=params.device, dtype=torch.bool)
+    # The kernels update contiguous buffers in place; work on copies and write back where the caller's aren't.
+    state = [t if t.is_contiguous() else t.contiguous() for t in (params, exp_avg, exp_avg_sq)]
+    if b == "cpp":
+        loss = torch.ops.nfkernels.siren_fit_steps(*state, coords.contiguous(), target, active, _dims(spec),
+                                                   spec.omega0, int(step), int(n_steps), float(lr), float(betas[0]),
+                                                   float(betas[1]), float(eps))
+    else:
+        from nfkernels import siren_triton
+
+        loss = siren_triton.siren_fit_steps(*state, int(step), coords.contiguous(), target, spec, lr=float(lr),
+                                            betas=(float(betas[0]), float(betas[1])), eps=float(eps),
+                                            n_steps=int(n_steps), active=active)
+    for mine, theirs in zip(state, (params, exp_avg, exp_avg_sq)):
+        if mine is not theirs:
+            theirs.copy_(mine)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch and the compiled op's autograd
+
+
+def _dims(spec: SirenSpec) -> list[int]:
+    return [spec.in_dim] + [spec.hidden] * spec.hidden_layers + [spec.out_dim]
+
+
+def _pick(backend: str, params: torch.Tensor, coords: torch.Tensor, spec: SirenSpec, op: str) -> str:
+    """resolve_backend, then (for auto) drop to torch where the fast kernels do not take the inputs."""
+    if params.dim() != 2 or params.shape[1] != spec.num_params:
+        raise ValueError(f"params must be [N, {spec.num_params}] for {spec}, got {tuple(params.shape)}")
+    if coords.dim() != 2 or coords.shape[1] != spec.in_dim:
+        raise ValueError(f"coords must be [C, {spec.in_dim}], got {tuple(coords.shape)}")
+    if coords.device != params.device:
+        raise ValueError(f"params are on {params.device} but coords on {coords.device}")
+    from nfkernels import siren_triton
+
+    b = resolve_backend(backend, params.device, op, cpp=True, cuda=False, triton=True)
+    why_not = None
+    if b != "torch" and (params.dtype != torch.float32 or coords.dtype != torch.float32):
+        why_not = "the fast kernels take float32 only"
+    elif b == "triton" and not siren_triton.supports(spec):
+        why_not = f"the Triton kernels take widths up to {siren_triton.MAX_WIDTH}"
+    if why_not is None:
+        return b
+    if backend == "auto":
+        return "torch"
+    raise ValueError(f"backend {backend!r} cannot run {op} for {spec} with {params.dtype}: {why_not}; use backend='auto'")
+
+
+def _register_autograd() -> None:
+    if not has_op("siren_forward"):
+        return
+
+    def setup_context(ctx, inputs, output):
+        params, coords, dims, omega0 = inputs
+        ctx.save_for_backward(params, coords)
+        ctx.dims, ctx.omega0 = dims, omega0
+
+    def backward(ctx, grad_out):
+        params, coords = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.nfkernels.siren_backward(grad_out.contiguous(), params, coords, ctx.dims, ctx.omega0)
+        return grad, None, None, None
+
+    torch.library.register_autograd("nfkernels::siren_forward", backward, setup_context=setup_context)
+
+    @torch.library.register_fake("nfkernels::siren_forward")
+    def _(params, coords, dims, omega0):
+        return params.new_empty(params.shape[0], coords.shape[0], dims[-1])
+
+
+_register_autograd()

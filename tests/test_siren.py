@@ -1,0 +1,194 @@
+"""Batched SIREN ops: the reference against per-field nn.Linear modules, and every fast backend against the
+reference (forward, gradients, fused Adam steps) on random odd shapes and on real MNIST.
+
+Tolerances (float32 throughout): forward |Δ| ≤ 1e-5 (outputs are O(1); the kernels' sin/cos polynomial is
+~1e-7 accurate); gradients |Δ| ≤ 1e-4 · max|grad|; after fused Adam steps parameters |Δ| ≤ 2e-5 at lr 1e-3
+(Adam normalises updates, so float rounding in near-zero gradients moves a weight by at most ~lr) and the
+per-field losses relative |Δ| ≤ 1e-4. Triton kernels run through TRITON_INTERPRET=1 at small sizes.
+"""
+import math
+
+import pytest
+import torch
+
+from nfkernels import _ext
+from nfkernels.siren import (SirenSpec, coord_grid, siren_fit_steps, siren_fit_steps_reference, siren_forward,
+                             siren_forward_reference, siren_init)
+
+_TRITON_RUNS = _ext.HAS_TRITON and (torch.cuda.is_available() or _ext.triton_interpret())
+FAST = [b for b, ok in (("cpp", _ext.has_op("siren_forward")), ("triton", _TRITON_RUNS)) if ok]
+
+# (in_dim, hidden, sine layers, out_dim, N, pixels): odd N and pixel counts, not multiples of any tile
+SHAPES = [(2, 32, 2, 1, 7, 13), (3, 48, 3, 3, 5, 70), (2, 16, 1, 2, 3, 1), (2, 32, 2, 1, 33, 784),
+          (1, 20, 2, 1, 2, 40), (3, 16, 4, 3, 3, 29)]
+# The interpreter is slow: Triton gets the small ones.
+SMALL = [s for s in SHAPES if s[4] * s[5] <= 400]
+
+
+def _device_for(backend):
+    return torch.device("cuda") if backend == "triton" and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _problem(shape, device, seed=0):
+    ind, h, layers, out, n, c = shape
+    spec = SirenSpec(ind, h, layers, out)
+    g = torch.Generator().manual_seed(seed)
+    params = siren_init(spec, n, generator=g)
+    coords = torch.rand(c, ind, generator=g) * 2 - 1
+    target = torch.rand(n, c, out, generator=g)
+    return spec, params.to(device), coords.to(device), target.to(device)
+
+
+def test_reference_matches_per_field_linear_modules():
+    spec = SirenSpec(in_dim=3, hidden=24, hidden_layers=3, out_dim=2, omega0=30.0)
+    params = siren_init(spec, 5, generator=torch.Generator().manual_seed(1))
+    coords = torch.rand(17, 3) * 2 - 1
+    got = siren_forward_reference(params, coords, spec)
+    for i in range(params.shape[0]):
+        layers = [torch.nn.Linear(fi, fo) for fi, fo in spec.layer_dims]
+        torch.nn.utils.vector_to_parameters(params[i], [t for lin in layers for t in (lin.weight, lin.bias)])
+        h = coords
+        with torch.no_grad():
+            for li, lin in enumerate(layers):
+                h = lin(h)
+                if li < len(layers) - 1:
+                    h = torch.sin(spec.omega0 * h)
+        torch.testing.assert_close(got[i], h, rtol=0, atol=1e-6)
+
+
+def test_fit_reference_matches_torch_optim_adam():
+    spec = SirenSpec(hidden=16)
+    params = siren_init(spec, 4, generator=torch.Generator().manual_seed(2))
+    coords, target = coord_grid((5, 6)), torch.rand(4, 30, 1)
+    p_ref, m, v = params.clone(), torch.zeros_like(params), torch.zeros_like(params)
+    siren_fit_steps_reference(p_ref, m, v, 0, coords, target, spec, lr=1e-3, n_steps=4)
+    p = params.clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=1e-3)
+    for _ in range(4):
+        opt.zero_grad()
+        (siren_forward_reference(p, coords, spec) - target).pow(2).mean(dim=(1, 2)).sum().backward()
+        opt.step()
+    torch.testing.assert_close(p_ref, p.detach(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_and_gradient_match_reference(backend, shape):
+    if backend == "triton" and shape not in SMALL and not torch.cuda.is_available():
+        pytest.skip("too large for the Triton interpreter")
+    spec, params, coords, _ = _problem(shape, _device_for(backend))
+    ref_p = params.clone().requires_grad_(True)
+    fast_p = params.clone().requires_grad_(True)
+    ref = siren_forward_reference(ref_p, coords, spec)
+    got = siren_forward(fast_p, coords, spec, backend=backend)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3)).to(ref.device)
+    (g_ref,) = torch.autograd.grad(ref, ref_p, grad_out)
+    (g_got,) = torch.autograd.grad(got, fast_p, grad_out)
+    torch.testing.assert_close(g_got, g_ref, rtol=0, atol=1e-4 * g_ref.abs().max().item())
+
+
+def _fit_both(backend, spec, params, coords, target, n_steps, active=None, step=0, lr=1e-3):
+    ref = [params.clone(), torch.zeros_like(params), torch.zeros_like(params)]
+    fast = [t.clone() for t in ref]
+    loss_ref = siren_fit_steps_reference(*ref, step, coords, target, spec, lr=lr, n_steps=n_steps, active=active)
+    loss = siren_fit_steps(*fast, step, coords, target, spec, lr=lr, n_steps=n_steps, active=active, backend=backend)
+    return ref, fast, loss_ref, loss
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fused_adam_steps_match_reference(backend, shape):
+    if backend == "triton" and shape not in SMALL and not torch.cuda.is_available():
+        pytest.skip("too large for the Triton interpreter")
+    spec, params, coords, target = _problem(shape, _device_for(backend), seed=4)
+    n = params.shape[0]
+    active = (torch.arange(n) % 3 != 1).to(params.device)  # some fields stopped early
+    ref, fast, loss_ref, loss = _fit_both(backend, spec, params, coords, target, n_steps=3, active=active, step=2)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-7)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+    frozen = ~active
+    assert torch.equal(fast[0][frozen], params[frozen]) and not fast[1][frozen].any()
+    assert (fast[0][active] != params[active]).any()
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_fused_fit_accepts_broadcast_target_and_strided_state(backend):
+    spec, params, coords, target = _problem((2, 16, 2, 1, 3, 11), _device_for(backend), seed=5)
+    target = target[:1].expand(3, -1, -1)  # one image for every field, not contiguous
+    state = [torch.zeros(params.shape[1], params.shape[0], device=params.device).t() for _ in range(3)]
+    state[0].copy_(params)  # column-major [N, P]: the wrapper must write back into it
+    ref = [params.clone(), torch.zeros_like(params), torch.zeros_like(params)]
+    loss_ref = siren_fit_steps_reference(*ref, 0, coords, target, spec, lr=1e-3, n_steps=2)
+    loss = siren_fit_steps(*state, 0, coords, target, spec, lr=1e-3, n_steps=2, backend=backend)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(state[0], ref[0], rtol=0, atol=2e-5)
+
+
+def test_cpp_sincos_is_accurate_for_large_arguments():
+    if "cpp" not in FAST:
+        pytest.skip("nfkernels._C not built")
+    spec = SirenSpec(hidden=32, omega0=3000.0)  # pre-activations ×ω0 reach ~1e3
+    params = siren_init(SirenSpec(hidden=32), 4, generator=torch.Generator().manual_seed(6))
+    coords = coord_grid((9, 7))
+    ref = siren_forward_reference(params.double(), coords.double(), spec)
+    got = siren_forward(params, coords, spec, backend="cpp")
+    assert (got.double() - ref).abs().max() < 2e-3  # float32 rounding of ω0·z itself is ~1e-4 here
+
+
+def test_dispatch():
+    spec = SirenSpec(hidden=16)
+    params = siren_init(spec, 2)
+    coords = coord_grid((3, 3))
+    out64 = siren_forward(params.double(), coords.double(), spec)  # auto: float64 → torch reference
+    assert out64.dtype == torch.float64
+    with pytest.raises(ValueError, match="unknown backend"):
+        siren_forward(params, coords, spec, backend="fast")
+    with pytest.raises(ValueError, match="params must be"):
+        siren_forward(params[:, :-1], coords, spec)
+    with pytest.raises(ValueError, match="coords must be"):
+        siren_forward(params, coords[:, :1], spec)
+    if "cpp" in FAST:
+        with pytest.raises(ValueError, match="float32"):
+            siren_forward(params.double(), coords.double(), spec, backend="cpp")
+        assert _ext.resolve_backend("auto", torch.device("cpu"), "siren_fit_steps", cpp=True, cuda=False,
+                                    triton=True) == "cpp"
+    with pytest.raises(ValueError, match="target must be"):
+        siren_fit_steps(params.clone(), torch.zeros_like(params), torch.zeros_like(params), 0, coords,
+                        torch.zeros(2, 5, 1), spec, lr=1e-3, backend="cpp" if "cpp" in FAST else "auto")
+
+
+def _psnr(pred, target):
+    mse = (pred.clamp(0, 1) - target).pow(2).mean(dim=(1, 2))
+    return 10 * torch.log10(1.0 / mse)
+
+
+@pytest.fixture(scope="module")
+def mnist(data_root):
+    data = pytest.importorskip("nfgen.data")
+    return data.load_split("mnist:test[:64]", data_root=str(data_root)).images
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_fit_on_mnist_matches_reference(backend, mnist):
+    # The fit recipe's shape: 28×28, 2→32→32→1, shared init, Adam. C++: 64 images × 40 steps;
+    # Triton (interpreter): 3 images × 4 steps.
+    n, steps = (64, 40) if backend == "cpp" or torch.cuda.is_available() else (3, 4)
+    device = _device_for(backend)
+    spec = SirenSpec()
+    images = mnist[:n].to(device)
+    target = images.reshape(n, -1, 1)
+    coords = coord_grid((28, 28), device=device)
+    template = siren_init(spec, 1, generator=torch.Generator().manual_seed(7)).to(device)
+    params = template.expand(n, -1).contiguous()
+    ref, fast, loss_ref, loss = _fit_both(backend, spec, params, coords, target, n_steps=steps, lr=1e-4)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-3, atol=1e-7)
+    psnr_ref = _psnr(siren_forward_reference(ref[0], coords, spec), target)
+    psnr = _psnr(siren_forward_reference(fast[0], coords, spec), target)
+    assert (psnr.mean() - psnr_ref.mean()).abs() < 0.01  # dB; the issue asks for 0.1
+    assert loss.mean() < siren_fit_steps_reference(params.clone(), torch.zeros_like(params), torch.zeros_like(params),
+                                                   0, coords, target, spec, lr=0.0).mean()  # it did fit
+    out = siren_forward(fast[0], coords, spec, backend=backend)
+    torch.testing.assert_close(out, siren_forward_reference(fast[0], coords, spec), rtol=0, atol=1e-5)
+    assert math.isfinite(psnr.mean().item())
