@@ -20,9 +20,9 @@ FAST = [b for b, ok in (("cpp", _ext.has_op("siren_forward")), ("triton", _TRITO
 
 # (in_dim, hidden, sine layers, out_dim, N, pixels): odd N and pixel counts, not multiples of any tile
 SHAPES = [(2, 32, 2, 1, 7, 13), (3, 48, 3, 3, 5, 70), (2, 16, 1, 2, 3, 1), (2, 32, 2, 1, 33, 784),
-          (1, 20, 2, 1, 2, 40), (3, 16, 4, 3, 3, 29)]
+          (1, 20, 2, 1, 2, 40), (3, 16, 4, 3, 3, 29), (3, 48, 2, 3, 2, 19)]
 # The interpreter is slow: Triton gets the small ones.
-SMALL = [s for s in SHAPES if s[4] * s[5] <= 400]
+SMALL = [s for s in SHAPES if s[4] * s[5] <= 120]
 
 
 def _device_for(backend):
@@ -172,9 +172,9 @@ def mnist(data_root):
 
 @pytest.mark.parametrize("backend", FAST)
 def test_fit_on_mnist_matches_reference(backend, mnist):
-    # The fit recipe's shape: 28×28, 2→32→32→1, shared init, Adam. C++: 64 images × 40 steps;
-    # Triton (interpreter): 3 images × 4 steps.
-    n, steps = (64, 40) if backend == "cpp" or torch.cuda.is_available() else (3, 4)
+    # The fit recipe's shape: 28×28, 2→32→32→1, shared init, Adam. C++: 32 images × 25 steps;
+    # Triton (interpreter): 2 images × 2 steps.
+    n, steps = (32, 25) if backend == "cpp" or torch.cuda.is_available() else (2, 2)
     device = _device_for(backend)
     spec = SirenSpec()
     images = mnist[:n].to(device)
@@ -187,8 +187,8 @@ def test_fit_on_mnist_matches_reference(backend, mnist):
     psnr_ref = _psnr(siren_forward_reference(ref[0], coords, spec), target)
     psnr = _psnr(siren_forward_reference(fast[0], coords, spec), target)
     assert (psnr.mean() - psnr_ref.mean()).abs() < 0.01  # dB; the issue asks for 0.1
-    assert loss.mean() < siren_fit_steps_reference(params.clone(), torch.zeros_like(params), torch.zeros_like(params),
-                                                   0, coords, target, spec, lr=0.0).mean()  # it did fit
+    initial = (siren_forward_reference(params, coords, spec) - target).pow(2).mean()
+    assert loss.mean() < initial  # it did fit
     out = siren_forward(fast[0], coords, spec, backend=backend)
     torch.testing.assert_close(out, siren_forward_reference(fast[0], coords, spec), rtol=0, atol=1e-5)
     assert math.isfinite(psnr.mean().item())
