@@ -1,0 +1,157 @@
+"""vq_assign backends against torch.cdist + argmin, tie-breaking, k-means invariants.
+
+Tolerance: fast paths sum (x_j - c_j)^2 in fp32, possibly in another order than the reference, so a row
+may pick a different code only when the two codes are within fp32 rounding of each other: we require
+the chosen code's float64 distance to be within 1e-5 relative (+1e-7 absolute) of the true minimum,
+and at least 99% of rows to match exactly. Returned distances: rtol 1e-5, atol 1e-6 vs float64.
+"""
+import pytest
+import torch
+
+from nfkernels import _ext
+from nfkernels.vq import kmeans, vq_assign, vq_assign_reference
+
+ENGINES = [("torch", "brute"), ("cpp", "brute"), ("triton", "brute"), ("torch", "sorted"), ("cpp", "sorted")]
+
+
+def _available(backend):
+    return backend == "torch" or (backend == "cpp" and _ext.has_op("vq_assign")) or \
+        (backend == "triton" and _ext.HAS_TRITON and _ext.triton_interpret())
+
+
+def _check_nearest(x, codebook, idx, dist=None):
+    d64 = torch.cdist(x.double(), codebook.double()).pow(2)
+    ref = d64.argmin(dim=1)
+    true_min = d64.gather(1, ref[:, None])[:, 0]
+    chosen = d64.gather(1, idx[:, None])[:, 0]
+    assert idx.dtype == torch.int64 and idx.shape == (x.shape[0],)
+    assert (chosen <= true_min * (1 + 1e-5) + 1e-7).all()
+    assert (idx == ref).double().mean() >= 0.99
+    if dist is not None:
+        torch.testing.assert_close(dist.double(), chosen, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,method,d", [(b, m, d) for b, m in ENGINES for d in (1, 2, 3, 4, 8, 16)
+                                               if m == "brute" or d == 1])
+def test_matches_cdist_argmin(backend, method, d):
+    if not _available(backend):
+        pytest.skip(f"{backend} not available")
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(257, d, generator=g)
+    codebook = torch.randn(131, d, generator=g)
+    idx, dist = vq_assign(x, codebook, return_distance=True, backend=backend, method=method)
+    _check_nearest(x, codebook, idx, dist)
+    assert torch.equal(vq_assign(x, codebook, backend=backend, method=method), idx)
+
+
+@pytest.mark.parametrize("backend,method", ENGINES)
+def test_duplicate_codes_go_to_lowest_index(backend, method):
+    if not _available(backend):
+        pytest.skip(f"{backend} not available")
+    d = 1 if method == "sorted" else 3
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(37, d, generator=g)
+    codebook[[9, 21, 30]] = codebook[4].clone()  # four copies of one code, lowest index 4
+    codebook[33] = codebook[17].clone()
+    x = torch.cat([codebook[[4, 9, 21, 30, 17, 33]], torch.randn(50, d, generator=g)])
+    idx = vq_assign(x, codebook, backend=backend, method=method)
+    assert idx[:6].tolist() == [4, 4, 4, 4, 17, 17]
+    assert torch.equal(idx, vq_assign_reference(x, codebook))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_no_cancellation_near_large_codes(backend):
+    # Codes 1e-3 apart around 1000: |x|^2 + |c|^2 - 2x.c in fp32 has ~0.1 of cancellation noise and
+    # would pick essentially random codes; direct differences resolve them exactly.
+    if not _available(backend):
+        pytest.skip(f"{backend} not available")
+    K, d = 41, 4
+    codebook = 1000.0 + 1e-3 * torch.arange(K, dtype=torch.float32)[:, None].repeat(1, d)
+    target = torch.arange(K).repeat(3)
+    x = codebook[target] + 1e-4
+    assert torch.equal(vq_assign(x, codebook, backend=backend), target)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_many_tiles_large_k(backend):
+    if not _available(backend):
+        pytest.skip(f"{backend} not available")
+    g = torch.Generator().manual_seed(1)
+    x, codebook = torch.randn(67, 2, generator=g), torch.randn(1001, 2, generator=g)
+    codebook[1000] = x[5]  # the exact match sits in the last, partial tile
+    idx = vq_assign(x, codebook, backend=backend)
+    _check_nearest(x, codebook, idx)
+    assert idx[5] == 1000
+
+
+@pytest.mark.parametrize("d", [1, 4])
+def test_real_mnist_pixels(data_root, d):
+    # MNIST pixels have huge exact-tie populations (zeros, 1.0) and a codebook drawn from the data holds
+    # duplicates: every engine must agree with the reference exactly, not just within tolerance.
+    from nfgen.data import load_split
+
+    pixels = load_split("mnist:test[:8]", data_root=data_root).images.reshape(-1, d)
+    codebook = pixels[torch.randperm(len(pixels), generator=torch.Generator().manual_seed(0))[:97]]
+    ref = vq_assign_reference(pixels, codebook)
+    for backend, method in ENGINES:
+        if _available(backend) and not (method == "sorted" and d != 1):
+            rows = pixels if backend != "triton" else pixels[:1500]  # interpreter: keep it small
+            assert torch.equal(vq_assign(rows, codebook, backend=backend, method=method), ref[:len(rows)]), backend
+
+
+def test_bad_inputs():
+    x, codebook = torch.randn(5, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="d=3"):
+        vq_assign(x, torch.randn(4, 2))
+    with pytest.raises(ValueError, match="empty"):
+        vq_assign(x, codebook[:0])
+    with pytest.raises(ValueError, match="sorted"):
+        vq_assign(x, codebook, method="sorted")
+    with pytest.raises(ValueError, match="backend"):
+        vq_assign(x, codebook, backend="fortran")
+    with pytest.raises(ValueError, match="at least"):
+        kmeans(x, 6)
+
+
+def test_empty_input():
+    for backend in ("torch", "cpp"):
+        if _available(backend):
+            assert vq_assign(torch.zeros(0, 2), torch.randn(3, 2), backend=backend).shape == (0,)
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "sample"])
+def test_kmeans_inertia_never_increases(init):
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(400, 2, generator=g) * 0.1 + torch.randn(1, 2, generator=g) * 3 for _ in range(6)])
+    codebook, history = kmeans(x, 16, iters=25, init=init, seed=1, tol=0.0)
+    assert 3 <= len(history) <= 26  # stops early only once an iteration improves nothing
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(history, history[1:])), history
+    assert history[-1] < history[0]
+    # the returned codebook is the one whose error was recorded last
+    final = vq_assign(x, codebook, return_distance=True)[1].double().mean().item()
+    assert final == pytest.approx(history[-1], rel=1e-9)
+
+
+def test_kmeans_seed_determinism_and_backends():
+    x = torch.randn(3001, 3, generator=torch.Generator().manual_seed(0))
+    a, ha = kmeans(x, 24, iters=8, seed=5)
+    b, hb = kmeans(x, 24, iters=8, seed=5)
+    c, _ = kmeans(x, 24, iters=8, seed=6)
+    assert torch.equal(a, b) and ha == hb
+    assert not torch.equal(a, c)
+    if _available("cpp"):
+        p, hp = kmeans(x, 24, iters=8, seed=5, backend="torch")
+        torch.testing.assert_close(p, a, rtol=1e-5, atol=1e-6)
+
+
+def test_kmeans_reseeds_dead_codes():
+    # Half the points sit on one value, so a sampled init picks it several times; the duplicates lose
+    # every point to the lowest-index copy and must be moved to where the error is.
+    g = torch.Generator().manual_seed(2)
+    centers = torch.arange(8, dtype=torch.float32)[:, None] * 10.0
+    x = torch.cat([torch.zeros(800, 1), centers.repeat_interleave(100, 0) + 0.01 * torch.randn(800, 1, generator=g)])
+    codebook, history = kmeans(x, 8, iters=30, init="sample", seed=0)
+    idx = vq_assign(x, codebook)
+    assert torch.bincount(idx, minlength=8).min() > 0
+    assert len(torch.unique(codebook)) == 8
+    assert history[-1] < 0.5 * history[0]
