@@ -1,0 +1,304 @@
+"""The tokenize stage: learn VQ codebooks over SIREN weights, turn every field into L code tokens.
+
+A field's flat weights [P] are (optionally) divided by a per-tensor scale, cut into P/group vectors of
+`group` consecutive weights, and each vector is quantised by `levels` residual codebooks of
+`codebook_size` codes: level j quantises what levels < j left over. Token ids: level j uses
+j*K … (j+1)*K-1, and a vector's r tokens are consecutive, so a field is
+L = (P / group) * levels tokens in [0, levels * K). The sequence framing (SOS, class) is nfgen.vocab's.
+
+Per-tensor normalisation (--normalize layer) is an option: the first layer's weights are ~30x larger
+than the later layers', so a shared codebook spends most codes on layer 0. Measured, that is the right
+call: layer 0 feeds sin(omega0 * .), so its errors cost the most PSNR; hence the default "none".
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from nfgen.common import pick_device, progress
+from nfgen.io import NfgenError, check_finite, load_artifact, save_artifact
+from nfkernels import SirenSpec
+from nfkernels.vq import MAX_DIM, kmeans, vq_assign
+
+TOKENIZE_HINT = "run `nfgen tokenize` first"
+NORMALIZE = ("layer", "none")
+ENCODE_CHUNK = 1 << 22  # vectors per vq_assign call: bounds the temporaries, not the result
+
+
+@dataclass
+class TokenizerConfig:
+    codebook_size: int = 256  # K codes per level
+    group: int = 1  # weights per vector (1 = scalar VQ)
+    levels: int = 1  # residual VQ levels
+    # "layer": divide each weight tensor by its std over the dataset; "none": raw weights. Measured on 256
+    # MNIST fields (300 fit steps, K=256): de-tokenized PSNR none 31.8 dB vs layer 30.7 dB (group 3: 14.1
+    # vs 11.9), so "none" is the default: layer 0 is pre-multiplied by omega0, its errors cost the most.
+    normalize: str = "none"
+    iters: int = 30  # Lloyd iterations per level
+    sample: int = 1_000_000  # vectors k-means learns from (0 = all)
+    seed: int = 0
+    backend: str = "auto"  # vq_assign backend: auto, torch, cpp, triton
+    quiet: bool = False
+
+    def validate(self, num_params: int | None = None) -> None:
+        if self.codebook_size < 2:
+            raise NfgenError(f"codebook size {self.codebook_size} is too small; use --codebook-size 2 or more")
+        if self.levels < 1:
+            raise NfgenError(f"--levels {self.levels} is invalid; use 1 or more")
+        if not 1 <= self.group <= MAX_DIM:
+            raise NfgenError(f"--group {self.group} is invalid; use a group size between 1 and {MAX_DIM}")
+        if self.normalize not in NORMALIZE:
+            raise NfgenError(f"unknown normalisation {self.normalize!r}; use --normalize layer or none")
+        if self.iters < 0 or self.sample < 0:
+            raise NfgenError("--iters and --sample must be ≥ 0")
+        if self.backend not in ("auto", "torch", "cpp", "cuda", "triton"):
+            raise NfgenError(f"unknown backend {self.backend!r}; use auto, torch, cpp or triton")
+        if num_params is not None and num_params % self.group:
+            valid = [g for g in range(1, MAX_DIM + 1) if num_params % g == 0]
+            raise NfgenError(f"--group {self.group} does not divide the {num_params} weights of a field; "
+                             f"use one of {valid}")
+
+
+class WeightTokenizer:
+    """Codebooks [levels, K, group] + per-tensor scales [T]; maps weights [N, P] ↔ tokens [N, L]."""
+
+    def __init__(self, spec: SirenSpec, cfg: TokenizerConfig, codebooks: torch.Tensor, scales: torch.Tensor):
+        cfg.validate(spec.num_params)
+        n_tensors = len(spec.param_layout())
+        if codebooks.shape != (cfg.levels, cfg.codebook_size, cfg.group) or scales.shape != (n_tensors,):
+            raise NfgenError(f"tokenizer tensors do not match its config (codebooks {tuple(codebooks.shape)}, "
+                             f"scales {tuple(scales.shape)}); recreate the tokens file")
+        self.spec, self.cfg = spec, cfg
+        self.codebooks = codebooks.float()
+        self.scales = scales.float()
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n_codes(self) -> int:
+        return self.cfg.levels * self.cfg.codebook_size
+
+    @property
+    def tokens_per_field(self) -> int:
+        return self.spec.num_params // self.cfg.group * self.cfg.levels
+
+    @property
+    def bits_per_field(self) -> float:
+        return self.tokens_per_field * math.log2(self.cfg.codebook_size)
+
+    def token_ranges(self) -> torch.Tensor:
+        """[L, 2]: the allowed [lo, hi) token ids at each position (level j of a vector: j*K … (j+1)*K)."""
+        K = self.cfg.codebook_size
+        level = torch.arange(self.tokens_per_field) % self.cfg.levels
+        return torch.stack([level * K, (level + 1) * K], dim=1)
+
+    # ------------------------------------------------------------------ maths
+    def scale_vector(self, device=None) -> torch.Tensor:
+        """[P]: each weight's tensor scale, following the spec's flattening order."""
+        counts = torch.tensor([t["numel"] for t in self.spec.param_layout()])
+        return self.scales.repeat_interleave(counts).to(device)
+
+    @staticmethod
+    def tensor_scales(weights: torch.Tensor, spec: SirenSpec, normalize: str) -> torch.Tensor:
+        layout = spec.param_layout()
+        if normalize == "none":
+            return torch.ones(len(layout))
+        stds = [weights[:, t["offset"]:t["offset"] + t["numel"]].double().std(unbiased=False) for t in layout]
+        # a constant tensor (std 0, e.g. never trained) keeps scale 1 instead of dividing by zero
+        return torch.tensor([float(s) if s > 0 else 1.0 for s in stds], dtype=torch.float32)
+
+    def _vectors(self, weights: torch.Tensor) -> torch.Tensor:
+        if weights.dim() != 2 or weights.shape[1] != self.spec.num_params:
+            raise NfgenError(f"weights {tuple(weights.shape)} do not match the tokenizer's architecture "
+                             f"(P={self.spec.num_params}); tokenize fields of the same architecture")
+        check_finite("weights", weights, "refit the fields (they diverged) before tokenizing")
+        w = weights.float() / self.scale_vector(weights.device)
+        return w.reshape(-1, self.cfg.group)
+
+    @classmethod
+    def fit(cls, weights: torch.Tensor, spec: SirenSpec, cfg: TokenizerConfig, *, callback=None) -> "WeightTokenizer":
+        """Learn scales and `levels` residual codebooks from weights [N, P] (on weights' device).
+
+        `callback(level, iteration, mse)` is called after every k-means assignment.
+        """
+        cfg.validate(spec.num_params)
+        if weights.dim() != 2 or weights.shape[1] != spec.num_params:
+            raise NfgenError(f"weights {tuple(weights.shape)} do not match the architecture (P={spec.num_params})")
+        check_finite("weights", weights, "refit the fields (they diverged) before tokenizing")
+        n_vectors = weights.shape[0] * spec.num_params // cfg.group
+        if n_vectors < cfg.codebook_size:
+            raise NfgenError(f"{n_vectors} weight vectors cannot fill {cfg.codebook_size} codes; "
+                             f"lower --codebook-size or tokenize more fields")
+        scales = cls.tensor_scales(weights, spec, cfg.normalize)
+        tok = cls(spec, cfg, torch.zeros(cfg.levels, cfg.codebook_size, cfg.group), scales)
+        residual = tok._vectors(weights)
+        codebooks = []
+        for level in range(cfg.levels):
+            cb = None if callback is None else (lambda it, mse, level=level: callback(level, it, mse))
+            codes, _ = kmeans(residual, cfg.codebook_size, iters=cfg.iters, seed=cfg.seed + level,
+                              sample=cfg.sample or None, backend=cfg.backend, callback=cb)
+            codebooks.append(codes)
+            if level + 1 < cfg.levels:
+                residual = residual - codes[tok._assign(residual, codes)]
+        tok.codebooks = torch.stack(codebooks).cpu()
+        return tok
+
+    def _assign(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        return torch.cat([vq_assign(x[s:s + ENCODE_CHUNK], codes, backend=self.cfg.backend)
+                          for s in range(0, x.shape[0], ENCODE_CHUNK)]) if x.shape[0] else x.new_zeros(0).long()
+
+    def encode(self, weights: torch.Tensor) -> torch.Tensor:
+        """weights [N, P] → int64 tokens [N, L] (on weights' device)."""
+        residual = self._vectors(weights)
+        K, levels = self.cfg.codebook_size, self.cfg.levels
+        codebooks = self.codebooks.to(residual.device)
+        tokens = torch.empty(residual.shape[0], levels, dtype=torch.int64, device=residual.device)
+        for level in range(levels):
+            idx = self._assign(residual, codebooks[level])
+            tokens[:, level] = idx + level * K
+            if level + 1 < levels:
+                residual = residual - codebooks[level][idx]
+        return tokens.reshape(weights.shape[0], self.tokens_per_field)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """int64 tokens [N, L] → float32 weights [N, P] (on tokens' device)."""
+        if tokens.dim() != 2 or tokens.shape[1] != self.tokens_per_field:
+            raise NfgenError(f"tokens {tuple(tokens.shape)} are not [N, {self.tokens_per_field}] sequences of this "
+                             f"tokenizer; use the tokens file the model was trained on")
+        tokens = tokens.long()
+        ranges = self.token_ranges().to(tokens.device)
+        bad = (tokens < ranges[:, 0]) | (tokens >= ranges[:, 1])
+        if bad.any():
+            raise NfgenError(f"{int(bad.sum())} token(s) are outside their level's id range (codes are "
+                             f"[0, {self.n_codes}), level j at positions ≡ j mod {self.cfg.levels}); "
+                             f"sample only code tokens for the right level")
+        K, levels, g = self.cfg.codebook_size, self.cfg.levels, self.cfg.group
+        flat = self.codebooks.to(tokens.device).reshape(levels * K, g)  # id j*K+c is row j*K+c
+        vectors = flat[tokens.reshape(-1, levels)].sum(dim=1)  # residual levels add up
+        weights = vectors.reshape(tokens.shape[0], self.spec.num_params)
+        return weights * self.scale_vector(tokens.device)
+
+    # ------------------------------------------------------------------ storage
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"codebooks": self.codebooks, "scales": self.scales}
+
+    def state_meta(self) -> dict:
+        cfg = {k: v for k, v in asdict(self.cfg).items() if k != "quiet"}
+        return {"tokenizer": cfg, "spec": self.spec.to_dict(), "n_codes": self.n_codes,
+                "tokens_per_field": self.tokens_per_field, "bits_per_field": self.bits_per_field}
+
+    @classmethod
+    def from_state(cls, tensors: dict, meta: dict) -> "WeightTokenizer":
+        known = set(TokenizerConfig.__dataclass_fields__)
+        cfg = TokenizerConfig(**{k: v for k, v in meta["tokenizer"].items() if k in known})
+        return cls(SirenSpec.from_dict(meta["spec"]), cfg, tensors["codebooks"], tensors["scales"])
+
+
+@dataclass
+class TokenSet:
+    tokens: torch.Tensor  # [N, L] int64 in [0, tokenizer.n_codes)
+    labels: torch.Tensor  # [N] int64
+    tokenizer: WeightTokenizer
+    spec: SirenSpec
+    image_shape: tuple
+    meta: dict = field(default_factory=dict)
+
+
+def save_tokens(path, ts: TokenSet) -> Path:
+    """One "tokens" artifact: tokens (int32 on disk), labels, codebooks, scales + metadata."""
+    meta = {**ts.meta, **ts.tokenizer.state_meta(), "image_shape": list(ts.image_shape)}
+    small = torch.int16 if ts.tokenizer.n_codes <= 32767 else torch.int32
+    tensors = {"tokens": ts.tokens.to(small), "labels": ts.labels.long(), **ts.tokenizer.state_tensors()}
+    return save_artifact(path, "tokens", tensors, meta)
+
+
+def load_tokens(path, hint: str = TOKENIZE_HINT) -> TokenSet:
+    tensors, meta = load_artifact(path, "tokens", hint)
+    fix = f"; {hint}" if hint else ""
+    missing = [k for k in ("tokens", "labels", "codebooks", "scales") if k not in tensors]
+    if missing or not all(k in meta for k in ("tokenizer", "spec", "image_shape")):
+        raise NfgenError(f"{path} is an incomplete tokens file (missing {missing or 'metadata'}); recreate it{fix}")
+    try:
+        tok = WeightTokenizer.from_state(tensors, meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NfgenError(f"{path} has an invalid tokenizer ({exc}); recreate it{fix}") from None
+    tokens, labels = tensors["tokens"].long(), tensors["labels"].long()
+    if tokens.dim() != 2 or tokens.shape[1] != tok.tokens_per_field or labels.shape != (tokens.shape[0],):
+        raise NfgenError(f"{path}: tokens {tuple(tokens.shape)} / labels {tuple(labels.shape)} do not match its "
+                         f"tokenizer (L={tok.tokens_per_field}); recreate it{fix}")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= tok.n_codes):
+        raise NfgenError(f"{path} holds token ids outside [0, {tok.n_codes}); recreate it{fix}")
+    return TokenSet(tokens=tokens, labels=labels, tokenizer=tok, spec=tok.spec,
+                    image_shape=tuple(int(s) for s in meta["image_shape"]), meta=meta)
+
+
+def _reference_images(fields, data_root, device):
+    """The images the fields were fitted to, or (data unavailable) the fitted fields' own renders."""
+    from nfgen.fields import render_fields
+
+    source = fields.meta.get("source") or {}
+    split_spec = source.get("split", fields.meta.get("split"))
+    indices = source.get("indices", fields.meta.get("indices"))
+    if split_spec is not None and indices is not None:
+        try:
+            from nfgen.data import load_split
+
+            split = load_split(split_spec, data_root=data_root)
+            row = {int(i): r for r, i in enumerate(split.indices.tolist())}
+            if all(int(i) in row for i in indices):
+                images = split.images[[row[int(i)] for i in indices]]
+                if tuple(images.shape[1:]) == tuple(fields.image_shape):
+                    return images.to(device), "images", split.n_classes
+        except NfgenError:
+            pass
+    return render_fields(fields.weights, fields.spec, fields.image_shape, device=device), "fitted fields", None
+
+
+def run_tokenize(fields_path, out_path, cfg: TokenizerConfig, *, data_root=None, device="auto",
+                 quiet: bool = False) -> dict:
+    """Fit the tokenizer on a fields file, encode every field, write the tokens file; return a summary."""
+    from nfgen.fields import load_fields, psnr, render_fields
+
+    quiet = quiet or cfg.quiet
+    t0 = time.perf_counter()
+    fields = load_fields(fields_path)  # refuses NaN/inf weights
+    cfg.validate(fields.spec.num_params)
+    dev = pick_device(device)
+    weights = fields.weights.to(dev)
+
+    total = cfg.levels * (cfg.iters + 1)
+    with progress(total=total, quiet=quiet, desc="tokenize k-means") as bar:
+        def on_iter(level, it, mse):
+            bar.update(1)
+            bar.set_postfix(level=level, mse=f"{mse:.3g}")
+
+        tok = WeightTokenizer.fit(weights, fields.spec, cfg, callback=on_iter)
+    t_fit = time.perf_counter() - t0
+    tokens = tok.encode(weights)
+    detok = tok.decode(tokens)
+    t_encode = time.perf_counter() - t0 - t_fit
+
+    reference, against, n_classes = _reference_images(fields, data_root, dev)
+    detok_psnr = psnr(render_fields(detok, fields.spec, fields.image_shape, device=dev), reference).cpu()
+    weight_rel_err = float((detok - weights).pow(2).mean() / weights.pow(2).mean())
+    summary = {
+        "fields": str(fields_path), "out": str(out_path), "n_fields": int(weights.shape[0]),
+        "n_codes": tok.n_codes, "tokens_per_field": tok.tokens_per_field, "bits_per_field": tok.bits_per_field,
+        "detok_psnr": float(detok_psnr.mean()), "detok_psnr_min": float(detok_psnr.min()),
+        "psnr_against": against, "fields_psnr": float(fields.psnr.mean()),
+        "weight_rel_mse": weight_rel_err, "seconds_fit": round(t_fit, 3), "seconds_encode": round(t_encode, 3),
+        "device": str(dev),
+    }
+    meta = {"source_fields": str(fields_path), "source": fields.meta.get("source"),
+            "n_classes": int(n_classes if n_classes is not None else int(fields.labels.max()) + 1),
+            "detok_psnr": summary["detok_psnr"], "detok_psnr_min": summary["detok_psnr_min"],
+            "psnr_against": against, "weight_rel_mse": weight_rel_err}
+    save_tokens(out_path, TokenSet(tokens.cpu(), fields.labels, tok, fields.spec, fields.image_shape, meta))
+    if not quiet:
+        print(f"tokenized {summary['n_fields']} fields → {tok.tokens_per_field} tokens each "
+              f"({tok.bits_per_field:.0f} bits/field, {tok.n_codes} codes); de-tokenized PSNR "
+              f"{summary['detok_psnr']:.2f} dB vs {against} (fields: {summary['fields_psnr']:.2f} dB); {out_path}")
+    return summary

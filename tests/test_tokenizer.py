@@ -1,0 +1,148 @@
+"""The tokenize stage: encode/decode, group and residual levels, backends agree, artifacts, bad input."""
+import math
+
+import pytest
+import torch
+
+from nfgen.io import NfgenError, save_artifact
+from nfgen.tokenizer import TokenizerConfig, WeightTokenizer, load_tokens, run_tokenize
+from nfkernels import SirenSpec, siren_init
+from nfkernels import _ext
+from nfkernels.vq import vq_assign_reference
+
+SPEC = SirenSpec(hidden=8, hidden_layers=2)  # P = 16 + 8 + 64 + 8 + 8 + 1 = 105 = 3*5*7
+
+
+def _weights(n=6, spec=SPEC, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return siren_init(spec, n, generator=g) * (1 + 0.1 * torch.randn(n, spec.num_params, generator=g))
+
+
+@pytest.fixture(scope="module")
+def mnist_fields(tmp_path_factory, data_root):
+    """A real (short) fit of 12 MNIST digits with the default architecture."""
+    from nfgen.fields import FitConfig, run_fit
+
+    path = tmp_path_factory.mktemp("tok") / "fields.safetensors"
+    run_fit("mnist:test[:12]", path, FitConfig(steps=50, quiet=True), data_root=data_root)
+    return path
+
+
+@pytest.mark.parametrize("normalize", ["none", "layer"])
+def test_decode_of_encode_is_the_nearest_codes(normalize):
+    w = _weights()
+    tok = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=5, normalize=normalize))
+    tokens = tok.encode(w)
+    assert tokens.shape == (6, SPEC.num_params) and tokens.dtype == torch.int64
+    assert 0 <= tokens.min() and tokens.max() < tok.n_codes == 16
+    scale = tok.scale_vector()
+    nearest = vq_assign_reference((w / scale).reshape(-1, 1), tok.codebooks[0])
+    torch.testing.assert_close(tok.decode(tokens), tok.codebooks[0][nearest].reshape(w.shape) * scale,
+                               rtol=0, atol=0)
+    assert torch.equal(tok.encode(tok.decode(tokens)), tokens)  # decoded weights sit on their codes
+    if normalize == "layer":  # every tensor scaled to unit std over the dataset
+        for t, s in zip(SPEC.param_layout(), tok.scales):
+            assert float(s) == pytest.approx(float(w[:, t["offset"]:t["offset"] + t["numel"]].std(unbiased=False)),
+                                             rel=1e-5)
+
+
+def test_group_and_levels_layout():
+    w = _weights()
+    cfg = TokenizerConfig(codebook_size=8, group=3, levels=3, iters=3)
+    tok = WeightTokenizer.fit(w, SPEC, cfg)
+    assert tok.tokens_per_field == SPEC.num_params // 3 * 3 and tok.n_codes == 24
+    assert tok.bits_per_field == tok.tokens_per_field * 3
+    tokens = tok.encode(w)
+    level = torch.arange(tok.tokens_per_field) % 3  # a vector's 3 tokens are consecutive, level j in [8j, 8j+8)
+    assert ((tokens >= 8 * level) & (tokens < 8 * level + 8)).all()
+    assert tok.decode(tokens).shape == w.shape
+    bad = tokens.clone()
+    bad[0, 1] = 0  # a level-0 id at a level-1 position
+    with pytest.raises(NfgenError, match="level"):
+        tok.decode(bad)
+
+
+def test_residual_levels_reduce_error():
+    w = _weights(n=8)
+    errs = []
+    for levels in (1, 2, 3):
+        tok = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=8, levels=levels, iters=10))
+        errs.append(float((tok.decode(tok.encode(w)) - w).pow(2).mean()))
+    assert errs[0] > errs[1] > errs[2], errs
+    assert errs[1] < 0.5 * errs[0]
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_same_tokens_with_every_backend(group):
+    w = _weights(n=4)
+    results = {}
+    for backend in ("torch", "cpp", "triton"):
+        if backend == "cpp" and not _ext.has_op("vq_assign"):
+            continue
+        if backend == "triton" and not (_ext.HAS_TRITON and _ext.triton_interpret()):
+            continue
+        cfg = TokenizerConfig(codebook_size=16, group=group, iters=4, backend=backend)
+        tok = WeightTokenizer.fit(w, SPEC, cfg)
+        results[backend] = (tok.codebooks, tok.encode(w))
+    ref_codes, ref_tokens = results.pop("torch")
+    assert results, "no fast backend to compare"
+    for backend, (codes, tokens) in results.items():
+        torch.testing.assert_close(codes, ref_codes, rtol=1e-6, atol=1e-7, msg=backend)
+        assert torch.equal(tokens, ref_tokens), backend
+
+
+def test_fit_is_deterministic():
+    w = _weights()
+    cfg = TokenizerConfig(codebook_size=16, iters=5, seed=3)
+    a, b = WeightTokenizer.fit(w, SPEC, cfg), WeightTokenizer.fit(w, SPEC, cfg)
+    assert torch.equal(a.codebooks, b.codebooks)
+
+
+def test_bad_options_and_weights():
+    w = _weights()
+    with pytest.raises(NfgenError, match=r"does not divide the 105 weights.*\[1, 3, 5, 7, 15\]"):
+        WeightTokenizer.fit(w, SPEC, TokenizerConfig(group=2))
+    with pytest.raises(NfgenError, match="normalisation"):
+        TokenizerConfig(normalize="batch").validate()
+    bad = w.clone()
+    bad[2, 7] = float("nan")
+    with pytest.raises(NfgenError, match="NaN"):
+        WeightTokenizer.fit(bad, SPEC, TokenizerConfig(codebook_size=8))
+    with pytest.raises(NfgenError, match="cannot fill"):
+        WeightTokenizer.fit(w[:1], SPEC, TokenizerConfig(codebook_size=256))
+
+
+def test_run_tokenize_on_real_fields(mnist_fields, tmp_path, data_root):
+    out = tmp_path / "tokens.safetensors"
+    cfg = TokenizerConfig(codebook_size=64, iters=8, quiet=True)
+    summary = run_tokenize(mnist_fields, out, cfg, data_root=data_root, device="cpu", quiet=True)
+    ts = load_tokens(out)
+    assert ts.tokens.shape == (12, 1185) and ts.tokens.dtype == torch.int64
+    assert ts.labels.shape == (12,)
+    assert ts.tokenizer.n_codes == 64 and ts.image_shape == (28, 28) and ts.spec == SirenSpec()
+    assert summary["psnr_against"] == "images" and summary["bits_per_field"] == 1185 * 6
+    assert math.isfinite(summary["detok_psnr"]) and 5 < summary["detok_psnr"] <= summary["fields_psnr"] + 1
+    assert ts.meta["detok_psnr"] == summary["detok_psnr"] and ts.meta["n_classes"] == 10
+    # the stored tokenizer decodes exactly what the fitted one did
+    torch.testing.assert_close(ts.tokenizer.decode(ts.tokens), ts.tokenizer.decode(ts.tokenizer.encode(
+        ts.tokenizer.decode(ts.tokens))), rtol=0, atol=0)
+
+
+def test_run_tokenize_bad_files(mnist_fields, tmp_path):
+    from nfgen.fields import load_fields
+
+    cfg = TokenizerConfig(codebook_size=16, iters=2, quiet=True)
+    with pytest.raises(NfgenError, match="expected a 'tokens'"):
+        load_tokens(mnist_fields)  # a fields file is not a tokens file
+    with pytest.raises(NfgenError, match="not found"):
+        run_tokenize(tmp_path / "missing.safetensors", tmp_path / "t.safetensors", cfg, device="cpu")
+    with pytest.raises(NfgenError, match="does not divide"):
+        run_tokenize(mnist_fields, tmp_path / "t.safetensors", TokenizerConfig(group=2, quiet=True), device="cpu")
+    fields = load_fields(mnist_fields)
+    w = fields.weights.clone()
+    w[0, 0] = float("nan")
+    nan_path = tmp_path / "nan.safetensors"
+    save_artifact(nan_path, "fields", {"weights": w, "labels": fields.labels, "psnr": fields.psnr}, fields.meta)
+    with pytest.raises(NfgenError, match="NaN"):
+        run_tokenize(nan_path, tmp_path / "t.safetensors", cfg, device="cpu")
+    assert not (tmp_path / "t.safetensors").exists()  # nothing written on bad input
