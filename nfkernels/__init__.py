@@ -9,6 +9,7 @@ from nfkernels.siren import (SirenSpec, coord_grid, siren_forward, siren_forward
                              siren_fit_steps, siren_fit_steps_reference)
 from nfkernels.ssim import pairwise_ssim, pairwise_ssim_reference, ssim_nearest, ssim_nearest_both  # noqa: F401
 from nfkernels.sampling import sample_next, sample_next_reference  # noqa: F401
+from nfkernels.vq import kmeans, vq_assign, vq_assign_reference  # noqa: F401
 
 __all__ = [
     "BACKENDS", "HAS_EXT", "HAS_TRITON",
