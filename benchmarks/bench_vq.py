@@ -1,0 +1,174 @@
+"""Nearest-codebook assignment: chunked torch.cdist + argmin (the usual peer) vs nfgen's vq_assign.
+
+For M vectors, K in {256, 4096}, d in {1, 4, 8}: assignments/s (median of repeats), peak extra memory,
+and the ratio to the peer measured in the same run. Then a full tokenize (k-means fit + encode) of
+synthetic fields per backend.
+
+    python -m benchmarks.bench_vq [--device cuda] [--quick] [--out benchmarks/results/vq-<device>.json]
+
+M is 10^7 on CUDA, 10^6 on CPU (10^7 takes minutes per row on 2 cores); --quick divides M by 10.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+from nfkernels import SirenSpec, _ext, siren_init
+from nfkernels.vq import vq_assign
+
+PEER_CHUNK_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}  # distance-matrix chunk the peer may hold
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak extra memory during a block: CUDA allocator stats, or sampled RSS on CPU."""
+
+    def __init__(self, device):
+        self.device, self.peak = device, 0
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base, self.stop = self._rss(), False
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def _poll(self):
+        while not self.stop:
+            self.peak = max(self.peak, self._rss() - self.base)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.stop = True
+            self.thread.join()
+
+
+def peer_cdist_argmin(x, codebook):
+    rows = max(1, PEER_CHUNK_BYTES[x.device.type] // (codebook.shape[0] * 4))
+    return torch.cat([torch.cdist(x[s:s + rows], codebook).argmin(dim=1) for s in range(0, x.shape[0], rows)])
+
+
+def contenders(device, d):
+    out = {"peer cdist+argmin": peer_cdist_argmin, "nfgen auto": lambda x, c: vq_assign(x, c)}
+    if device.type == "cpu" and _ext.has_op("vq_assign"):
+        out["nfgen cpp brute"] = lambda x, c: vq_assign(x, c, backend="cpp", method="brute")
+        if d == 1:
+            out["nfgen cpp sorted"] = lambda x, c: vq_assign(x, c, backend="cpp", method="sorted")
+    if device.type == "cuda":
+        out["nfgen triton brute"] = lambda x, c: vq_assign(x, c, backend="triton", method="brute")
+        if d == 1:
+            out["nfgen torch sorted"] = lambda x, c: vq_assign(x, c, backend="triton", method="sorted")
+    return out
+
+
+def time_call(fn, device, repeats):
+    fn()  # warm-up: compiles Triton kernels, faults in memory
+    sync(device)
+    times = []
+    with PeakMemory(device) as mem:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2], mem.peak
+
+
+def bench_assign(device, M, repeats):
+    rows = []
+    for d in (1, 4, 8):
+        for K in (256, 4096):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(M, d, generator=g).to(device)
+            codebook = torch.randn(K, d, generator=g).to(device)
+            expect = vq_assign(x[:4096], codebook, backend="torch")
+            peer_rate = None
+            for name, fn in contenders(device, d).items():
+                agree = (fn(x[:4096], codebook) == expect).double().mean().item()
+                assert agree > 0.999 or name.startswith("peer"), (name, agree)  # fp32 near-ties may flip
+                sec, peak = time_call(lambda: fn(x, codebook), device, repeats)
+                rate = M / sec
+                peer_rate = peer_rate or rate
+                rows.append({"d": d, "K": K, "M": M, "contender": name, "seconds": sec, "assign_per_s": rate,
+                             "peak_extra_mb": peak / 2**20, "ratio_vs_peer": rate / peer_rate})
+                print(f"d={d} K={K:5d} M={M:.0e} {name:20s} {rate / 1e6:9.2f} M assign/s  "
+                      f"peak {peak / 2**20:8.1f} MiB  x{rate / peer_rate:5.2f} vs peer", flush=True)
+    return rows
+
+
+def bench_tokenize(device, n_fields, repeats):
+    from nfgen.tokenizer import TokenizerConfig, WeightTokenizer
+
+    spec = SirenSpec()
+    g = torch.Generator().manual_seed(0)
+    w = (siren_init(spec, n_fields, generator=g) * (1 + 0.1 * torch.randn(n_fields, spec.num_params, generator=g)))
+    w = w.to(device)
+    backends = ["torch"] + (["cpp"] if device.type == "cpu" and _ext.has_op("vq_assign") else []) + \
+        (["triton"] if device.type == "cuda" else [])
+    rows, base = [], None
+    for backend in backends:
+        cfg = TokenizerConfig(backend=backend, quiet=True)
+
+        def run():
+            tok = WeightTokenizer.fit(w, spec, cfg)
+            return tok.encode(w)
+
+        sec, peak = time_call(run, device, repeats)
+        base = base or sec
+        rows.append({"tokenize_fields": n_fields, "backend": backend, "seconds": sec, "peak_extra_mb": peak / 2**20,
+                     "speedup_vs_torch": base / sec})
+        print(f"tokenize {n_fields} fields (K=256, scalar, {cfg.iters} iters, sample {cfg.sample}) {backend:7s} "
+              f"{sec:8.2f} s  x{base / sec:5.2f} vs torch", flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="M / 10 and fewer fields")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None, help="write every row as JSON here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    M = 10**7 if device.type == "cuda" else 10**6
+    n_fields = 10_000
+    if args.quick:
+        M, n_fields = M // 10, 1_000
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} " \
+        f"({torch.get_num_threads()} threads)"
+    print(f"device: {name}; M = {M:.0e}" + (" (CPU: 10^7 is too slow here)" if device.type == "cpu" else ""))
+    rows = bench_assign(device, M, args.repeats)
+    rows += bench_tokenize(device, n_fields, max(1, args.repeats - 2))
+    if args.out:
+        triton_version = __import__("triton").__version__ if _ext.HAS_TRITON else None
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        result = {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": commit,
+                  "command": " ".join([sys.executable, "-m", "benchmarks.bench_vq", *sys.argv[1:]]), "rows": rows}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
