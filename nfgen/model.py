@@ -1,0 +1,207 @@
+"""A decoder-only GPT over token sequences [SOS, CLASS, t_1 … t_L], nanoGPT-style, with a static KV cache.
+
+Pre-LayerNorm blocks, learned positions, attention through F.scaled_dot_product_attention. Training uses
+`forward` (causal over the whole sequence). Generation uses `setup_kv_cache` once and then `forward_cached`:
+keys and values go into preallocated [B, heads, T_max, head_dim] buffers written in place, so a decode
+step has fixed shapes and can be captured in a CUDA graph. The embedding and output weights are not tied,
+so every parameter is its own tensor in the state dict (safetensors refuses shared storage).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nfgen.io import NfgenError, check_finite, load_artifact, save_artifact
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int  # longest input: L + 1 for L-token fields (SOS, CLASS, t_1 … t_{L-1})
+    # default: ~10.7M parameters; sized so 1187-token fields decode fast (KV-cache reads dominate at
+    # large batch) while matching nfgen train's defaults
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
+        if min(self.vocab_size, self.block_size, self.n_layer, self.n_head) < 1:
+            raise ValueError(f"invalid GPTConfig {self}")
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache; `update` writes the new keys/values at `input_pos` in place."""
+
+    def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int, device, dtype):
+        super().__init__()
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, input_pos=None, mask=None, kv_len=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if input_pos is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)
+        else:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            if kv_len is not None:  # attend over the filled prefix only (eager decoding)
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, input_pos=None, mask=None, kv_len=None):
+        x = x + self.attn(self.ln_1(x), input_pos, mask, kv_len)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.cache_max_len = 0
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx [B, T] → (logits [B, T, V], mean cross-entropy over targets != -1, or None)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def setup_kv_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> None:
+        """Preallocate a [batch_size, heads, max_len, head_dim] key and value cache in every layer."""
+        if max_len > self.config.block_size:
+            raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
+        p = self.lm_head.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        head_dim = self.config.n_embd // self.config.n_head
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, head_dim, device, dtype)
+        self.cache_max_len = max_len
+
+    def forward_cached(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """idx [B, T] at positions input_pos [T] (device LongTensor) → logits [B, T, V], through the cache.
+
+        Works for prefill (T > 1) and decode (T = 1). Token t attends to cached positions <= input_pos[t].
+        `kv_len` (a Python int, optional) limits attention to the first kv_len cache slots — cheaper in an
+        eager loop; leave it None for fixed shapes (CUDA graphs). Every position < kv_len that a query may
+        see must already be written.
+        """
+        if self.cache_max_len == 0:
+            raise RuntimeError("call setup_kv_cache before forward_cached")
+        n_keys = self.cache_max_len if kv_len is None else kv_len
+        mask = torch.arange(n_keys, device=idx.device)[None, :] <= input_pos[:, None]  # [T, n_keys]
+        x = self.transformer.wte(idx) + self.transformer.wpe(input_pos)
+        for block in self.transformer.h:
+            x = block(x, input_pos, mask, kv_len)
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------
+
+def save_model(path, model: GPT, meta: dict) -> None:
+    """Write the weights with meta (plus {"config": asdict(model.config)}) as a "model" artifact."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    save_artifact(path, "model", dict(model.state_dict()), {**meta, "config": asdict(model.config)})
+
+
+def load_model(path, device="cpu", hint: str = "run `nfgen train` first") -> tuple[GPT, dict]:
+    """Read a "model" artifact → (GPT in eval mode on `device`, meta)."""
+    tensors, meta = load_artifact(path, "model", hint)
+    known = {f.name for f in fields(GPTConfig)}
+    raw = meta.get("config")
+    if not isinstance(raw, dict) or not {"vocab_size", "block_size"} <= raw.keys():
+        raise NfgenError(f"{path} has no GPT config in its metadata; re-save it with nfgen train")
+    try:
+        model = GPT(GPTConfig(**{k: v for k, v in raw.items() if k in known}))
+    except (TypeError, ValueError) as exc:
+        raise NfgenError(f"{path} holds an invalid GPT config ({exc}); re-save it with nfgen train") from None
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    wrong = [k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape]
+    if missing or unexpected or wrong:
+        raise NfgenError(f"{path} does not match its GPT config (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}, wrong shape {wrong[:3]}); re-save it with nfgen train")
+    for k, t in tensors.items():
+        check_finite(f"{path}: {k}", t, "the checkpoint diverged; retrain or use an earlier checkpoint")
+    model.load_state_dict(tensors)
+    return model.to(device).eval(), meta

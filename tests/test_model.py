@@ -1,0 +1,111 @@
+"""nfgen.model: the static-KV-cache paths against plain full recomputation, and checkpoints."""
+import pytest
+import torch
+
+from nfgen.io import NfgenError, save_artifact
+from nfgen.model import GPT, GPTConfig, load_model, save_model
+
+TOL = dict(atol=1e-5, rtol=1e-5)  # float32; cached and full attention differ only in summation order
+
+
+def small_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=23, block_size=19, n_layer=2, n_head=3, n_embd=24, bias=True)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def test_forward_loss_ignores_minus_one():
+    m = small_model()
+    idx = torch.randint(0, 23, (3, 11))
+    logits, loss = m(idx)
+    assert logits.shape == (3, 11, 23) and loss is None
+    targets = torch.randint(0, 23, (3, 11))
+    targets[:, :4] = -1
+    _, loss = m(idx, targets)
+    want = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 23), targets[:, 4:].reshape(-1))
+    torch.testing.assert_close(loss, want)
+
+
+@pytest.mark.parametrize("prefill", [1, 2, 7])
+def test_forward_cached_matches_forward(prefill):
+    m = small_model()
+    idx = torch.randint(0, 23, (5, 19))
+    with torch.no_grad():
+        full, _ = m(idx)
+        for kv_len in (None, "prefix"):
+            m.setup_kv_cache(5, 19)
+            got = [m.forward_cached(idx[:, :prefill], torch.arange(prefill),
+                                    kv_len=prefill if kv_len else None)]
+            for t in range(prefill, 19):
+                got.append(m.forward_cached(idx[:, t:t + 1], torch.tensor([t]), kv_len=t + 1 if kv_len else None))
+            torch.testing.assert_close(torch.cat(got, dim=1), full, **TOL)
+
+
+def test_greedy_cached_decoding_equals_full_recompute():
+    """nanoGPT's generate (recompute the whole prefix, argmax) vs one-token steps through the cache."""
+    m = small_model(seed=3, vocab_size=31, block_size=40)
+    prompt = torch.randint(0, 31, (4, 2))
+    steps = 38
+    with torch.no_grad():
+        seq = prompt.clone()
+        for _ in range(steps):
+            logits, _ = m(seq)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        m.setup_kv_cache(4, 40)
+        logits = m.forward_cached(prompt, torch.arange(2))[:, -1]
+        cached = [logits.argmax(-1)]
+        for i in range(steps - 1):
+            pos = torch.tensor([2 + i])
+            cached.append(m.forward_cached(cached[-1][:, None], pos)[:, -1].argmax(-1))
+    assert torch.equal(torch.stack(cached, 1), seq[:, 2:])
+
+
+def test_cache_dtype_and_errors():
+    m = small_model()
+    with pytest.raises(RuntimeError):
+        m.forward_cached(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(ValueError):
+        m.setup_kv_cache(2, 20)  # > block_size
+    with pytest.raises(ValueError):
+        m(torch.zeros(1, 20, dtype=torch.long))
+    m.setup_kv_cache(2, 8, dtype=torch.bfloat16)
+    assert m.transformer.h[0].attn.kv_cache.k.dtype == torch.bfloat16
+    assert m.transformer.h[0].attn.kv_cache.k.shape == (2, 3, 8, 8)
+    assert not any("kv_cache" in k for k in m.state_dict())  # caches are never saved
+    with pytest.raises(ValueError):
+        GPTConfig(vocab_size=10, block_size=5, n_head=3, n_embd=16)
+
+
+def test_save_load_roundtrip(tmp_path):
+    m = small_model()
+    save_model(tmp_path / "model.safetensors", m, {"n_codes": 20, "n_classes": 1, "tokens_per_field": 17})
+    loaded, meta = load_model(tmp_path / "model.safetensors")
+    assert meta["config"]["n_embd"] == 24 and meta["n_codes"] == 20
+    idx = torch.randint(0, 23, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx)[0], m(idx)[0], atol=0, rtol=0)
+
+
+def test_load_rejects_bad_files(tmp_path):
+    with pytest.raises(NfgenError, match="not found"):
+        load_model(tmp_path / "missing.safetensors")
+    m = small_model()
+    sd = dict(m.state_dict())
+    save_artifact(tmp_path / "noconf.safetensors", "model", sd, {})
+    with pytest.raises(NfgenError, match="config"):
+        load_model(tmp_path / "noconf.safetensors")
+    save_artifact(tmp_path / "wrong.safetensors", "model", sd, {"config": {"vocab_size": 23, "block_size": 19,
+                                                                             "n_layer": 3, "n_head": 3, "n_embd": 24}})
+    with pytest.raises(NfgenError, match="does not match"):
+        load_model(tmp_path / "wrong.safetensors")
+    sd["lm_head.weight"] = torch.full_like(sd["lm_head.weight"], float("nan"))
+    save_model(tmp_path / "nan.safetensors", m, {})
+    save_artifact(tmp_path / "nan.safetensors", "model", sd, {"config": {"vocab_size": 23, "block_size": 19,
+                                                                           "n_layer": 2, "n_head": 3, "n_embd": 24,
+                                                                           "bias": True}})
+    with pytest.raises(NfgenError, match="NaN"):
+        load_model(tmp_path / "nan.safetensors")
+    (tmp_path / "trunc.safetensors").write_bytes(b"\x08\x00garbage")
+    with pytest.raises(NfgenError):
+        load_model(tmp_path / "trunc.safetensors")
