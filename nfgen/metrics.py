@@ -1,0 +1,284 @@
+"""The evaluate stage: SSIM-distance metrics (MMD, COV, 1-NNA), memorisation and classifier score.
+
+Distance D = (1 - SSIM) / 2 with the SSIM pinned in nfkernels.ssim. Definitions follow PointFlow /
+HyperDiffusion, with Sg the generated set and Sr the references (|Sg| = |Sr|):
+- MMD: mean over references of the distance to their nearest generated sample (lower is better).
+- COV: distinct references that are some generated sample's nearest reference, over |Sr| (higher is better).
+- 1-NNA: leave-one-out 1-nearest-neighbour accuracy of telling Sg from Sr in their union (0.5 is ideal;
+  1.0 means the sets are told apart perfectly). Ties go to the lower index of the union [Sg; Sr].
+Every number comes with the real-data oracle beside it: the same count of training-split images in place of
+the generated ones, against the same references — what a perfect generator would get.
+
+Nothing here holds an N x M similarity matrix: all nearest-neighbour searches are fused reductions
+(nfkernels.ssim.ssim_nearest*), so the stage scales to 10^4 x 10^4 comparisons.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nfgen.common import make_generator, pick_device, progress
+from nfgen.io import NfgenError, write_json
+from nfkernels.ssim import nearest_from_matrix, ssim_distance, ssim_nearest, ssim_nearest_both
+
+MEMORISED_SSIM = 0.95
+GENERATE_HINT = "run `nfgen generate` first"
+
+
+# ----------------------------------------------------------------------------- metric definitions
+
+@dataclass
+class Nearest:
+    """Nearest-neighbour similarities between Sg and Sr, everything the three metrics need."""
+    g_to_r: torch.Tensor  # [Ng] SSIM of each generated image to its nearest reference
+    g_to_r_index: torch.Tensor  # [Ng] which reference
+    r_to_g: torch.Tensor  # [Nr] SSIM of each reference to its nearest generated image
+    g_to_g: torch.Tensor  # [Ng] to the nearest *other* generated image (-inf if none)
+    r_to_r: torch.Tensor  # [Nr] to the nearest other reference
+
+
+def nearest_sets(sample_images: torch.Tensor, ref_images: torch.Tensor, backend: str = "auto") -> Nearest:
+    g_to_r, g_to_r_index, r_to_g, _ = ssim_nearest_both(sample_images, ref_images, backend=backend)
+    g_to_g, _ = ssim_nearest(sample_images, sample_images, exclude_self=True, backend=backend)
+    r_to_r, _ = ssim_nearest(ref_images, ref_images, exclude_self=True, backend=backend)
+    return Nearest(*(t.cpu() for t in (g_to_r, g_to_r_index, r_to_g, g_to_g, r_to_r)))
+
+
+def nearest_from_matrices(sim_gr: torch.Tensor, sim_gg: torch.Tensor, sim_rr: torch.Tensor) -> Nearest:
+    """The same from explicit SSIM matrices (hand-made cases in tests, small sets)."""
+    g_to_r, g_to_r_index, r_to_g, _ = nearest_from_matrix(sim_gr)
+    return Nearest(g_to_r, g_to_r_index, r_to_g, nearest_from_matrix(sim_gg, exclude_self=True)[0],
+                   nearest_from_matrix(sim_rr, exclude_self=True)[0])
+
+
+def metrics_from_nearest(nn: Nearest) -> dict:
+    n_refs = nn.r_to_g.numel()
+    mmd = ssim_distance(nn.r_to_g.double()).mean().item()
+    cov = torch.unique(nn.g_to_r_index).numel() / n_refs
+    # A generated image is classified right when its nearest neighbour in the union (itself excluded) is
+    # generated; on a tie the generated one wins (it comes first in [Sg; Sr]). A reference is right
+    # only when another reference is strictly closer than every generated image.
+    right_g = nn.g_to_g >= nn.g_to_r
+    right_r = nn.r_to_r > nn.r_to_g
+    nna = (right_g.sum() + right_r.sum()).item() / (right_g.numel() + right_r.numel())
+    return {"mmd": mmd, "cov": cov, "1nna": nna}
+
+
+def distance_metrics(sample_images: torch.Tensor, ref_images: torch.Tensor, *, backend: str = "auto") -> dict:
+    """{"mmd", "cov", "1nna"} between generated images [N, H, W(, C)] and references [M, H, W(, C)].
+
+    The PointFlow definitions assume |Sg| = |Sr|; evaluate() subsamples to make it so.
+    """
+    if sample_images.shape[0] < 2 or ref_images.shape[0] < 2:
+        raise NfgenError("distance metrics need at least 2 generated and 2 reference images; generate more samples")
+    if sample_images.shape[1:] != ref_images.shape[1:]:
+        raise NfgenError(f"generated images {tuple(sample_images.shape[1:])} and references "
+                         f"{tuple(ref_images.shape[1:])} differ in shape; evaluate against the dataset the "
+                         f"fields were fitted on")
+    return metrics_from_nearest(nearest_sets(sample_images, ref_images, backend))
+
+
+def memorisation(sample_images: torch.Tensor, train_images: torch.Tensor, threshold: float = MEMORISED_SSIM, *,
+                 exclude_self: bool = False, backend: str = "auto") -> dict:
+    """Each generated image's nearest training image; the fraction closer than `threshold` SSIM.
+
+    Returns {"memorised_fraction": float, "nearest_index": int64 [N], "nearest_ssim": float32 [N]}.
+    """
+    if train_images.shape[0] == 0:
+        raise NfgenError("the training split is empty; pass a non-empty --train-split")
+    sim, idx = ssim_nearest(sample_images, train_images, exclude_self=exclude_self, backend=backend)
+    sim, idx = sim.cpu(), idx.cpu()
+    frac = (sim > threshold).double().mean().item() if sim.numel() else float("nan")
+    return {"memorised_fraction": frac, "nearest_index": idx, "nearest_ssim": sim}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def _pick(n_total: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n distinct indices of range(n_total), sorted (subsampling without replacement)."""
+    return torch.randperm(n_total, generator=gen)[:n].sort().values
+
+
+def _paired(samples: dict, oracle: dict) -> dict:
+    return {k: {"samples": samples[k], "oracle": oracle[k]} for k in samples}
+
+
+def _group_metrics(name, gen_imgs, ref_imgs, train_imgs, gen, backend) -> dict:
+    """Sg vs Sr and the oracle (training images) vs the same Sr, all subsampled to one count."""
+    n = min(gen_imgs.shape[0], ref_imgs.shape[0], train_imgs.shape[0])
+    out = {"n": n, "available": {"samples": gen_imgs.shape[0], "references": ref_imgs.shape[0],
+                                 "oracle": train_imgs.shape[0]}}
+    if n < 2:
+        out["skipped"] = f"{name}: fewer than 2 images in one of the sets"
+        return out
+    g = gen_imgs[_pick(gen_imgs.shape[0], n, gen)]
+    r = ref_imgs[_pick(ref_imgs.shape[0], n, gen)]
+    o = train_imgs[_pick(train_imgs.shape[0], n, gen)]
+    out.update(_paired(distance_metrics(g, r, backend=backend), distance_metrics(o, r, backend=backend)))
+    return out
+
+
+def _classifier_scores(classifier, images, labels, ref_images, ref_labels, n_classes) -> dict:
+    from nfgen.classifier import classify
+
+    def score(imgs, labs):
+        logits = classify(classifier, imgs)
+        labs = labs.cpu()
+        acc = (logits.argmax(1) == labs).double()
+        ce = F.cross_entropy(logits.double(), labs, reduction="none")
+        per_class = {str(c): {"accuracy": acc[labs == c].mean().item(), "cross_entropy": ce[labs == c].mean().item(),
+                              "n": int((labs == c).sum())} for c in range(n_classes) if (labs == c).any()}
+        return {"accuracy": acc.mean().item(), "cross_entropy": ce.mean().item(), "n": labs.numel()}, per_class
+
+    s, s_cls = score(images, labels)
+    o, o_cls = score(ref_images, ref_labels)
+    return {
+        "accuracy": {"samples": s["accuracy"], "oracle": o["accuracy"]},
+        "cross_entropy": {"samples": s["cross_entropy"], "oracle": o["cross_entropy"]},
+        "n": {"samples": s["n"], "oracle": o["n"]},
+        "oracle_is": "the classifier on the held-out references (its own held-out accuracy)",
+        "per_class": {c: _paired(s_cls[c], o_cls.get(c, {k: None for k in s_cls[c]})) for c in s_cls},
+    }
+
+
+def evaluate(samples, ref, train, classifier=None, *, sample_images: torch.Tensor | None = None, seed: int = 0,
+             backend: str = "auto", device="cpu", threshold: float = MEMORISED_SSIM, quiet: bool = False) -> dict:
+    """All metrics for generated fields `samples` (nfgen.fields.Fields; label -1 = unconditional) against the
+    reference Split `ref`, with the training Split `train` as oracle and memorisation set."""
+    from nfgen.fields import render_fields
+
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    if sample_images is None:
+        sample_images = render_fields(samples.weights, samples.spec, samples.image_shape, device=device)
+    labels = samples.labels.cpu()
+    if len(labels) == 0:
+        raise NfgenError("the samples file holds no fields; generate some first")
+    shapes = {"samples": tuple(sample_images.shape[1:]), "references": ref.image_shape, "train": train.image_shape}
+    if len(set(shapes.values())) != 1:
+        raise NfgenError(f"image shapes differ: {shapes}; evaluate against splits of the dataset the fields "
+                         f"were fitted on")
+    if labels.min() < -1 or labels.max() >= ref.n_classes:
+        raise NfgenError(f"sample labels must be -1 (unconditional) or 0..{ref.n_classes - 1}, found "
+                         f"{labels.min().item()}..{labels.max().item()}; is the samples file from this dataset?")
+    imgs = sample_images.to(device)
+    ref_imgs, train_imgs = ref.images.to(device), train.images.to(device)
+    gen = make_generator(seed)
+    timing = {"render_s": time.perf_counter() - t0}
+
+    t = time.perf_counter()
+    groups = {}
+    cond = labels >= 0
+    classes = sorted(set(labels[cond].tolist()))
+    plan = []
+    if cond.any():
+        plan.append(("conditional_all", cond, None))
+        plan += [(f"class_{c}", labels == c, c) for c in classes]
+    if (~cond).any():
+        plan.append(("unconditional", ~cond, None))
+    for name, mask, c in progress(plan, quiet=quiet, desc="evaluate", unit="group"):
+        r_sel = ref.labels == c if c is not None else torch.ones(len(ref), dtype=torch.bool)
+        t_sel = train.labels == c if c is not None else torch.ones(len(train), dtype=torch.bool)
+        groups[name] = _group_metrics(name, imgs[mask.to(device)], ref_imgs[r_sel.to(device)],
+                                      train_imgs[t_sel.to(device)], gen, backend)
+    timing["distance_metrics_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    mem = memorisation(imgs, train_imgs, threshold, backend=backend)
+    # Oracle: as many training images as samples (at most all but one), each against the rest of the split.
+    n_o = min(len(labels), len(train) - 1)
+    if n_o >= 1:
+        o_idx = _pick(len(train), n_o, gen)
+        rest = torch.ones(len(train), dtype=torch.bool)
+        rest[o_idx] = False
+        mem_o = memorisation(train_imgs[o_idx.to(device)], train_imgs[rest.to(device)], threshold, backend=backend)
+        o_frac, o_mean = mem_o["memorised_fraction"], mem_o["nearest_ssim"].double().mean().item()
+    else:
+        o_frac = o_mean = None
+    per_class = {}
+    for c in classes:
+        sel = labels == c
+        per_class[str(c)] = {"samples": (mem["nearest_ssim"][sel] > threshold).double().mean().item(),
+                             "n": int(sel.sum())}
+    memo = {
+        "threshold_ssim": threshold,
+        "memorised_fraction": {"samples": mem["memorised_fraction"], "oracle": o_frac},
+        "mean_nearest_ssim": {"samples": mem["nearest_ssim"].double().mean().item(), "oracle": o_mean},
+        "n": {"samples": len(labels), "oracle": n_o, "train": len(train)},
+        "oracle_is": "training images, each against the rest of the training split",
+        "per_class": per_class,
+    }
+    timing["memorisation_s"] = time.perf_counter() - t
+
+    result = {
+        "ssim": "skimage structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, "
+                "data_range=1.0); distance (1 - SSIM) / 2",
+        "subsampling": "per group, generated, reference and oracle sets are subsampled without replacement to the "
+                       "smallest of the three counts (seeded), so |Sg| = |Sr| = |oracle| = n",
+        "seed": seed,
+        "sizes": {"samples": len(labels), "conditional": int(cond.sum()), "unconditional": int((~cond).sum()),
+                  "references": len(ref), "train": len(train), "image_shape": list(ref.image_shape)},
+        "splits": {"references": ref.spec, "train": train.spec},
+        "groups": groups,
+        "memorisation": memo,
+    }
+    if classifier is not None and cond.any():
+        t = time.perf_counter()
+        result["classifier"] = _classifier_scores(classifier, imgs[cond.to(device)], labels[cond], ref.images,
+                                                  ref.labels, ref.n_classes)
+        timing["classifier_s"] = time.perf_counter() - t
+    result["timing"] = timing
+    result["_nearest_train_index"] = mem["nearest_index"]  # for the picture; dropped before writing JSON
+    return result
+
+
+def save_nearest_grid(path, sample_images, labels, train_images, nearest_index, per_row: int = 8) -> None:
+    """PNG: per group (class or unconditional), a row of samples above a row of their nearest training images."""
+    from nfgen.render import save_grid
+
+    rows, names = [], []
+    for c in sorted(set(labels.tolist())):
+        sel = torch.nonzero(labels == c).flatten()[:per_row]
+        name = "uncond" if c < 0 else str(c)
+        for imgs, tag in ((sample_images[sel], "gen"), (train_images[nearest_index[sel]], "nn")):
+            pad = torch.zeros(per_row - imgs.shape[0], *imgs.shape[1:])
+            rows.append(torch.cat([imgs.cpu().float(), pad]))
+            names.append(f"{name} {tag}")
+    save_grid(torch.cat(rows), path, nrow=per_row, row_labels=names)
+
+
+def run_evaluate(samples_path, out_dir, *, ref_split: str = "mnist:test[8000:]", train_split: str = "mnist:test[:8000]",
+                 classifier_path=None, data_root=None, device: str = "auto", seed: int = 0, backend: str = "auto",
+                 quiet: bool = False) -> dict:
+    """Load, evaluate, write out_dir/metrics.json and out_dir/nearest.png; returns the metrics."""
+    from nfgen.data import load_split
+    from nfgen.fields import load_fields, render_fields
+
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    samples = load_fields(samples_path, hint=GENERATE_HINT)
+    ref = load_split(ref_split, data_root=data_root)
+    train = load_split(train_split, data_root=data_root)
+    if tuple(samples.image_shape) != tuple(ref.image_shape):
+        raise NfgenError(f"{samples_path} holds {tuple(samples.image_shape)} images but {ref_split} has "
+                         f"{tuple(ref.image_shape)}; evaluate against the dataset the fields were fitted on")
+    classifier = None
+    if classifier_path is not None:
+        from nfgen.classifier import load_classifier
+
+        classifier = load_classifier(classifier_path, dev)
+    images = render_fields(samples.weights, samples.spec, samples.image_shape, device=dev)
+    result = evaluate(samples, ref, train, classifier, sample_images=images, seed=seed, backend=backend, device=dev,
+                      quiet=quiet)
+    nearest = result.pop("_nearest_train_index")
+    out_dir = Path(out_dir)
+    save_nearest_grid(out_dir / "nearest.png", images.cpu(), samples.labels, train.images, nearest)
+    result["inputs"] = {"samples": str(samples_path), "classifier": str(classifier_path) if classifier_path else None,
+                        "device": str(dev), "backend": backend}
+    result["timing"]["total_s"] = time.perf_counter() - t0
+    write_json(out_dir / "metrics.json", result)
+    return result

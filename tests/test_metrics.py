@@ -1,0 +1,176 @@
+"""Evaluate stage: metric definitions on hand-made similarity cases, real MNIST, the stage end to end."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nfgen.io import NfgenError
+from nfgen.metrics import (distance_metrics, evaluate, memorisation, metrics_from_nearest, nearest_from_matrices,
+                           run_evaluate)
+
+
+def line_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Points on a line; closer points are more similar."""
+    return -(a[:, None] - b[None, :]).abs()
+
+
+def metrics_of_points(g: torch.Tensor, r: torch.Tensor) -> dict:
+    return metrics_from_nearest(nearest_from_matrices(line_similarity(g, r), line_similarity(g, g),
+                                                      line_similarity(r, r)))
+
+
+def test_identical_sets():
+    p = torch.tensor([0.0, 1.0, 3.0, 7.0, 15.0])
+    sim = 1 + line_similarity(p, p)  # SSIM-like: 1 on the diagonal
+    m = metrics_from_nearest(nearest_from_matrices(sim, sim, sim))
+    assert m["cov"] == 1.0 and m["mmd"] == 0.0
+    assert m["1nna"] == 0.0  # every point's nearest is its twin in the other set
+
+
+def test_far_apart_sets_are_told_apart():
+    g, r = torch.arange(7.0), 100 + torch.arange(7.0)
+    m = metrics_of_points(g, r)
+    assert m["1nna"] == 1.0
+    assert m["cov"] == pytest.approx(1 / 7)  # every generated point's nearest reference is the first one
+    assert m["mmd"] == pytest.approx(49.0)  # reference 100 + j is 94 + j from g = 6: mean of (1 + 94 + j) / 2
+
+
+def test_same_distribution_gives_half():
+    gen = torch.Generator().manual_seed(0)
+    m = metrics_of_points(torch.rand(400, generator=gen), torch.rand(400, generator=gen))
+    assert abs(m["1nna"] - 0.5) < 0.06  # binomial sd ~ 0.018 for 800 points
+    assert 0.4 < m["cov"] < 0.9
+
+
+def test_mode_collapse_lowers_coverage():
+    r = torch.arange(10.0)
+    m = metrics_of_points(torch.full((10,), 4.2), r)  # all generated points on one spot
+    assert m["cov"] == pytest.approx(0.1)
+    assert m["1nna"] == pytest.approx(0.9)  # all 10 generated right; of the references only 2 and 3 are fooled
+
+
+def test_tie_goes_to_generated_in_union_order():
+    # g0 is equidistant to g1 and r0; the union order [Sg; Sr] makes g1 the neighbour (correct for g0).
+    g, r = torch.tensor([0.0, 1.0]), torch.tensor([-1.0, 10.0])
+    nn = nearest_from_matrices(line_similarity(g, r), line_similarity(g, g), line_similarity(r, r))
+    assert nn.g_to_g[0] == nn.g_to_r[0]
+    # g0 right (tie), g1 right (g0 at 1 vs r0 at 2), r0 wrong (g0 at 1 vs r1 at 11), r1 wrong (g1 at 9 vs r0 at 11)
+    assert metrics_from_nearest(nn)["1nna"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def mnist(data_root):
+    from nfgen.data import load_split
+
+    return load_split("mnist:test[:300]", data_root=data_root)
+
+
+def test_real_identical_sets(mnist):
+    x = mnist.images[:40]
+    m = distance_metrics(x, x.clone())
+    assert m["mmd"] < 1e-6 and m["cov"] == 1.0 and m["1nna"] == 0.0
+
+
+def test_oracle_beats_noise_on_mnist(mnist):
+    ref, oracle = mnist.images[:60], mnist.images[100:160]
+    noise = torch.rand(60, 28, 28, generator=torch.Generator().manual_seed(0))
+    m_o, m_n = distance_metrics(oracle, ref), distance_metrics(noise, ref)
+    assert m_o["mmd"] < m_n["mmd"] - 0.1
+    assert m_o["1nna"] < 0.75 and m_n["1nna"] > 0.9
+    assert m_o["cov"] > m_n["cov"]
+
+
+def test_memorisation_finds_copies(mnist):
+    train = mnist.images[:200]
+    samples = torch.cat([train[[5, 17, 150]], torch.rand(5, 28, 28, generator=torch.Generator().manual_seed(1))])
+    mem = memorisation(samples, train)
+    assert mem["memorised_fraction"] == pytest.approx(3 / 8)
+    assert mem["nearest_index"][:3].tolist() == [5, 17, 150]
+    assert (mem["nearest_ssim"][:3] - 1).abs().max() < 1e-5 and (mem["nearest_ssim"][3:] < 0.5).all()
+
+
+class _Split(SimpleNamespace):
+    def __len__(self):
+        return self.images.shape[0]
+
+
+def test_evaluate_groups_and_oracle(mnist):
+    ref = _Split(images=mnist.images[200:300], labels=mnist.labels[200:300], spec="ref", n_classes=10,
+                 image_shape=(28, 28))
+    train = _Split(images=mnist.images[:200], labels=mnist.labels[:200], spec="train", n_classes=10,
+                   image_shape=(28, 28))
+    # "samples": real held-out digits of classes 0 and 1 with their labels, plus 6 unconditional noise images
+    pick = torch.nonzero((ref.labels == 0) | (ref.labels == 1)).flatten()
+    noise = torch.rand(6, 28, 28, generator=torch.Generator().manual_seed(2))
+    images = torch.cat([ref.images[pick], noise])
+    labels = torch.cat([ref.labels[pick], torch.full((6,), -1)])
+    res = evaluate(SimpleNamespace(labels=labels), ref, train, sample_images=images, seed=0, quiet=True)
+    assert set(res["groups"]) == {"conditional_all", "class_0", "class_1", "unconditional"}
+    for name in ("class_0", "class_1"):
+        g = res["groups"][name]
+        assert g["n"] == min(g["available"].values())
+        for k in ("mmd", "cov", "1nna"):
+            assert set(g[k]) == {"samples", "oracle"}
+    assert res["groups"]["unconditional"]["n"] == 6
+    assert res["groups"]["unconditional"]["1nna"]["samples"] > 0.75  # noise is (nearly always) told apart
+    assert res["groups"]["unconditional"]["1nna"]["oracle"] < 1.0
+    # the "samples" of classes 0/1 are references themselves: nearest-reference distance 0 for the picked ones
+    assert res["groups"]["class_0"]["mmd"]["samples"] <= res["groups"]["class_0"]["mmd"]["oracle"]
+    mem = res["memorisation"]
+    assert mem["memorised_fraction"]["samples"] == memorisation(images, train.images)["memorised_fraction"]
+    assert 0.0 <= mem["memorised_fraction"]["oracle"] < 0.5 and mem["n"]["oracle"] == len(labels)
+    json.dumps({k: v for k, v in res.items() if not k.startswith("_")})  # serialisable
+
+
+def _write_fields(path, n, image_shape=(28, 28), labels=None, seed=0):
+    from nfgen.fields import save_fields, spec_for_images
+    from nfkernels.siren import siren_init
+
+    spec = spec_for_images(image_shape, 16, 2, 30.0)
+    w = siren_init(spec, n, generator=torch.Generator().manual_seed(seed))
+    w[:, -1] = 0.5  # output bias: mid-grey images with some structure
+    labels = torch.arange(n) % 3 if labels is None else labels
+    save_fields(path, w, labels, torch.zeros(n), spec, image_shape, {"source": "test"})
+
+
+def test_run_evaluate_writes_outputs(tmp_path, data_root):
+    _write_fields(tmp_path / "samples.safetensors", 12)
+    res = run_evaluate(tmp_path / "samples.safetensors", tmp_path / "eval", ref_split="mnist:test[9000:9120]",
+                       train_split="mnist:test[:150]", data_root=data_root, device="cpu", quiet=True)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["groups"].keys() == res["groups"].keys()
+    assert written["sizes"]["samples"] == 12 and "timing" in written and "_nearest_train_index" not in written
+    assert (tmp_path / "eval" / "nearest.png").stat().st_size > 0
+    assert written["groups"]["conditional_all"]["1nna"]["samples"] >= written["groups"]["conditional_all"]["1nna"]["oracle"]
+
+
+def test_run_evaluate_with_classifier(tmp_path, data_root):
+    from nfgen.classifier import ClassifierConfig, SmallCNN, save_classifier
+
+    torch.manual_seed(0)
+    save_classifier(tmp_path / "clf.safetensors", SmallCNN(ClassifierConfig()), {})
+    _write_fields(tmp_path / "s.safetensors", 6)
+    res = run_evaluate(tmp_path / "s.safetensors", tmp_path / "eval", ref_split="mnist:test[9000:9060]",
+                       train_split="mnist:test[:80]", classifier_path=tmp_path / "clf.safetensors",
+                       data_root=data_root, device="cpu", quiet=True)
+    clf = res["classifier"]
+    assert 0.0 <= clf["accuracy"]["samples"] <= 1.0 and 0.0 <= clf["accuracy"]["oracle"] <= 1.0
+    assert clf["cross_entropy"]["samples"] > 0 and clf["n"]["samples"] == 6
+    assert set(clf["per_class"]) == {"0", "1", "2"}
+
+
+def test_bad_input(tmp_path, data_root):
+    with pytest.raises(NfgenError, match="not found"):
+        run_evaluate(tmp_path / "missing.safetensors", tmp_path / "e", data_root=data_root, quiet=True)
+    _write_fields(tmp_path / "small.safetensors", 4, image_shape=(16, 16))
+    with pytest.raises(NfgenError, match="16, 16"):
+        run_evaluate(tmp_path / "small.safetensors", tmp_path / "e", ref_split="mnist:test[:20]",
+                     train_split="mnist:test[20:40]", data_root=data_root, quiet=True)
+    _write_fields(tmp_path / "badlab.safetensors", 4, labels=torch.tensor([0, 1, 12, -1]))
+    with pytest.raises(NfgenError, match="labels"):
+        run_evaluate(tmp_path / "badlab.safetensors", tmp_path / "e", ref_split="mnist:test[:20]",
+                     train_split="mnist:test[20:40]", data_root=data_root, quiet=True)
+    assert not (tmp_path / "e" / "metrics.json").exists()
+    with pytest.raises(NfgenError, match="differ in shape"):
+        distance_metrics(torch.rand(3, 28, 28), torch.rand(3, 20, 20))
