@@ -214,14 +214,14 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
         opt.step()
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            train_loss = float(loss)
+            train_loss = float(loss.detach())
             if not math.isfinite(train_loss):
                 raise NfgenError(f"training diverged at step {done} (loss {train_loss}); lower --lr or raise --warmup")
             last_val = evaluate_loss(model, val_seqs, vocab, bs, device, autocast) if n_val else float("nan")
             history.append({"step": done, "train_loss": train_loss, "val_loss": last_val, "lr": lr_at(step, cfg)})
         if not cfg.quiet and (done % 10 == 0 or done == cfg.steps):
             rate = tokens_per_step * (done - bar.initial) / max(1e-9, time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{float(loss):.3f}", val=f"{last_val:.3f}", tok_s=f"{rate:,.0f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val=f"{last_val:.3f}", tok_s=f"{rate:,.0f}")
         if done % cfg.checkpoint_every == 0 and done != cfg.steps:
             checkpoint(done, final=False)
     elapsed = time.perf_counter() - t0

@@ -1,0 +1,104 @@
+"""The train stage: learns, checkpoints, and resumes onto the uninterrupted loss curve exactly (CPU)."""
+import pytest
+import torch
+
+import nfgen.train as train_mod
+from nfgen.io import NfgenError
+from nfgen.model import load_model
+from nfgen.tokenizer import TokenizerConfig, TokenSet, WeightTokenizer, save_tokens
+from nfgen.train import TrainConfig, batch_from, lr_at, make_sequences, train
+from nfgen.vocab import Vocab
+from nfkernels import SirenSpec
+
+SPEC = SirenSpec(hidden=4, hidden_layers=1)  # 2→4→1: 17 weights, so sequences stay short
+
+
+@pytest.fixture
+def tokens_file(tmp_path):
+    """Two classes whose weights differ in sign: a pattern the model must learn to condition on."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(64) % 2
+    base = torch.linspace(-1, 1, SPEC.num_params)
+    weights = (base * (2 * labels[:, None] - 1) + 0.05 * torch.randn(64, SPEC.num_params, generator=g)).float()
+    tok = WeightTokenizer.fit(weights, SPEC, TokenizerConfig(codebook_size=16, iters=5, quiet=True))
+    path = tmp_path / "tokens.safetensors"
+    save_tokens(path, TokenSet(tok.encode(weights), labels, tok, SPEC, (1, 1), {"n_classes": 2}))
+    return path
+
+
+def small(**kw):
+    base = dict(n_layer=2, n_head=2, n_embd=32, steps=12, batch_size=8, lr=3e-3, warmup=2, eval_every=1,
+                checkpoint_every=5, val_fraction=0.1, device="cpu", quiet=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_sequences_and_targets():
+    vocab = Vocab(n_codes=16, n_classes=2)
+    seqs = make_sequences(torch.tensor([[3, 4, 5]]), torch.tensor([1]), vocab)
+    assert seqs.tolist() == [[vocab.sos, vocab.class_token(1), 3, 4, 5]]
+    x, y = batch_from(seqs, torch.tensor([0]), torch.tensor([True]), vocab)
+    assert x.tolist() == [[vocab.sos, vocab.no_class, 3, 4]]  # class dropped to NO_CLASS
+    assert y.tolist() == [[-1, 3, 4, 5]]  # the class token itself is never a target
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(109, cfg) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_train_learns_and_writes_loadable_model(tokens_file, tmp_path):
+    run = tmp_path / "run"
+    summary = train(tokens_file, run, small(steps=40))
+    assert (run / "model.safetensors").is_file() and (run / "train_state.safetensors").is_file()
+    model, meta = load_model(run / "model.safetensors")
+    assert meta["n_codes"] == 16 and meta["n_classes"] == 2 and meta["tokens_per_field"] == SPEC.num_params
+    assert meta["history"][-1]["train_loss"] < meta["history"][0]["train_loss"] * 0.7
+    assert summary["val_loss"] is not None and summary["n_val"] == 6
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tokens_file, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train(tokens_file, straight, small())
+    ref_model, ref_meta = load_model(straight / "model.safetensors")
+
+    # Interrupt the second run after its step-5 checkpoint: the 7th optimizer step raises.
+    resumed = tmp_path / "resumed"
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
+
+    def clip_then_die(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_clip(*a, **k)
+
+    monkeypatch.setattr(train_mod.torch.nn.utils, "clip_grad_norm_", clip_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tokens_file, resumed, small())
+    monkeypatch.setattr(train_mod.torch.nn.utils, "clip_grad_norm_", real_clip)
+    _, partial = load_model(resumed / "model.safetensors")
+    assert partial["step"] == 5
+
+    train(tokens_file, resumed, small(), resume=True)
+    model, meta = load_model(resumed / "model.safetensors")
+    assert [h["train_loss"] for h in meta["history"]] == [h["train_loss"] for h in ref_meta["history"]]
+    for (k, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_resume_refuses_changed_options(tokens_file, tmp_path):
+    run = tmp_path / "run"
+    train(tokens_file, run, small(steps=3))
+    with pytest.raises(NfgenError, match="different options.*lr"):
+        train(tokens_file, run, small(steps=6, lr=1e-2), resume=True)
+    with pytest.raises(NfgenError, match="already finished"):
+        train(tokens_file, run, small(steps=3), resume=True)
+    with pytest.raises(NfgenError, match="not found"):
+        train(tokens_file, tmp_path / "elsewhere", small(), resume=True)
+
+
+def test_bad_inputs(tokens_file, tmp_path):
+    with pytest.raises(NfgenError, match="tokens file not found"):
+        train(tmp_path / "missing.safetensors", tmp_path / "r", small())
+    with pytest.raises(NfgenError, match="divisible"):
+        train(tokens_file, tmp_path / "r", small(n_embd=30, n_head=4))
