@@ -1,0 +1,257 @@
+"""Sample new fields: the GPT writes token sequences, the tokenizer turns them into weights.
+
+A batch runs as: prefill [SOS, CLASS_c | NO_CLASS] through the static KV cache, then L-1 one-token decode
+steps. With classifier-free guidance (cfg_scale != 1) every field's conditional and NO_CLASS sequence run
+together in one 2B batch and `sample_next` mixes their logits. The decode step keeps all its state in
+device tensors (current token, position, step, per-step seeds), so on CUDA it is captured once in CUDA
+graphs and replayed L-1 times with no host sync; on CPU the same step runs eagerly, attending only to the
+filled prefix. Per-step seeds are drawn up front from one generator: a fixed seed gives the same tokens.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from nfgen.common import make_generator, pick_device, progress
+from nfgen.io import NfgenError
+from nfgen.model import GPT, load_model
+from nfgen.vocab import Vocab
+from nfkernels._ext import BACKENDS
+from nfkernels.sampling import draw_seed, sample_next
+
+GRAPH_BUCKET = 128  # CUDA graphs are captured per attended-length bucket, so early steps read a short cache
+
+
+@dataclass
+class SampleConfig:
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    cfg_scale: float = 1.0  # 1: no guidance
+    seed: int = 0
+    batch_size: int | None = None  # fields per batch; None: 64 on CPU, from free memory on CUDA
+    backend: str = "auto"  # sampling op backend
+    cuda_graph: bool = True  # capture the decode step in CUDA graphs (CUDA only)
+    quiet: bool = False
+
+    def validate(self) -> None:
+        checks = [
+            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, f"--top-k must be an integer ≥ 0 (0: off), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
+            (self.cfg_scale == self.cfg_scale and abs(self.cfg_scale) < float("inf"), "--cfg-scale must be finite"),
+            (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}"),
+            (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise NfgenError(msg)
+
+
+def default_batch_size(model: GPT, length: int, device: torch.device, guided: bool) -> int:
+    """64 on CPU; on CUDA as many as the KV cache fits in half the free memory (≤ 1024, a multiple of 64)."""
+    if device.type != "cuda":
+        return 64
+    c = model.config
+    free, _ = torch.cuda.mem_get_info(device)
+    per_row = c.n_layer * 2 * (length + 1) * c.n_embd * 2 + 64 * c.n_embd * 4 + 8 * c.vocab_size * 4
+    rows = int(0.5 * free // per_row) // (2 if guided else 1)
+    return max(1, min(1024, rows // 64 * 64 if rows >= 64 else rows))
+
+
+class Decoder:
+    """Generates `batch_size` token sequences of length `length` at a time through a static KV cache."""
+
+    def __init__(self, model: GPT, vocab: Vocab, batch_size: int, length: int, cfg: SampleConfig,
+                 device: torch.device, token_ranges: torch.Tensor | None = None):
+        self.model, self.vocab, self.cfg, self.device = model, vocab, cfg, device
+        self.batch, self.length = batch_size, length
+        self.guided = cfg.cfg_scale != 1.0
+        self.rows = 2 * batch_size if self.guided else batch_size
+        self.max_len = length + 1  # SOS, CLASS, t_1 … t_{L-1} are fed; t_L is only sampled
+        dtype = next(model.parameters()).dtype
+        model.setup_kv_cache(self.rows, self.max_len, device, dtype)
+        # Static state of the decode step, updated in place (inside the graph on CUDA).
+        self.tok = torch.zeros(self.rows, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(length, dtype=torch.long, device=device)
+        self.out = torch.zeros(batch_size, length, dtype=torch.long, device=device)
+        self.allowed = None  # [L, n_codes] bool: which codes each position may take (residual VQ levels)
+        if token_ranges is not None:
+            codes = torch.arange(vocab.n_codes)
+            allowed = (codes[None] >= token_ranges[:, :1]) & (codes[None] < token_ranges[:, 1:])
+            if not allowed.all():
+                self.allowed = allowed.to(device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if device.type == "cuda" and cfg.cuda_graph and length >= 2:
+            self._capture()
+
+    def _sample(self, logits: torch.Tensor, seed: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        logits = logits[:, :self.vocab.n_codes]  # only code tokens may be sampled
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        c = self.cfg
+        cond, uncond = (logits[:self.batch], logits[self.batch:]) if self.guided else (logits, None)
+        return sample_next(cond, c.temperature, c.top_k, c.top_p, uncond_logits=uncond,
+                           cfg_scale=c.cfg_scale, seed=seed, backend=c.backend)
+
+    def _decode_step(self, kv_len: int | None) -> None:
+        """Feed self.tok at self.pos, sample token number self.step, advance. Device tensors only."""
+        logits = self.model.forward_cached(self.tok, self.pos, kv_len=kv_len)[:, -1]
+        allowed = None if self.allowed is None else self.allowed.index_select(0, self.step)
+        nxt = self._sample(logits, self.seeds.index_select(0, self.step), allowed)
+        self.out.index_copy_(1, self.step, nxt[:, None])
+        self.tok.copy_((nxt.repeat(2) if self.guided else nxt)[:, None])
+        self.pos.add_(1)
+        self.step.add_(1)
+
+    def _buckets(self) -> list[int]:
+        return sorted({min(self.max_len, b) for b in range(GRAPH_BUCKET, self.max_len + GRAPH_BUCKET, GRAPH_BUCKET)})
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (cuBLAS handles, Triton compilation), then capture one graph per bucket;
+        # they run one after another, so they can share one memory pool.
+        def reset():
+            self.tok.zero_(), self.pos.fill_(2), self.step.fill_(1)
+
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for kv_len in self._buckets():
+                reset()
+                self._decode_step(kv_len)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        pool = None
+        for kv_len in self._buckets():
+            reset()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._decode_step(kv_len)
+            pool = graph.pool()
+            self.graphs[kv_len] = graph
+
+    def run(self, class_tokens: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """class_tokens [batch] (CLASS_c or NO_CLASS ids), seeds [L] → tokens [batch, L] (a view of a buffer)."""
+        v = self.vocab
+        cls = torch.cat([class_tokens, torch.full_like(class_tokens, v.no_class)]) if self.guided else class_tokens
+        idx = torch.stack([torch.full_like(cls, v.sos), cls], dim=1)
+        self.seeds.copy_(seeds)
+        logits = self.model.forward_cached(idx, torch.arange(2, device=self.device), kv_len=2)[:, -1]
+        first = self._sample(logits, seeds[:1], None if self.allowed is None else self.allowed[:1])
+        self.out[:, 0] = first
+        self.tok.copy_((first.repeat(2) if self.guided else first)[:, None])
+        self.pos.fill_(2)
+        self.step.fill_(1)
+        for i in range(1, self.length):  # token i is sampled after feeding token i-1 at position i + 1
+            kv_len = i + 2
+            if self.graphs:
+                self.graphs[min(b for b in self.graphs if b >= kv_len)].replay()
+            else:
+                self._decode_step(kv_len)
+        return self.out
+
+
+@torch.no_grad()
+def generate_tokens(model: GPT, vocab: Vocab, classes: torch.Tensor, length: int, cfg: SampleConfig,
+                    device="cpu", token_ranges: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample one L-token sequence per entry of `classes` [B] (-1: unconditional) → int64 [B, L] on `device`.
+
+    `token_ranges` [L, 2] optionally restricts position i to codes [lo, hi) (residual VQ levels).
+    """
+    cfg.validate()
+    device = torch.device(device)
+    c = model.config
+    if c.vocab_size != vocab.size:
+        raise NfgenError(f"the model's vocabulary ({c.vocab_size}) is not this tokenizer's ({vocab.size} = "
+                         f"{vocab.n_codes} codes + 2 + {vocab.n_classes} classes); use the matching tokens file")
+    if length < 1 or length + 1 > c.block_size:
+        raise NfgenError(f"cannot sample {length} tokens with a model of block size {c.block_size} "
+                         f"(needs {length + 1}); use the tokens file the model was trained on")
+    classes = torch.as_tensor(classes, dtype=torch.long).cpu()
+    if classes.numel() and (classes.min() < -1 or classes.max() >= vocab.n_classes):
+        raise NfgenError(f"class ids must be in [-1, {vocab.n_classes}), got {classes.min()}..{classes.max()}")
+    if token_ranges is not None and tuple(token_ranges.shape) != (length, 2):
+        raise ValueError(f"token_ranges must be [{length}, 2], got {tuple(token_ranges.shape)}")
+    class_tokens = torch.where(classes < 0, vocab.no_class, vocab.n_codes + 2 + classes).to(device)
+    model = model.to(device).eval()
+    if device.type == "cuda" and next(model.parameters()).dtype == torch.float32 and torch.cuda.is_bf16_supported():
+        model = copy.deepcopy(model).to(torch.bfloat16)  # decoding is bandwidth-bound: halve the bytes
+    n = classes.numel()
+    out = torch.empty(n, length, dtype=torch.long, device=device)
+    if n == 0:
+        return out
+    bs = min(cfg.batch_size or default_batch_size(model, length, device, cfg.cfg_scale != 1.0), n)
+    gen = make_generator(cfg.seed, device)
+    decoders: dict[int, Decoder] = {}
+    for start in progress(range(0, n, bs), quiet=cfg.quiet, desc="generate", unit="batch"):
+        chunk = class_tokens[start:start + bs]
+        if chunk.numel() not in decoders:  # the full size, and once the smaller last batch
+            decoders.clear()
+            decoders[chunk.numel()] = Decoder(model, vocab, chunk.numel(), length, cfg, device, token_ranges)
+        out[start:start + bs] = decoders[chunk.numel()].run(chunk, draw_seed(gen, device, length))
+    return out
+
+
+def _grid_rows(classes: torch.Tensor, n_classes: int, per_row: int) -> tuple[list[int], list[str]]:
+    """Indices of up to `per_row` samples per class (one row each), then one row of unconditional ones."""
+    order, labels = [], []
+    for c in list(range(n_classes)) + [-1]:
+        idx = torch.nonzero(classes == c).flatten()[:per_row].tolist()
+        if idx:
+            order += idx + [-1] * (per_row - len(idx))
+            labels.append(str(c) if c >= 0 else "uncond")
+    return order, labels
+
+
+def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, unconditional: int = 0,
+                 cfg: SampleConfig | None = None, device="auto") -> dict:
+    """Sample fields with a trained model; write OUT/samples.safetensors (a fields file) and OUT/samples.png."""
+    from nfgen.fields import render_fields, save_fields
+    from nfgen.render import save_grid
+    from nfgen.tokenizer import load_tokens
+
+    cfg = cfg or SampleConfig()
+    cfg.validate()
+    if per_class < 0 or unconditional < 0 or per_class + unconditional == 0:
+        raise NfgenError("nothing to generate; pass --per-class N and/or --unconditional N with N ≥ 1")
+    device = pick_device(device)
+    out_dir = Path(out_dir)
+    model, meta = load_model(model_path, device=device)
+    ts = load_tokens(tokens_path, hint="pass the tokens file the model was trained on")
+    tok = ts.tokenizer
+    n_classes = int(meta.get("n_classes", ts.meta.get("n_classes", 0)))
+    if meta.get("n_codes", tok.n_codes) != tok.n_codes or meta.get("tokens_per_field",
+                                                                    tok.tokens_per_field) != tok.tokens_per_field:
+        raise NfgenError(f"{model_path} was trained on {meta.get('n_codes')} codes × {meta.get('tokens_per_field')} "
+                         f"tokens, {tokens_path} has {tok.n_codes} × {tok.tokens_per_field}; "
+                         "use the tokens file the model was trained on")
+    vocab = Vocab(tok.n_codes, n_classes)
+    classes = torch.cat([torch.arange(n_classes).repeat_interleave(per_class),
+                         torch.full((unconditional,), -1, dtype=torch.long)])
+    t0 = time.perf_counter()
+    tokens = generate_tokens(model, vocab, classes, tok.tokens_per_field, cfg, device, tok.token_ranges())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    weights = tok.decode(tokens).float().cpu()
+    n = classes.numel()
+    fields_path = out_dir / "samples.safetensors"
+    gen_meta = {"generated": True, "psnr": "placeholder zeros: generated fields have no target image",
+                "model": str(model_path), "tokens": str(tokens_path), "sampling": asdict(cfg),
+                "per_class": per_class, "unconditional": unconditional, "n_classes": n_classes}
+    save_fields(fields_path, weights, classes, torch.zeros(n), ts.spec, ts.image_shape, gen_meta)
+    per_row = max(per_class, min(unconditional, 10)) if per_class else min(unconditional, 10)
+    order, row_labels = _grid_rows(classes, n_classes, per_row)
+    images = render_fields(weights, ts.spec, ts.image_shape)
+    blank = torch.zeros_like(images[:1])
+    grid = torch.cat([images[i:i + 1] if i >= 0 else blank for i in order])
+    png_path = out_dir / "samples.png"
+    save_grid(grid, png_path, nrow=per_row, row_labels=row_labels)
+    return {"n_fields": n, "samples": str(fields_path), "png": str(png_path), "seconds": round(seconds, 3),
+            "fields_per_s": round(n / seconds, 2), "tokens_per_s": round(n * tok.tokens_per_field / seconds, 1),
+            "device": str(device), "batch_size": cfg.batch_size, "sampling": asdict(cfg)}

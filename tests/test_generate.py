@@ -1,0 +1,148 @@
+"""nfgen.generate: cached decoding against full recomputation, seeds, CFG, batching, the stage end to end."""
+import pytest
+import torch
+
+from nfgen.generate import SampleConfig, generate_tokens, run_generate
+from nfgen.io import NfgenError
+from nfgen.model import GPT, GPTConfig, save_model
+from nfgen.vocab import Vocab
+from nfkernels._ext import HAS_TRITON, has_op, triton_interpret
+
+VOCAB = Vocab(n_codes=19, n_classes=3)
+L = 21
+
+
+def small_model(seed=0, vocab=VOCAB, length=L):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=vocab.size, block_size=length + 1, n_layer=2, n_head=2, n_embd=16)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # make the distribution far from uniform so greedy and sampling are sensitive
+        model.lm_head.weight.mul_(40)
+    return model
+
+
+def greedy_by_recompute(model, vocab, classes, length, cfg_scale=1.0):
+    """NeF-GPT's way: rerun the whole prefix every token; argmax over code tokens (CFG-mixed)."""
+    cls = torch.where(classes < 0, vocab.no_class, vocab.n_codes + 2 + classes)
+    seq = torch.stack([torch.full_like(cls, vocab.sos), cls], 1)
+    unc = torch.stack([torch.full_like(cls, vocab.sos), torch.full_like(cls, vocab.no_class)], 1)
+    with torch.no_grad():
+        for _ in range(length):
+            lc = model(seq)[0][:, -1, :vocab.n_codes]
+            if cfg_scale != 1.0:
+                lu = model(unc)[0][:, -1, :vocab.n_codes]
+                lc = lu + cfg_scale * (lc - lu)
+            nxt = lc.argmax(-1, keepdim=True)
+            seq, unc = torch.cat([seq, nxt], 1), torch.cat([unc, nxt], 1)
+    return seq[:, 2:]
+
+
+BACKENDS = ["torch"] + (["cpp"] if has_op("sample_next") else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
+def test_greedy_equals_full_recompute(backend, cfg_scale):
+    model = small_model()
+    classes = torch.tensor([0, 2, -1, 1, 1])
+    want = greedy_by_recompute(model, VOCAB, classes, L, cfg_scale)
+    cfg = SampleConfig(top_k=1, cfg_scale=cfg_scale, batch_size=2, backend=backend, quiet=True)
+    got = generate_tokens(model, VOCAB, classes, L, cfg)
+    assert got.dtype == torch.int64 and got.shape == (5, L)
+    assert torch.equal(got, want)
+    assert len(set(map(tuple, want.tolist()))) > 1  # the classes really condition the model
+
+
+@pytest.mark.skipif(not (HAS_TRITON and triton_interpret()), reason="needs Triton (interpreter on CPU)")
+def test_triton_backend_greedy_and_range():
+    model = small_model(1)
+    classes = torch.tensor([1, -1, 0])
+    cfg = SampleConfig(top_k=1, backend="triton", quiet=True)
+    assert torch.equal(generate_tokens(model, VOCAB, classes, 6, cfg), greedy_by_recompute(model, VOCAB, classes, 6))
+    toks = generate_tokens(model, VOCAB, classes, 6, SampleConfig(backend="triton", quiet=True, top_p=0.9))
+    assert toks.min() >= 0 and toks.max() < VOCAB.n_codes
+
+
+def test_fixed_seed_reproduces_and_backends_share_rng():
+    model = small_model(2)
+    classes = torch.tensor([0, 1, 2, -1, 0, 1, 2])
+    cfg = SampleConfig(temperature=1.5, seed=11, batch_size=4, quiet=True, backend="torch")
+    a = generate_tokens(model, VOCAB, classes, L, cfg)
+    assert torch.equal(a, generate_tokens(model, VOCAB, classes, L, cfg))
+    assert not torch.equal(a, generate_tokens(model, VOCAB, classes, L, SampleConfig(**{**cfg.__dict__, "seed": 12})))
+    assert a.min() >= 0 and a.max() < VOCAB.n_codes  # specials (SOS, classes) are never sampled
+    if has_op("sample_next"):
+        cpp = SampleConfig(**{**cfg.__dict__, "backend": "cpp"})
+        assert torch.equal(a, generate_tokens(model, VOCAB, classes, L, cpp))
+
+
+def test_token_ranges_restrict_each_position():
+    model = small_model(3)
+    ranges = torch.tensor([[0, 10], [10, 19]]).repeat(L // 2 + 1, 1)[:L]  # two residual levels
+    toks = generate_tokens(model, VOCAB, torch.tensor([0, 1, -1, 2]), L,
+                           SampleConfig(temperature=2.0, quiet=True), token_ranges=ranges)
+    assert ((toks >= ranges[:, 0]) & (toks < ranges[:, 1])).all()
+
+
+def test_bad_options_and_mismatches():
+    model = small_model()
+    for bad in [dict(temperature=0.0), dict(top_k=-1), dict(top_p=1.5), dict(batch_size=0), dict(backend="gpu")]:
+        with pytest.raises(NfgenError):
+            generate_tokens(model, VOCAB, torch.tensor([0]), L, SampleConfig(**bad))
+    with pytest.raises(NfgenError, match="vocabulary"):
+        generate_tokens(model, Vocab(20, 3), torch.tensor([0]), L, SampleConfig())
+    with pytest.raises(NfgenError, match="block size"):
+        generate_tokens(model, VOCAB, torch.tensor([0]), L + 1, SampleConfig())
+    with pytest.raises(NfgenError, match="class"):
+        generate_tokens(model, VOCAB, torch.tensor([3]), L, SampleConfig())
+
+
+def _tokens_file(path, levels=2):
+    from nfgen.tokenizer import TokenizerConfig, TokenSet, WeightTokenizer, save_tokens
+    from nfkernels.siren import SirenSpec
+
+    spec = SirenSpec(in_dim=2, hidden=4, hidden_layers=1, out_dim=1, omega0=30.0)  # P = 17
+    tcfg = TokenizerConfig(codebook_size=8, levels=levels)
+    g = torch.Generator().manual_seed(0)
+    tok = WeightTokenizer(spec, tcfg, torch.randn(levels, 8, 1, generator=g) * 0.1, torch.ones(4))
+    tokens = torch.randint(0, 8, (6, tok.tokens_per_field), generator=g) + tok.token_ranges()[:, 0]
+    ts = TokenSet(tokens=tokens, labels=torch.tensor([0, 1, 2, 0, 1, 2]), tokenizer=tok, spec=spec,
+                  image_shape=(8, 8), meta={"n_classes": 3})
+    save_tokens(path, ts)
+    return tok
+
+
+def test_run_generate_writes_fields_and_png(tmp_path):
+    from nfgen.fields import load_fields
+
+    tok = _tokens_file(tmp_path / "tokens.safetensors")
+    vocab = Vocab(tok.n_codes, 3)
+    model = small_model(4, vocab, tok.tokens_per_field)
+    save_model(tmp_path / "model.safetensors", model,
+               {"n_codes": tok.n_codes, "n_classes": 3, "tokens_per_field": tok.tokens_per_field})
+    cfg = SampleConfig(top_k=5, cfg_scale=1.5, seed=3, quiet=True)
+    summary = run_generate(tmp_path / "model.safetensors", tmp_path / "tokens.safetensors", tmp_path / "out",
+                           per_class=2, unconditional=3, cfg=cfg, device="cpu")
+    fields = load_fields(summary["samples"])
+    assert fields.weights.shape == (9, 17) and torch.isfinite(fields.weights).all()
+    assert fields.labels.tolist() == [0, 0, 1, 1, 2, 2, -1, -1, -1]
+    assert fields.meta["generated"] is True and (fields.psnr == 0).all()
+    assert (tmp_path / "out" / "samples.png").stat().st_size > 0
+    again = run_generate(tmp_path / "model.safetensors", tmp_path / "tokens.safetensors", tmp_path / "again",
+                         per_class=2, unconditional=3, cfg=cfg, device="cpu")
+    assert torch.equal(load_fields(again["samples"]).weights, fields.weights)  # same seed, same fields
+
+
+def test_run_generate_rejects_mismatched_artifacts(tmp_path):
+    tok = _tokens_file(tmp_path / "tokens.safetensors")
+    model = small_model(0, Vocab(tok.n_codes + 4, 3), tok.tokens_per_field)
+    save_model(tmp_path / "model.safetensors", model,
+               {"n_codes": tok.n_codes + 4, "n_classes": 3, "tokens_per_field": tok.tokens_per_field})
+    with pytest.raises(NfgenError, match="trained on"):
+        run_generate(tmp_path / "model.safetensors", tmp_path / "tokens.safetensors", tmp_path / "out",
+                     per_class=1, cfg=SampleConfig(quiet=True), device="cpu")
+    assert not (tmp_path / "out" / "samples.safetensors").exists()
+    with pytest.raises(NfgenError, match="not found"):
+        run_generate(tmp_path / "nope.safetensors", tmp_path / "tokens.safetensors", tmp_path / "out", per_class=1)
+    with pytest.raises(NfgenError, match="nothing to generate"):
+        run_generate(tmp_path / "model.safetensors", tmp_path / "tokens.safetensors", tmp_path / "out", per_class=0)
