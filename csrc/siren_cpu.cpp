@@ -64,58 +64,65 @@ NFK_INLINE void sincos_poly(float x, float& s, float& c) {
   c = ((qi + 1) & 2) ? -cv : cv;
 }
 
+// 8 floats as one value: GCC lowers it to one AVX register (two SSE registers on the baseline ISA). Used in
+// the two matrix routines so their accumulators provably live in registers (float arrays + `omp simd`
+// were kept on the stack).
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned loads/stores
+constexpr int kVec = kTile / 8;
+NFK_INLINE v8 load8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
+NFK_INLINE void store8(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
+NFK_INLINE v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
+
 // out[o][t] = bias[o] + sum_i Wt(o, i) * in[i][t], where Wt(o, i) = W[o * so + i * si]. Forward uses
 // (so, si) = (fan_in, 1); the backward input-gradient uses the transposed weight (1, fan_in) and no bias.
-// Two outputs at a time so each loaded input vector feeds two FMAs.
+// Two outputs at a time (8 vector accumulators) so each loaded input vector feeds two FMAs.
 NFK_INLINE void dense_tile(const float* W, int64_t so, int64_t si, const float* bias, int64_t n_in, int64_t n_out,
                            const float* in, float* out) {
   int64_t o = 0;
   for (; o + 2 <= n_out; o += 2) {
-    float a0[kTile], a1[kTile];
-    const float b0 = bias ? bias[o] : 0.f, b1 = bias ? bias[o + 1] : 0.f;
-    for (int t = 0; t < kTile; ++t) a0[t] = b0, a1[t] = b1;
+    v8 a0[kVec], a1[kVec];
+    const v8 b0 = splat8(bias ? bias[o] : 0.f), b1 = splat8(bias ? bias[o + 1] : 0.f);
+#pragma GCC unroll 4
+    for (int v = 0; v < kVec; ++v) a0[v] = b0, a1[v] = b1;
     for (int64_t i = 0; i < n_in; ++i) {
-      const float w0 = W[o * so + i * si], w1 = W[(o + 1) * so + i * si];
+      const v8 w0 = splat8(W[o * so + i * si]), w1 = splat8(W[(o + 1) * so + i * si]);
       const float* x = in + i * kTile;
-#pragma omp simd
-      for (int t = 0; t < kTile; ++t) a0[t] += w0 * x[t], a1[t] += w1 * x[t];
+#pragma GCC unroll 4
+      for (int v = 0; v < kVec; ++v) {
+        const v8 xv = load8(x + 8 * v);
+        a0[v] += w0 * xv, a1[v] += w1 * xv;
+      }
     }
-    for (int t = 0; t < kTile; ++t) out[o * kTile + t] = a0[t], out[(o + 1) * kTile + t] = a1[t];
+#pragma GCC unroll 4
+    for (int v = 0; v < kVec; ++v) store8(out + o * kTile + 8 * v, a0[v]), store8(out + (o + 1) * kTile + 8 * v, a1[v]);
   }
   for (; o < n_out; ++o) {
-    float a0[kTile];
-    const float b0 = bias ? bias[o] : 0.f;
-    for (int t = 0; t < kTile; ++t) a0[t] = b0;
+    v8 a0[kVec];
+    const v8 b0 = splat8(bias ? bias[o] : 0.f);
+#pragma GCC unroll 4
+    for (int v = 0; v < kVec; ++v) a0[v] = b0;
     for (int64_t i = 0; i < n_in; ++i) {
-      const float w0 = W[o * so + i * si];
+      const v8 w0 = splat8(W[o * so + i * si]);
       const float* x = in + i * kTile;
-#pragma omp simd
-      for (int t = 0; t < kTile; ++t) a0[t] += w0 * x[t];
+#pragma GCC unroll 4
+      for (int v = 0; v < kVec; ++v) a0[v] += w0 * load8(x + 8 * v);
     }
-    for (int t = 0; t < kTile; ++t) out[o * kTile + t] = a0[t];
+#pragma GCC unroll 4
+    for (int v = 0; v < kVec; ++v) store8(out + o * kTile + 8 * v, a0[v]);
   }
 }
 
-// dW[o][i] += sum_t g[o][t] * x[i][t]; db[o] += sum_t g[o][t]. Two outputs x two inputs per pass so
-// every loaded vector feeds two FMAs.
-NFK_INLINE void weight_grad_tile(const float* g, const float* x, int64_t n_in, int64_t n_out, float* dW, float* db) {
+// dW[o][i] += sum_t g[o][t] * x[i][t]; db[o] += sum_t g[o][t], for narrow layers (fan_in < 8 or fan_out < 4):
+// one reduction over the tile per weight.
+NFK_INLINE void weight_grad_narrow(const float* g, const float* x, int64_t n_in, int64_t n_out, float* dW, float* db) {
   for (int64_t o = 0; o < n_out; ++o) {
     const float* go = g + o * kTile;
     float sb = 0.f;
 #pragma omp simd reduction(+ : sb)
     for (int t = 0; t < kTile; ++t) sb += go[t];
     db[o] += sb;
-    int64_t i = 0;
-    for (; i + 2 <= n_in; i += 2) {
-      const float* x0 = x + i * kTile;
-      const float* x1 = x0 + kTile;
-      float s0 = 0.f, s1 = 0.f;
-#pragma omp simd reduction(+ : s0, s1)
-      for (int t = 0; t < kTile; ++t) s0 += go[t] * x0[t], s1 += go[t] * x1[t];
-      dW[o * n_in + i] += s0;
-      dW[o * n_in + i + 1] += s1;
-    }
-    for (; i < n_in; ++i) {
+    for (int64_t i = 0; i < n_in; ++i) {
       const float* x0 = x + i * kTile;
       float s0 = 0.f;
 #pragma omp simd reduction(+ : s0)
@@ -125,13 +132,47 @@ NFK_INLINE void weight_grad_tile(const float* g, const float* x, int64_t n_in, i
   }
 }
 
+constexpr int kOB = 4, kIB = 16;  // weight-gradient register block: 4 outputs × 16 inputs = 8 AVX2 accumulators
+
+// The same for wide layers, as a sum of outer products over the tile's pixels: with the input transposed
+// to xT [kTile][n_in_pad] (zero-padded to kIB), each pixel adds g[o..o+3][t] ⊗ xT[t][i..i+15] into
+// accumulators held in registers, so there is no horizontal reduction per weight.
+NFK_INLINE void weight_grad_wide(const float* g, const float* xT, int64_t n_in, int64_t n_in_pad, int64_t n_out,
+                                 float* dW, float* db) {
+  for (int64_t o = 0; o < n_out; ++o) {
+    const float* go = g + o * kTile;
+    float sb = 0.f;
+#pragma omp simd reduction(+ : sb)
+    for (int t = 0; t < kTile; ++t) sb += go[t];
+    db[o] += sb;
+  }
+  for (int64_t o0 = 0; o0 < n_out; o0 += kOB) {
+    const int64_t no = std::min<int64_t>(kOB, n_out - o0);
+    for (int64_t i0 = 0; i0 < n_in_pad; i0 += kIB) {
+      v8 acc[kOB][2] = {};
+      for (int t = 0; t < kTile; ++t) {
+        const v8 x0 = load8(xT + t * n_in_pad + i0), x1 = load8(xT + t * n_in_pad + i0 + 8);
+#pragma GCC unroll 4
+        for (int k = 0; k < kOB; ++k) {
+          const v8 gk = splat8(k < no ? g[(o0 + k) * kTile + t] : 0.f);
+          acc[k][0] += gk * x0, acc[k][1] += gk * x1;
+        }
+      }
+      const int64_t ni = std::min<int64_t>(kIB, n_in - i0);
+      for (int k = 0; k < no; ++k)
+        for (int64_t j = 0; j < ni; ++j) dW[(o0 + k) * n_in + i0 + j] += acc[k][j / 8][j % 8];
+    }
+  }
+}
+
 // Per-thread scratch for one tile: the input tile, every layer's activation (sin) and cos, two gradient
 // buffers and the output.
 struct Work {
-  std::vector<float> x, act, cosv, g0, g1, out;
+  std::vector<float> x, act, cosv, g0, g1, out, xT;
   explicit Work(const Net& net)
       : x(net.in() * kTile), act(net.n_layers * net.max_width * kTile), cosv(net.n_layers * net.max_width * kTile),
-        g0(net.max_width * kTile), g1(net.max_width * kTile), out(net.out() * kTile) {}
+        g0(net.max_width * kTile), g1(net.max_width * kTile), out(net.out() * kTile),
+        xT(kTile * ((net.max_width + kIB - 1) / kIB) * kIB, 0.f) {}
   // Input of layer l: the coordinate tile for l == 0, else the sine output of layer l - 1.
   const float* layer_in(const Net& net, int64_t l) const {
     return l == 0 ? x.data() : act.data() + (l - 1) * net.max_width * kTile;
@@ -187,7 +228,15 @@ NFK_INLINE void backward_tile(const Net& net, const float* p, Work& w, float* gr
     const int64_t fi = net.dims[l], fo = net.dims[l + 1];
     const float* W = p + net.w_off[l];
     float* dW = grad + net.w_off[l];
-    weight_grad_tile(g, w.layer_in(net, l), fi, fo, dW, dW + fo * fi);
+    const float* x = w.layer_in(net, l);
+    if (fi >= 8 && fo >= kOB) {
+      const int64_t fi_pad = (fi + kIB - 1) / kIB * kIB;  // padding columns stay zero (set at allocation)
+      for (int64_t i = 0; i < fi; ++i)
+        for (int t = 0; t < kTile; ++t) w.xT[t * fi_pad + i] = x[i * kTile + t];
+      weight_grad_wide(g, w.xT.data(), fi, fi_pad, fo, dW, dW + fo * fi);
+    } else {
+      weight_grad_narrow(g, x, fi, fo, dW, dW + fo * fi);
+    }
     if (l == 0) break;
     dense_tile(W, 1, fi, nullptr, fo, fi, g, gin);  // dL/d(layer input) = W^T g
     const float* c = w.cosv.data() + (l - 1) * stride;

@@ -1,0 +1,385 @@
+"""Fit benchmark (issue 3): many SIRENs fitted at once, nfgen's fused kernels against torch peers.
+
+Same fields and recipe for every contender: MNIST 28×28 (test images, repeated when N > 10k; random
+images when MNIST is absent), 2→32→32→1 SIREN, ω0 = 30, shared init, Adam lr 1e-4, loss = sum over fields
+of each field's MSE. Contenders:
+  baddbmm           stacked torch.baddbmm layers + torch.optim.Adam (foreach)
+  vmap              torch.func.stack_module_state + vmap(functional_call) + torch.optim.Adam
+  *+compile         the same forward/backward under torch.compile (skipped with a note if it fails)
+  nfgen[backend]    nfkernels.siren_fit_steps (fused forward + MSE + backward + Adam, several steps per call)
+Prints field-steps/s (median over repeats), the ratio to the best peer, and achieved GFLOP/s as a
+fraction of the FP32 FMA peak (matmul FLOPs only: 2·C·(2·Σ fan_in·fan_out + Σ_{l>0} fan_in·fan_out)).
+
+    python -m benchmarks.bench_fit [--device cuda] [--quick] [--out benchmarks/results/fit-<device>.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from nfkernels.siren import SirenSpec, coord_grid, siren_fit_steps, siren_forward_reference, siren_init
+
+LR = 1e-4
+# FP32 non-tensor-core FMA peak, FLOP/s (vendor figures, SXM parts)
+GPU_FP32_PEAK = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Problem and cost model
+
+
+def make_problem(n: int, device: torch.device, spec: SirenSpec, seed: int = 0):
+    images = None
+    try:
+        from nfgen.data import load_split
+
+        images = load_split("mnist:test").images  # [10000, 28, 28]
+    except Exception as exc:  # noqa: BLE001 - the benchmark still runs, on random images
+        print(f"note: MNIST not loaded ({str(exc).splitlines()[0]}); using random images", file=sys.stderr)
+    if images is None:
+        images = torch.rand(n, 28, 28, generator=torch.Generator().manual_seed(seed))
+    idx = torch.arange(n) % images.shape[0]
+    target = images[idx].reshape(n, -1, 1).to(device)
+    coords = coord_grid((28, 28), device=device)
+    template = siren_init(spec, 1, generator=torch.Generator().manual_seed(seed)).to(device)
+    return coords, target, template
+
+
+def flops_per_field_step(spec: SirenSpec, pixels: int) -> float:
+    macs = [fi * fo for fi, fo in spec.layer_dims]
+    return 2.0 * pixels * (2 * sum(macs) + sum(macs[1:]))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Contenders: each returns run(steps) that performs `steps` fit steps on all fields
+
+
+def peer_baddbmm(spec, coords, target, template, compile_=False):
+    n = target.shape[0]
+    layers = [(w.clone().requires_grad_(True), b.clone().requires_grad_(True))
+              for w, b in spec.unflatten(template.expand(n, -1).contiguous())]
+    opt = torch.optim.Adam([t for wb in layers for t in wb], lr=LR)
+    x = coords.unsqueeze(0).expand(n, -1, -1)
+
+    def loss_fn():
+        h = x
+        for li, (w, b) in enumerate(layers):
+            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if li < len(layers) - 1:
+                h = torch.sin(spec.omega0 * h)
+        return (h - target).pow(2).mean(dim=(1, 2)).sum()
+
+    def fwd_bwd():
+        opt.zero_grad(set_to_none=False)
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    step_fn = torch.compile(fwd_bwd) if compile_ else fwd_bwd
+
+    def run(steps):
+        for _ in range(steps):
+            step_fn()
+            opt.step()
+
+    return run
+
+
+def peer_vmap(spec, coords, target, template, compile_=False):
+    from torch.func import functional_call, stack_module_state, vmap
+
+    n = target.shape[0]
+
+    def make_module():
+        mods = []
+        for li, (fi, fo) in enumerate(spec.layer_dims):
+            mods.append(torch.nn.Linear(fi, fo))
+            if li < len(spec.layer_dims) - 1:
+                mods.append(Sine(spec.omega0))
+        m = torch.nn.Sequential(*mods).to(coords.device)
+        torch.nn.utils.vector_to_parameters(template[0], m.parameters())
+        return m
+
+    base = make_module().to("meta")
+    params, buffers = stack_module_state([make_module() for _ in range(min(n, 2))])
+    # Stacking n modules is what stack_module_state is for; for large n build the same stacked
+    # tensors directly (identical layout, shared init) instead of creating n modules.
+    params = {k: v[:1].detach().expand(n, *v.shape[1:]).clone().requires_grad_(True) for k, v in params.items()}
+    opt = torch.optim.Adam(list(params.values()), lr=LR)
+
+    def one(p, y):
+        out = functional_call(base, (p, buffers), (coords,))
+        return (out - y).pow(2).mean()
+
+    batched = vmap(one, in_dims=(0, 0))
+
+    def fwd_bwd():
+        opt.zero_grad(set_to_none=False)
+        loss = batched(params, target).sum()
+        loss.backward()
+        return loss
+
+    step_fn = torch.compile(fwd_bwd) if compile_ else fwd_bwd
+
+    def run(steps):
+        for _ in range(steps):
+            step_fn()
+            opt.step()
+
+    return run
+
+
+class Sine(torch.nn.Module):
+    def __init__(self, omega0):
+        super().__init__()
+        self.omega0 = omega0
+
+    def forward(self, x):
+        return torch.sin(self.omega0 * x)
+
+
+def nfgen_fit(spec, coords, target, template, backend="auto", steps_per_call=10):
+    n = target.shape[0]
+    params = template.expand(n, -1).contiguous()
+    m, v = torch.zeros_like(params), torch.zeros_like(params)
+    state = {"step": 0}
+
+    def run(steps):
+        done = 0
+        while done < steps:
+            k = min(steps_per_call, steps - done)
+            siren_fit_steps(params, m, v, state["step"], coords, target, spec, lr=LR, n_steps=k, backend=backend)
+            state["step"] += k
+            done += k
+
+    run.params = params
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_contender(make, device, steps, repeats, warmup_steps=1):
+    """Median seconds per step over `repeats` timed rounds of `steps` steps, after a warm-up round."""
+    t0 = time.perf_counter()
+    run = make()
+    run(warmup_steps)
+    sync(device)
+    setup_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        run(steps)
+        sync(device)
+        times.append((time.perf_counter() - t) / steps)
+    return statistics.median(times), setup_s
+
+
+def cpu_peak_flops() -> tuple[float, str]:
+    """Nominal FP32 FMA peak of this CPU: cores × GHz × 2 FMA pipes × 8 lanes (AVX2) × 2."""
+    ghz = None
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("cpu MHz"):
+                ghz = float(line.split(":")[1]) / 1e3
+                break
+    except OSError:
+        pass
+    cores = torch.get_num_threads()
+    ghz = ghz or 2.5
+    return cores * ghz * 1e9 * 2 * 8 * 2, f"nominal: {cores} threads × {ghz:.2f} GHz × 32 FLOP/cycle (AVX2, 2 FMA)"
+
+
+def measured_sgemm_flops(device) -> float:
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    reps = 20 if device.type == "cuda" else 5
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="small N, fewer repeats, no torch.compile")
+    ap.add_argument("--n", type=int, nargs="*", help="field counts (default: 1000 on CPU; 1000 10000 60000 on CUDA)")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--out", help="write every row and the environment as JSON")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for but no CUDA GPU is available")
+    on_gpu = device.type == "cuda"
+    spec = SirenSpec()
+    sizes = args.n or ([1000, 10000, 60000] if on_gpu else [1000])
+    if args.quick:
+        sizes = [min(s, 256) for s in sizes[:1]] if not args.n else sizes
+    steps, repeats = (20, 5) if on_gpu else ((2, 2) if args.quick else (3, 3))
+    use_compile = not (args.quick or args.no_compile)
+    pixels = 28 * 28
+    flop = flops_per_field_step(spec, pixels)
+    if on_gpu:
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in GPU_FP32_PEAK.items() if k in name), None)
+        peak_note = f"{name} FP32 non-tensor peak {peak / 1e12:.0f} TFLOP/s" if peak else "unknown GPU peak"
+        device_name = name
+    else:
+        peak, peak_note = cpu_peak_flops()
+        device_name = platform.processor() or platform.machine()
+        try:
+            device_name = next(l.split(":")[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    sgemm = measured_sgemm_flops(device)
+    print(f"device: {device_name} ({device}); torch {torch.__version__}; threads {torch.get_num_threads()}")
+    print(f"FP32 peak: {peak_note}; measured torch sgemm {sgemm / 1e9:.1f} GFLOP/s; {flop / 1e6:.2f} MFLOP/field-step")
+
+    nfgen_backends = ["triton"] if on_gpu else ["cpp"]
+    rows = []
+    for n in sizes:
+        coords, target, template = make_problem(n, device, spec)
+        contenders = [("baddbmm", lambda: peer_baddbmm(spec, coords, target, template)),
+                      ("vmap", lambda: peer_vmap(spec, coords, target, template))]
+        if use_compile:
+            contenders += [("baddbmm+compile", lambda: peer_baddbmm(spec, coords, target, template, compile_=True)),
+                           ("vmap+compile", lambda: peer_vmap(spec, coords, target, template, compile_=True))]
+        for b in nfgen_backends:
+            contenders.append((f"nfgen[{b}]", lambda b=b: nfgen_fit(spec, coords, target, template, backend=b)))
+        for name, make in contenders:
+            row = {"contender": name, "n_fields": n, "pixels": pixels, "arch": "2-32-32-1", "steps": steps,
+                   "repeats": repeats}
+            try:
+                sec, setup_s = time_contender(make, device, steps, repeats)
+                fps = n / sec
+                row.update(ms_per_step=sec * 1e3, field_steps_per_s=fps, setup_s=setup_s,
+                           gflops=fps * flop / 1e9, frac_peak=fps * flop / peak if peak else None,
+                           frac_sgemm=fps * flop / sgemm)
+            except Exception as exc:  # noqa: BLE001 - a peer that fails (OOM, compile error) is reported, not fatal
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                if on_gpu:
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            _print_row(row)
+        best_peer = max((r["field_steps_per_s"] for r in rows if r["n_fields"] == n and "field_steps_per_s" in r
+                         and not r["contender"].startswith("nfgen")), default=None)
+        for r in rows:
+            if r["n_fields"] == n and "field_steps_per_s" in r and best_peer:
+                r["ratio_vs_best_peer"] = r["field_steps_per_s"] / best_peer
+        for r in rows:
+            if r["n_fields"] == n and r["contender"].startswith("nfgen") and "ratio_vs_best_peer" in r:
+                print(f"  {r['contender']} / best peer at N={n}: {r['ratio_vs_best_peer']:.2f}x")
+
+    if on_gpu and not args.quick:  # the headline: 60k fields × 500 steps, wall time
+        coords, target, template = make_problem(60000, device, spec)
+        run = nfgen_fit(spec, coords, target, template, backend=nfgen_backends[0], steps_per_call=50)
+        run(1)
+        sync(device)
+        run = nfgen_fit(spec, coords, target, template, backend=nfgen_backends[0], steps_per_call=50)
+        t = time.perf_counter()
+        run(500)
+        sync(device)
+        wall = time.perf_counter() - t
+        psnr = _psnr(run.params, coords, target, spec)
+        row = {"contender": f"nfgen[{nfgen_backends[0]}] 60k x 500 steps", "n_fields": 60000, "steps": 500,
+               "wall_s": wall, "mean_psnr_db": psnr}
+        rows.append(row)
+        print(f"60,000 fields × 500 steps: {wall:.2f} s (mean PSNR {psnr:.2f} dB)")
+
+    if args.out:
+        _write_json(args.out, {"device": device_name, "device_type": device.type, "torch": torch.__version__,
+                               "triton": _triton_version(), "commit": _git_head(), "command": " ".join(sys.argv),
+                               "threads": torch.get_num_threads(), "fp32_peak_flops": peak, "peak_note": peak_note,
+                               "measured_sgemm_flops": sgemm, "flop_per_field_step": flop, "rows": rows})
+        print(f"wrote {args.out}")
+    return rows
+
+
+def _print_row(r):
+    if "error" in r:
+        print(f"{r['contender']:>18} N={r['n_fields']:>6}: skipped ({r['error']})")
+        return
+    frac = f"{100 * r['frac_peak']:.1f}% of peak" if r.get("frac_peak") else ""
+    print(f"{r['contender']:>18} N={r['n_fields']:>6}: {r['field_steps_per_s']:>12,.0f} field-steps/s "
+          f"{r['ms_per_step']:>9.1f} ms/step {r['gflops']:>8.1f} GFLOP/s {frac} (setup {r['setup_s']:.1f} s)")
+
+
+def _psnr(params, coords, target, spec, chunk=4096):
+    vals = []
+    with torch.no_grad():
+        for i in range(0, params.shape[0], chunk):
+            pred = siren_forward_reference(params[i:i + chunk], coords, spec).clamp(0, 1)
+            mse = (pred - target[i:i + chunk]).pow(2).mean(dim=(1, 2))
+            vals.append(10 * torch.log10(1 / mse))
+    return torch.cat(vals).mean().item()
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def _git_head():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pytest-benchmark (collected only when benchmarks/ is passed to pytest explicitly)
+
+
+def test_bench_nfgen_fit_small(benchmark):
+    spec = SirenSpec()
+    device = torch.device("cpu")
+    coords, target, template = make_problem(64, device, spec)
+    run = nfgen_fit(spec, coords, target, template)
+    benchmark(run, 5)
+
+
+def test_bench_baddbmm_fit_small(benchmark):
+    spec = SirenSpec()
+    device = torch.device("cpu")
+    coords, target, template = make_problem(64, device, spec)
+    run = peer_baddbmm(spec, coords, target, template)
+    benchmark(run, 5)
+
+
+if __name__ == "__main__":
+    main()
