@@ -107,11 +107,14 @@ VecBuf pack_lanes(const float* src, int64_t n, int64_t plane) {
 }
 
 // SSIM of image x against the LANES images of one packed y block; one lane per pair.
-// `rows` is scratch of H * Wo vectors. Results go through `out` (not a vector return value, whose ABI
+// `rows` is scratch of H * Wo + W vectors. Results go through `out` (not a vector return value, whose ABI
 // would differ between the AVX2 and the baseline clone).
+// KT > 0 fixes the window length at compile time (the pinned 11 taps) so the tap loops unroll.
+template <int KT>
 inline __attribute__((always_inline)) void ssim_block_body(const float* x, const float* mux, const float* vx, const vf* y, const vf* muy, const vf* vy,
                 const vf* taps, const Geometry& G, float c1, float c2, vf* rows, float* out) {
-  const int64_t H = G.H, W = G.W, K = G.K, Ho = G.Ho, Wo = G.Wo;
+  const int64_t H = G.H, W = G.W, K = KT > 0 ? KT : G.K, Ho = G.Ho, Wo = G.Wo;
+  vf* z = rows + H * Wo;  // one row of products x * y
   vf total = {};
   for (int64_t c = 0; c < G.C; ++c) {
     const float* xc = x + c * H * W;
@@ -120,9 +123,10 @@ inline __attribute__((always_inline)) void ssim_block_body(const float* x, const
     for (int64_t h = 0; h < H; ++h) {
       const float* xr = xc + h * W;
       const vf* yr = yc + h * W;
+      for (int64_t w = 0; w < W; ++w) z[w] = xr[w] * yr[w];
       for (int64_t wo = 0; wo < Wo; ++wo) {
         vf acc = {};
-        for (int64_t k = 0; k < K; ++k) acc += taps[k] * (xr[wo + k] * yr[wo + k]);
+        for (int64_t k = 0; k < K; ++k) acc += taps[k] * z[wo + k];
         rows[h * Wo + wo] = acc;
       }
     }
@@ -152,7 +156,10 @@ inline __attribute__((always_inline)) void ssim_block_body(const float* x, const
 
 void ssim_block_base(const float* x, const float* mux, const float* vx, const vf* y, const vf* muy, const vf* vy,
                      const vf* taps, const Geometry& G, float c1, float c2, vf* rows, float* out) {
-  ssim_block_body(x, mux, vx, y, muy, vy, taps, G, c1, c2, rows, out);
+  if (G.K == 11)
+    ssim_block_body<11>(x, mux, vx, y, muy, vy, taps, G, c1, c2, rows, out);
+  else
+    ssim_block_body<0>(x, mux, vx, y, muy, vy, taps, G, c1, c2, rows, out);
 }
 
 #ifdef NFK_X86_DISPATCH
@@ -160,7 +167,10 @@ __attribute__((target("avx2,fma"))) void ssim_block_avx2(const float* x, const f
                                                           const vf* y, const vf* muy, const vf* vy, const vf* taps,
                                                           const Geometry& G, float c1, float c2, vf* rows,
                                                           float* out) {
-  ssim_block_body(x, mux, vx, y, muy, vy, taps, G, c1, c2, rows, out);
+  if (G.K == 11)
+    ssim_block_body<11>(x, mux, vx, y, muy, vy, taps, G, c1, c2, rows, out);
+  else
+    ssim_block_body<0>(x, mux, vx, y, muy, vy, taps, G, c1, c2, rows, out);
 }
 #endif
 
@@ -238,7 +248,7 @@ void for_each_block(const Prepared& P, bool symmetric, int nthreads, Sink sink) 
 #ifdef _OPENMP
     tid = omp_get_thread_num();
 #endif
-    VecBuf rows(G.H * G.Wo);
+    VecBuf rows(G.H * G.Wo + G.W);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n0 = t * ROW_TILE, n1 = std::min(P.N, n0 + ROW_TILE);

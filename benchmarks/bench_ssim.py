@@ -1,0 +1,227 @@
+"""Pairwise SSIM benchmark (issue 6): all N x M SSIMs of MNIST images, nfgen against torch peers.
+
+Every contender computes the pinned SSIM (skimage gaussian_weights=True, sigma 1.5, 5-pixel crop) of every
+image of x against every image of y, x = MNIST test[:N], y = MNIST test[-M:] (random images if MNIST is absent):
+  nefgpt-loop      NeF-GPT's way: a torchmetrics-style SSIM (one conv2d over [x, y, x², y², xy] with reflect
+                   padding, then the crop) called once per generated image against all references
+  conv2d-batched   all pairs in batched chunks: per-image statistics once, the cross term filter(x*y) of every
+                   pair with one conv2d per chunk ([x]+tf32: cuDNN's TF32, the CUDA default, less accurate)
+  skimage          structural_similarity on a sample of pairs, extrapolated (CPU only)
+  nfgen[...]       nfkernels.pairwise_ssim (cpp on CPU, triton on CUDA) and the fused nearest-neighbour
+                   reduction ssim_nearest (no N x M matrix)
+Slow peers run a subset of rows and are extrapolated to N x M; their rows say so. Times are medians over
+repeats; "nfgen x" is nfgen's pairs/s over the row's.
+
+    python -m benchmarks.bench_ssim [--device cuda] [--quick] [--out benchmarks/results/ssim-<device>.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nfkernels.ssim import C1, C2, gaussian_window, image_stats, pairwise_ssim, ssim_formula, ssim_nearest
+
+# ---------------------------------------------------------------------------------------------------------------
+# Peers
+
+
+def torchmetrics_style_ssim(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SSIM of preds[i] vs target[i], [B, 1, H, W] each → [B]; torchmetrics 1.4's gaussian path in plain torch."""
+    g = gaussian_window(dtype=preds.dtype).to(preds.device)
+    kernel = (g[:, None] * g[None, :]).expand(1, 1, -1, -1)
+    pad = g.numel() // 2
+    preds = F.pad(preds, (pad, pad, pad, pad), mode="reflect")
+    target = F.pad(target, (pad, pad, pad, pad), mode="reflect")
+    out = F.conv2d(torch.cat([preds, target, preds * preds, target * target, preds * target]), kernel)
+    mu_p, mu_t, e_pp, e_tt, e_pt = out.split(preds.shape[0])
+    s = ssim_formula(mu_p, e_pp - mu_p ** 2, mu_t, e_tt - mu_t ** 2, e_pt)
+    return s[..., pad:-pad, pad:-pad].mean(dim=(1, 2, 3))
+
+
+def nefgpt_loop(x, y, rows):
+    """One batched SSIM call per generated image against all references."""
+    yp = y.unsqueeze(1)
+    return torch.stack([torchmetrics_style_ssim(x[i].expand(y.shape[0], 1, -1, -1).contiguous(), yp)
+                        for i in range(rows)])
+
+
+def conv2d_batched(x, y, rows, chunk_pairs=1 << 18):
+    """All pairs of x[:rows] and y: statistics once per image, one conv2d over the products of a chunk of pairs."""
+    g = gaussian_window(dtype=torch.float32).to(x.device)
+    kernel = (g[:, None] * g[None, :]).expand(1, 1, -1, -1)
+    xp, yp = x[:rows].unsqueeze(1), y.unsqueeze(1)
+    mx, vx = (t.float() for t in image_stats(xp, dtype=torch.float32))
+    my, vy = (t.float() for t in image_stats(yp, dtype=torch.float32))
+    m = y.shape[0]
+    step = max(1, chunk_pairs // m)
+    out = []
+    for i in range(0, rows, step):
+        prod = (xp[i:i + step, None] * yp[None]).flatten(0, 1)  # [r * M, 1, H, W]
+        cross = F.conv2d(prod, kernel).view(-1, m, *mx.shape[-2:])
+        s = ssim_formula(mx[i:i + step], vx[i:i + step], my[:, 0][None], vy[:, 0][None], cross)
+        out.append(s.mean(dim=(-2, -1)))
+    return torch.cat(out)
+
+
+def skimage_pairs(x, y, pairs):
+    from skimage.metrics import structural_similarity
+
+    xs, ys = x.double().cpu().numpy(), y.double().cpu().numpy()
+    for k in range(pairs):
+        structural_similarity(xs[k % len(xs)], ys[(k * 7) % len(ys)], gaussian_weights=True, sigma=1.5,
+                              use_sample_covariance=False, data_range=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Harness
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats, warmup=True):
+    if warmup:
+        fn()  # Triton compile, cuDNN autotune, allocator
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def load_images(n, m, device):
+    try:
+        from nfgen.data import load_split
+
+        images = load_split("mnist:test").images
+    except Exception as exc:  # noqa: BLE001 - the benchmark still runs, on random images
+        print(f"note: MNIST not loaded ({str(exc).splitlines()[0]}); using random images", file=sys.stderr)
+        images = torch.rand(max(n, m), 28, 28, generator=torch.Generator().manual_seed(0))
+    idx = torch.arange(max(n, m))
+    x = images[idx[:n] % len(images)]
+    y = images[(len(images) - 1 - idx[:m]) % len(images)]
+    return x.to(device).contiguous(), y.to(device).contiguous()
+
+
+def bench_size(n, m, device, repeats, quick):
+    x, y = load_images(n, m, device)
+    pairs = n * m
+    rows = []
+
+    def add(name, seconds, done_pairs, times, note=""):
+        scale = pairs / done_pairs
+        rows.append({"contender": name, "n": n, "m": m, "seconds": seconds * scale, "pairs_per_s": done_pairs / seconds,
+                     "measured_pairs": done_pairs, "repeat_seconds": times,
+                     "note": note or ("" if scale == 1 else f"extrapolated from {done_pairs} pairs")})
+
+    on_cuda = device.type == "cuda"
+    nf_backend = "triton" if on_cuda else "auto"
+    sec, ts = timed(lambda: pairwise_ssim(x, y, backend=nf_backend), device, repeats)
+    add(f"nfgen pairwise_ssim[{nf_backend}]", sec, pairs, ts)
+    if on_cuda:
+        from nfkernels.ssim_triton import pairwise_ssim_triton
+
+        xp, yp = x.unsqueeze(1), y.unsqueeze(1)
+        sec, ts = timed(lambda: pairwise_ssim_triton(xp, yp, precision="tf32x3"), device, repeats)
+        add("nfgen pairwise_ssim[triton, tf32x3]", sec, pairs, ts)
+    sec, ts = timed(lambda: ssim_nearest(x, y, backend=nf_backend), device, repeats)
+    add(f"nfgen ssim_nearest[{nf_backend}] (fused reduction)", sec, pairs, ts)
+
+    # peers, on as many rows as the budget allows
+    peer_rows = min(n, (16 if quick else 64) if not on_cuda else (200 if quick else 1000))
+    sec, ts = timed(lambda: nefgpt_loop(x, y, peer_rows), device, 1 if quick or not on_cuda else repeats,
+                    warmup=on_cuda)
+    add("nefgpt-loop (torchmetrics-style, per image)", sec, peer_rows * m, ts)
+    conv_rows = min(n, (64 if quick else 256) if not on_cuda else (1000 if quick else 2000))
+    if on_cuda:
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        sec, ts = timed(lambda: conv2d_batched(x, y, conv_rows), device, repeats)
+        add("conv2d-batched (fp32)", sec, conv_rows * m, ts)
+        torch.backends.cudnn.allow_tf32 = True
+        sec, ts = timed(lambda: conv2d_batched(x, y, conv_rows), device, repeats)
+        add("conv2d-batched+tf32", sec, conv_rows * m, ts)
+        torch.backends.cudnn.allow_tf32 = old
+    else:
+        sec, ts = timed(lambda: conv2d_batched(x, y, conv_rows), device, 1 if quick else repeats, warmup=False)
+        add("conv2d-batched", sec, conv_rows * m, ts)
+        sk_pairs = 100 if quick else 400
+        sec, ts = timed(lambda: skimage_pairs(x, y, sk_pairs), device, 1, warmup=False)
+        add("skimage structural_similarity", sec, sk_pairs, ts)
+
+    # accuracy of nfgen against the fp32 conv2d peer on a few rows (sanity: both are the pinned SSIM)
+    k = min(n, 32)
+    err = (pairwise_ssim(x[:k], y, backend=nf_backend) - conv2d_batched(x, y, k)).abs().max().item()
+    nf = rows[0]["pairs_per_s"]
+    for r in rows:
+        r["nfgen_x"] = nf / r["pairs_per_s"]
+    return rows, err
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke test)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", help="write the rows as JSON here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        sizes = [1000] if args.quick else [1000, 10000]
+    else:
+        sizes = [200] if args.quick else [1000]
+    repeats = 1 if args.quick else args.repeats
+    all_rows, errors = [], {}
+    print(f"device: {device_name(device)}  torch {torch.__version__}")
+    print(f"{'contender':<48} {'N=M':>6} {'seconds':>10} {'pairs/s':>12} {'nfgen x':>8}  note")
+    for n in sizes:
+        rows, err = bench_size(n, n, device, repeats, args.quick)
+        errors[str(n)] = err
+        for r in rows:
+            print(f"{r['contender']:<48} {n:>6} {r['seconds']:>10.3f} {r['pairs_per_s']:>12.4g} {r['nfgen_x']:>8.1f}  "
+                  f"{r['note']}")
+        print(f"max |nfgen - conv2d fp32| at N={n}: {err:.2e}")
+        all_rows += rows
+    if args.out:
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        try:
+            head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            head = None
+        result = {"benchmark": "pairwise_ssim", "device": device_name(device), "torch": torch.__version__,
+                  "triton": triton_version, "commit": head, "command": " ".join([sys.executable, "-m",
+                                                                                  "benchmarks.bench_ssim", *sys.argv[1:]]),
+                  "max_abs_diff_vs_conv2d": errors, "rows": all_rows}
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
