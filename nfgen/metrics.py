@@ -115,9 +115,7 @@ def _group_metrics(name, gen_imgs, ref_imgs, train_imgs, gen, backend) -> dict:
     if n < 2:
         out["skipped"] = f"{name}: fewer than 2 images in one of the sets"
         return out
-    g = gen_imgs[_pick(gen_imgs.shape[0], n, gen)]
-    r = ref_imgs[_pick(ref_imgs.shape[0], n, gen)]
-    o = train_imgs[_pick(train_imgs.shape[0], n, gen)]
+    g, r, o = (imgs[_pick(imgs.shape[0], n, gen).to(imgs.device)] for imgs in (gen_imgs, ref_imgs, train_imgs))
     out.update(_paired(distance_metrics(g, r, backend=backend), distance_metrics(o, r, backend=backend)))
     return out
 
