@@ -41,7 +41,8 @@ class SampleConfig:
     def validate(self) -> None:
         checks = [
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"--top-k must be an integer ≥ 0 (0: off), got {self.top_k}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0,
+             f"--top-k must be an integer ≥ 0 (0: off), got {self.top_k}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.cfg_scale == self.cfg_scale and abs(self.cfg_scale) < float("inf"), "--cfg-scale must be finite"),
             (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}"),
@@ -67,7 +68,7 @@ class Decoder:
     """Generates `batch_size` token sequences of length `length` at a time through a static KV cache."""
 
     def __init__(self, model: GPT, vocab: Vocab, batch_size: int, length: int, cfg: SampleConfig,
-                 device: torch.device, token_ranges: torch.Tensor | None = None):
+                 device: torch.device, token_ranges: torch.Tensor | None = None, static_shapes: bool = False):
         self.model, self.vocab, self.cfg, self.device = model, vocab, cfg, device
         self.batch, self.length = batch_size, length
         self.guided = cfg.cfg_scale != 1.0
@@ -88,8 +89,12 @@ class Decoder:
             if not allowed.all():
                 self.allowed = allowed.to(device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # static_shapes: decode with the graphs' fixed shapes (attention over a whole bucket, masked) even
+        # without capturing; lets CPU tests check exactly what the graphs compute
+        self.static_shapes = static_shapes
         if device.type == "cuda" and cfg.cuda_graph and length >= 2:
             self._capture()
+            self.static_shapes = True
 
     def _sample(self, logits: torch.Tensor, seed: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
         logits = logits[:, :self.vocab.n_codes]  # only code tokens may be sampled
@@ -147,12 +152,18 @@ class Decoder:
         self.tok.copy_((first.repeat(2) if self.guided else first)[:, None])
         self.pos.fill_(2)
         self.step.fill_(1)
+        buckets = self._buckets()
         for i in range(1, self.length):  # token i is sampled after feeding token i-1 at position i + 1
-            kv_len = i + 2
-            if self.graphs:
-                self.graphs[min(b for b in self.graphs if b >= kv_len)].replay()
-            else:
+            kv_len = i + 2  # positions 0 … i + 1 are filled once this step has written its keys
+            if not self.static_shapes:
                 self._decode_step(kv_len)
+                continue
+            while buckets[0] < kv_len:  # the smallest bucket that holds the filled prefix
+                buckets.pop(0)
+            if self.graphs:
+                self.graphs[buckets[0]].replay()
+            else:
+                self._decode_step(buckets[0])
         return self.out
 
 

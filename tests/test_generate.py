@@ -63,6 +63,33 @@ def test_triton_backend_greedy_and_range():
     assert toks.min() >= 0 and toks.max() < VOCAB.n_codes
 
 
+@pytest.mark.parametrize("bucket", [4, 7, 128])
+def test_static_shapes_path_equals_eager(monkeypatch, bucket):
+    """What the CUDA graphs compute (attention over a whole, partly stale bucket of the cache, masked by
+    position), run eagerly on CPU: same tokens as the prefix-only eager loop. Two batches share one
+    decoder, so the second one starts on the first one's stale cache."""
+    import nfgen.generate as G
+
+    model = small_model(5)
+    classes = torch.tensor([0, 1, 2, -1, 0, 2])
+    cfg = SampleConfig(temperature=1.2, top_k=7, cfg_scale=1.5, seed=4, backend="torch", quiet=True)
+    monkeypatch.setattr(G, "GRAPH_BUCKET", bucket)
+    dec = G.Decoder(model, VOCAB, 3, L, cfg, torch.device("cpu"), static_shapes=True)
+    assert dec._buckets()[-1] == L + 1 and len(dec._buckets()) == -(-(L + 1) // bucket)
+    gen = torch.Generator().manual_seed(4)
+    from nfkernels.sampling import draw_seed
+
+    with torch.no_grad():
+        seeds = draw_seed(gen, torch.device("cpu"), L)
+        cls = torch.where(classes < 0, VOCAB.no_class, VOCAB.n_codes + 2 + classes)
+        first = dec.run(cls[:3], seeds).clone()
+        second = dec.run(cls[3:], seeds).clone()
+        ref = G.Decoder(model, VOCAB, 3, L, cfg, torch.device("cpu"))
+        assert torch.equal(first, ref.run(cls[:3], seeds))
+        assert torch.equal(second, ref.run(cls[3:], seeds))
+    assert not torch.equal(first, second)
+
+
 def test_fixed_seed_reproduces_and_backends_share_rng():
     model = small_model(2)
     classes = torch.tensor([0, 1, 2, -1, 0, 1, 2])
