@@ -1,0 +1,721 @@
+"""The results harness of issue 8: nfgen vs NeF-GPT on MNIST, measured honestly, with ablations.
+
+    python -m benchmarks.quality --config {tiny,small,full} [--device auto] [--run-dir runs/quality-<config>]
+        [--results benchmarks/results/quality-<device>[-<config>].json] [--only main,nefgpt,ablations]
+        [--ablations init,order,vq,codebook,model,sampling] [--seeds 3]
+
+Protocol (fixed; the sizes are the only thing the configs change)
+- Data: train split `mnist:test[:8000]`, held-out split `mnist:test[8000:]` (200 per class ± MNIST's natural
+  imbalance); with the full MNIST pass `--train-split mnist:train --heldout-split mnist:test`.
+- Fit every training image and every held-out one (a SIREN each, nfgen's fit recipe), tokenize the training
+  fields, train the GPT on their tokens, and train nfgen's classifier on the training split only.
+- Main rows: generate |Sg| = |Sr| samples per class (class-conditional, the held-out class counts) and the
+  same total unconditionally; evaluate with nfgen.metrics against the held-out real images: SSIM-distance
+  MMD / COV / 1-NNA (the real-data oracle, as many training images against the same references, beside each
+  number), memorised fraction (nearest training image SSIM > 0.95) beside the oracle's, classifier accuracy /
+  cross-entropy of the class-conditional samples against their class (beside the classifier's own held-out
+  accuracy / CE), fitted-field PSNR and de-tokenized PSNR (training and held-out fields, the held-out ones
+  encoded with the tokenizer learned on the training fields). Mean ± std (ddof 1) over 3 generation seeds.
+- Reconstruction rows: the fitted training fields, and the same fields de-tokenized, evaluated like the samples
+  (|Sr| per class, seeded choice): what a generator that reproduced the training fields exactly would get.
+- NeF-GPT's protocol, for the direct comparison: digit 3 only, 256 generated (top-k 3, temperature 0.8)
+  against 196 references rendered from *training* fields (a fixed seeded choice); its published numbers
+  COV 0.2773, 1-NNA 0.84, MMD 0.2162, classifier accuracy 0.703 beside ours. Oracle: 256 other training
+  fields of digit 3 against the same 196.
+- Ablations, each a row with the main protocol: shared vs independent init; canonical neuron order
+  (`canonical_order`) vs none; scalar VQ vs grouped (d = the divisors of P in the config: 3 and 5 for P = 1185)
+  vs residual (2 levels); codebook 256 vs 1024; two model sizes; a sampling sweep (temperature, top-k, top-p,
+  CFG). Artifacts are shared between rows (every tokenizer row reuses the main fit, every sampling row the
+  main model) and cached in the run directory, keyed by their full recipe, so a rerun only redoes what changed.
+- Goals (checked from the numbers, PASS/FAIL printed): classifier accuracy ≥ 0.99 × its held-out accuracy;
+  1-NNA ≤ oracle + 0.03; COV ≥ oracle − 0.03; MMD ≤ 1.05 × oracle; memorised ≤ oracle; fitted ≥ 40 dB;
+  de-tokenized ≥ 35 dB; every NeF-GPT number beaten in its own protocol.
+
+Outputs: the results JSON (device, versions, commit, command line, config, per-stage seconds, every row with
+mean ± std, per-seed values and the oracle), a PNG of class-conditional samples beside their nearest training
+images next to it (`<results stem>-samples.png`), and markdown tables printed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from nfgen.classifier import classify, load_classifier, run_classifier
+from nfgen.common import make_generator, pick_device
+from nfgen.data import load_split
+from nfgen.fields import (Fields, FitConfig, load_fields, psnr, render_fields, run_fit, save_fields,
+                          spec_for_images)
+from nfgen.generate import SampleConfig, generate_tokens
+from nfgen.io import NfgenError, write_json
+from nfgen.metrics import distance_metrics, evaluate, memorisation, save_nearest_grid
+from nfgen.model import load_model
+from nfgen.tokenizer import TokenizerConfig, load_tokens, run_tokenize
+from nfgen.train import TrainConfig, train
+from nfgen.vocab import Vocab
+from nfkernels import SirenSpec
+
+NEFGPT = {"digit": 3, "n_generated": 256, "n_references": 196, "top_k": 3, "temperature": 0.8,
+          "published": {"cov": 0.2773, "1nna": 0.84, "mmd": 0.2162, "accuracy": 0.703}}
+# Headline numbers of a main-protocol row; each is stored with its oracle (None where a row has none).
+HEADLINE = ("cond_mmd", "cond_cov", "cond_1nna", "uncond_mmd", "uncond_cov", "uncond_1nna", "memorised",
+            "accuracy", "cross_entropy")
+NEFGPT_METRICS = ("mmd", "cov", "1nna", "accuracy", "memorised")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class Recipe:
+    """What one row changes relative to the config's defaults (dicts override the stage configs)."""
+    init: str = "shared"
+    canonical: bool = False
+    tokenize: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    sample: dict = field(default_factory=dict)
+
+    def but(self, **changes) -> "Recipe":
+        merged = {k: {**getattr(self, k), **v} if isinstance(v, dict) else v for k, v in changes.items()}
+        return replace(self, **merged)
+
+
+@dataclass
+class QualityConfig:
+    train_split: str = "mnist:test[:8000]"
+    heldout_split: str = "mnist:test[8000:]"
+    fit: dict = field(default_factory=dict)  # FitConfig overrides
+    tokenize: dict = field(default_factory=dict)  # TokenizerConfig overrides
+    train: dict = field(default_factory=dict)  # TrainConfig overrides
+    sample: dict = field(default_factory=dict)  # SampleConfig overrides of the main rows
+    classifier_epochs: int = 3
+    alt_model: dict = field(default_factory=lambda: dict(n_layer=4, n_head=4, n_embd=192))  # the model-size row
+    sampling_sweep: dict = field(default_factory=lambda: {
+        "t0.8": dict(temperature=0.8), "topk3": dict(top_k=3), "topp0.9": dict(top_p=0.9),
+        "cfg1.5": dict(cfg_scale=1.5), "cfg3": dict(cfg_scale=3.0)})
+    nefgpt_n_generated: int = NEFGPT["n_generated"]
+    nefgpt_n_references: int = NEFGPT["n_references"]
+    ablation_seeds: int | None = None  # None: as many as the main rows
+    note: str = ""
+
+
+CONFIGS = {
+    # CI smoke test: a 105-parameter SIREN (2→8→8→1; P = 3·5·7 so groups 3 and 5 divide it), 120 fields,
+    # a one-layer GPT trained for a few steps. The numbers mean nothing; every code path runs.
+    "tiny": QualityConfig(
+        train_split="mnist:test[:120]", heldout_split="mnist:test[8000:8040]",
+        fit=dict(hidden=8, steps=40, chunk=256), tokenize=dict(codebook_size=64, iters=4),
+        train=dict(n_layer=1, n_head=2, n_embd=32, steps=8, batch_size=8, lr=3e-3, warmup=2, eval_every=8,
+                   checkpoint_every=10_000),
+        classifier_epochs=1, alt_model=dict(n_layer=1, n_head=2, n_embd=16),
+        sampling_sweep={"t0.8": dict(temperature=0.8), "cfg2": dict(cfg_scale=2.0)},
+        nefgpt_n_generated=8, nefgpt_n_references=6,
+        note="smoke test only: tiny SIREN, few fields, a few GPT steps"),
+    # The 2-core CPU run (≤ 30 min unloaded): default SIREN, 2000 training fields, 500 references,
+    # the demo's model size. Ablations run only when asked for.
+    "small": QualityConfig(
+        train_split="mnist:test[:2000]", heldout_split="mnist:test[8000:8500]",
+        fit=dict(steps=300), tokenize=dict(),
+        train=dict(n_layer=4, n_head=4, n_embd=128, steps=400, batch_size=16, lr=2e-3, warmup=40, eval_every=100,
+                   checkpoint_every=10_000),
+        alt_model=dict(n_layer=2, n_head=4, n_embd=64), ablation_seeds=1,
+        note="CPU scale-down of the protocol: 2000 training fields, 500 held-out references, a 0.8M GPT"),
+    # The GPU run of issue 8: every image, the default fit and tokenizer recipes, a 25M GPT.
+    # Budget: ≤ 15 min on an H100 for the main + NeF-GPT rows (estimate; not yet measured).
+    "full": QualityConfig(
+        train=dict(n_layer=8, n_head=8, n_embd=512, steps=5000, batch_size=64, lr=6e-4, warmup=250, dropout=0.1,
+                   eval_every=500, checkpoint_every=1000),
+        alt_model=dict(n_layer=6, n_head=8, n_embd=384),
+        note="issue 8 protocol at full size"),
+}
+
+
+def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[str, Recipe]:
+    """Each ablation row as a change of the main recipe; names are "<group>:<variant>"."""
+    tok = {**asdict(TokenizerConfig()), **cfg.tokenize, **main.tokenize}
+    other_init = "independent" if main.init == "shared" else "shared"
+    rows = {f"init:{other_init}": main.but(init=other_init),
+            f"order:{'none' if main.canonical else 'canonical'}": main.but(canonical=not main.canonical),
+            f"order:{other_init}+canonical": main.but(init=other_init, canonical=True)}
+    for d in (2, 3, 4, 5):  # the grouped VQ sizes that divide P (issue 8 asks for 2 and 4; P = 1185 takes 3 and 5)
+        if num_params % d == 0 and d != tok["group"]:
+            rows[f"vq:group{d}"] = main.but(tokenize={"group": d})
+    rows["vq:residual2"] = main.but(tokenize={"levels": 2})
+    other_k = 1024 if tok["codebook_size"] != 1024 else 256
+    rows[f"codebook:{other_k}"] = main.but(tokenize={"codebook_size": other_k})
+    size = "x".join(str(cfg.alt_model.get(k, "")) for k in ("n_layer", "n_embd"))
+    rows[f"model:{size}"] = main.but(train=cfg.alt_model)
+    for name, sample in cfg.sampling_sweep.items():
+        rows[f"sampling:{name}"] = main.but(sample=sample)
+    return rows
+
+
+def choose_ablations(cfg: QualityConfig, main: Recipe, num_params: int, wanted: str) -> dict[str, Recipe]:
+    """--ablations: "all", or a comma list of row names ("vq:group3") and groups ("vq")."""
+    recipes = ablation_recipes(cfg, main, num_params)
+    names = [w.strip() for w in wanted.split(",") if w.strip()]
+    groups = {n.split(":")[0] for n in recipes}
+    unknown = [w for w in names if w != "all" and w not in recipes and w not in groups]
+    if unknown or not names:
+        raise NfgenError(f"unknown ablation(s) {unknown or wanted!r}; choose from all, {', '.join(sorted(groups))} "
+                         f"or {', '.join(recipes)}")
+    return {n: r for n, r in recipes.items() if "all" in names or n in names or n.split(":")[0] in names}
+
+
+# ----------------------------------------------------------------------------- canonical neuron order
+
+
+def canonical_order(weights: torch.Tensor, spec: SirenSpec) -> torch.Tensor:
+    """Permute every field's hidden neurons into a fixed order; the function each field computes is unchanged.
+
+    Hidden layer l's neurons are sorted by the squared norm of their incoming weights (row of W_l, summed in
+    float64), largest first, stable; the permutation moves the rows of W_l and b_l and the columns of W_{l+1}.
+    Layers go first to last, so layer l+1's keys see its already permuted columns: applying it twice is the
+    identity, bit for bit. Returns new [N, P] weights; each field is permuted independently.
+    """
+    out = weights.clone()
+    layers = spec.unflatten(out)  # views into `out`
+    for li in range(spec.hidden_layers):
+        w, b = layers[li]
+        w_next = layers[li + 1][0]
+        key = w.double().pow(2).sum(dim=2)  # [N, width]
+        order = torch.sort(key, dim=1, descending=True, stable=True).indices
+        w.copy_(torch.gather(w, 1, order[:, :, None].expand_as(w)))
+        b.copy_(torch.gather(b, 1, order))
+        w_next.copy_(torch.gather(w_next, 2, order[:, None, :].expand_as(w_next)))
+    return out
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def mean_std(values: list) -> dict:
+    """{"mean", "std"} over seeds; std has ddof 1 (0 for a single seed); None when there is nothing to average."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None}
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return {"mean": mean, "std": std}
+
+
+def aggregate(per_seed: list[dict], names) -> dict:
+    """per_seed: [{name: {"samples": x, "oracle": y}}] → {name: {mean, std, oracle: {mean, std}, per_seed}}."""
+    out = {}
+    for name in names:
+        got = [s[name]["samples"] for s in per_seed]
+        oracle = [s[name]["oracle"] for s in per_seed]
+        out[name] = {**mean_std(got), "oracle": mean_std(oracle), "per_seed": got, "oracle_per_seed": oracle}
+    return out
+
+
+def key_id(key: dict) -> str:
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{platform.processor() or platform.machine() or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(dev: torch.device) -> str:
+    if dev.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(dev).lower()).strip("-")
+
+
+def fmt(stat: dict | None, digits: int = 4) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    s = f"{stat['mean']:.{digits}f}"
+    return s + (f" ± {stat['std']:.{digits}f}" if stat.get("std") else "")
+
+
+# ----------------------------------------------------------------------------- the harness
+
+
+class Harness:
+    """Builds (or reuses) the artifacts each row needs, then generates and evaluates the rows."""
+
+    def __init__(self, cfg: QualityConfig, run_dir: Path, device: torch.device, *, data_root=None,
+                 fresh: bool = False, quiet: bool = True):
+        self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        self.data_root, self.fresh, self.quiet = data_root, fresh, quiet
+        self.seconds: dict[str, float] = {}
+        self.cached: list[str] = []
+        self.summaries: dict[str, dict] = {}
+        self._built: dict[str, dict] = {}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.train_split = load_split(cfg.train_split, data_root=data_root)
+        self.heldout = load_split(cfg.heldout_split, data_root=data_root)
+        overlap = set(self.train_split.indices.tolist()) & set(self.heldout.indices.tolist())
+        if cfg.train_split.split("[")[0] == cfg.heldout_split.split("[")[0] and overlap:
+            raise NfgenError(f"train and held-out splits share {len(overlap)} images; use disjoint slices such as "
+                             "mnist:test[:8000] and mnist:test[8000:]")
+        self._classifier = None
+
+    def num_params(self) -> int:
+        """P of the SIREN the fit config gives for these images (before anything is fitted)."""
+        fit_cfg = self.fit_config("shared")
+        return spec_for_images(self.train_split.image_shape, fit_cfg.hidden, fit_cfg.hidden_layers,
+                               fit_cfg.omega0).num_params
+
+    # -- bookkeeping
+    def _lap(self, stage: str, t0: float) -> None:
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - t0, 2)
+
+    def _build(self, stage: str, path: Path, key: dict, build) -> dict:
+        """Run `build()` (which writes `path`) unless `path` exists with the same key; returns its summary."""
+        if str(path) in self._built:  # already made or checked in this process
+            return self._built[str(path)]
+        sidecar = path.parent / (path.name + ".key.json")
+        if not self.fresh and path.exists() and sidecar.exists():
+            stored = json.loads(sidecar.read_text())
+            if stored.get("key") == json.loads(json.dumps(key, default=str)):
+                self.cached.append(str(path))
+                self._built[str(path)] = stored["summary"]
+                return stored["summary"]
+        t0 = time.perf_counter()
+        summary = build()
+        self._lap(stage, t0)
+        write_json(sidecar, {"key": key, "summary": summary})
+        self._built[str(path)] = summary
+        return summary
+
+    # -- artifacts
+    def classifier(self):
+        if self._classifier is None:
+            path = self.run_dir / "classifier.safetensors"
+            key = {"train": self.cfg.train_split, "heldout": self.cfg.heldout_split,
+                   "epochs": self.cfg.classifier_epochs}
+            self.summaries["classifier"] = self._build("classifier", path, key, lambda: run_classifier(
+                self.cfg.train_split, self.cfg.heldout_split, path, epochs=self.cfg.classifier_epochs, seed=0,
+                device=str(self.device), data_root=self.data_root, quiet=self.quiet))
+            self._classifier = load_classifier(path, self.device)
+        return self._classifier
+
+    def fit_config(self, init: str) -> FitConfig:
+        return FitConfig(**{**self.cfg.fit, "init": init}, device=str(self.device), quiet=self.quiet)
+
+    def fields(self, recipe: Recipe, split: str = "train") -> Path:
+        """The fields file of the training (or held-out) split under the recipe's init and neuron order."""
+        spec = self.cfg.train_split if split == "train" else self.cfg.heldout_split
+        fit_cfg = self.fit_config(recipe.init)
+        key = {"split": spec, "fit": {k: v for k, v in asdict(fit_cfg).items() if k != "quiet"}}
+        path = self.run_dir / f"fields-{split}-{recipe.init}.safetensors"
+        self.summaries[path.name] = self._build(f"fit_{split}", path, key, lambda: run_fit(
+            spec, path, fit_cfg, data_root=self.data_root))
+        if not recipe.canonical:
+            return path
+        canon = path.with_name(path.name.replace(".safetensors", "-canonical.safetensors"))
+        self.summaries[canon.name] = self._build("canonical_order", canon, {**key, "canonical": True},
+                                                 lambda: self._write_canonical(path, canon))
+        return canon
+
+    def _write_canonical(self, src: Path, dst: Path) -> dict:
+        f = load_fields(src)
+        w = canonical_order(f.weights, f.spec)
+        # The functions must not change: compare renders before and after on every field.
+        before = render_fields(f.weights, f.spec, f.image_shape, device=self.device)
+        after = render_fields(w, f.spec, f.image_shape, device=self.device)
+        delta = float((before - after).abs().max()) if len(f) else 0.0
+        if not delta < 1e-4:
+            raise RuntimeError(f"canonical_order changed the rendered fields (max |Δ| {delta:.3g}); this is a bug")
+        save_fields(dst, w, f.labels, f.psnr, f.spec, f.image_shape, {**f.meta, "canonical_order": "weight norm"})
+        return {"max_abs_render_delta": delta, "n_fields": len(f)}
+
+    def tokenizer_config(self, recipe: Recipe) -> TokenizerConfig:
+        return TokenizerConfig(**{**self.cfg.tokenize, **recipe.tokenize}, quiet=self.quiet)
+
+    def tokens(self, recipe: Recipe) -> Path:
+        fields_path = self.fields(recipe)
+        tok_cfg = self.tokenizer_config(recipe)
+        key = {"fields": fields_path.name, "fields_key": self._sidecar_key(fields_path),
+               "tokenize": {k: v for k, v in asdict(tok_cfg).items() if k != "quiet"}}
+        path = self.run_dir / f"tokens-{key_id(key)}.safetensors"
+        self.summaries[path.name] = self._build("tokenize", path, key, lambda: run_tokenize(
+            fields_path, path, tok_cfg, data_root=self.data_root, device=str(self.device), quiet=self.quiet))
+        return path
+
+    def model(self, recipe: Recipe) -> tuple[Path, Path]:
+        tokens_path = self.tokens(recipe)
+        train_cfg = TrainConfig(**{**self.cfg.train, **recipe.train}, device=str(self.device), quiet=self.quiet)
+        key = {"tokens": tokens_path.name, "tokens_key": self._sidecar_key(tokens_path),
+               "train": {k: v for k, v in asdict(train_cfg).items() if k not in ("quiet", "device")}}
+        run = self.run_dir / f"model-{key_id(key)}"
+        self.summaries[run.name] = self._build("train", run / "model.safetensors", key,
+                                               lambda: train(tokens_path, run, train_cfg))
+        return run / "model.safetensors", tokens_path
+
+    def _sidecar_key(self, path: Path) -> dict:
+        return json.loads((path.parent / (path.name + ".key.json")).read_text())["key"]
+
+    # -- sampling
+    def sample(self, recipe: Recipe, classes: torch.Tensor, seed: int, **sample_overrides):
+        """Generate one field per entry of `classes` (-1 = unconditional) → (Fields, images on device)."""
+        model_path, tokens_path = self.model(recipe)
+        t0 = time.perf_counter()
+        model, meta = load_model(model_path, device=self.device)
+        ts = load_tokens(tokens_path)
+        tok = ts.tokenizer
+        sample_cfg = SampleConfig(**{**self.cfg.sample, **recipe.sample, **sample_overrides}, seed=seed,
+                                  quiet=self.quiet)
+        vocab = Vocab(tok.n_codes, int(meta["n_classes"]))
+        tokens = generate_tokens(model, vocab, classes, tok.tokens_per_field, sample_cfg, self.device,
+                                 tok.token_ranges())
+        weights = tok.decode(tokens).float().cpu()
+        images = render_fields(weights, ts.spec, ts.image_shape, device=self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._lap("generate", t0)
+        fields = Fields(weights=weights, labels=classes.long().cpu(), psnr=torch.zeros(len(classes)), spec=ts.spec,
+                        image_shape=ts.image_shape, meta={"sampling": asdict(sample_cfg)})
+        return fields, images
+
+    # -- rows
+    def _evaluate(self, fields: Fields, images: torch.Tensor, seed: int) -> dict:
+        t0 = time.perf_counter()
+        result = evaluate(fields, self.heldout, self.train_split, self.classifier(), sample_images=images, seed=seed,
+                          device=self.device, quiet=self.quiet)
+        self._lap("evaluate", t0)
+        return result
+
+    @staticmethod
+    def headline(result: dict) -> dict:
+        """The HEADLINE numbers of one evaluate() result, each {"samples", "oracle"} (None when absent)."""
+        out = {}
+        for prefix, group in (("cond", "conditional_all"), ("uncond", "unconditional")):
+            g = result["groups"].get(group, {})
+            for m in ("mmd", "cov", "1nna"):
+                out[f"{prefix}_{m}"] = g.get(m, {"samples": None, "oracle": None})
+        out["memorised"] = result["memorisation"]["memorised_fraction"]
+        clf = result.get("classifier", {})
+        out["accuracy"] = clf.get("accuracy", {"samples": None, "oracle": None})
+        out["cross_entropy"] = clf.get("cross_entropy", {"samples": None, "oracle": None})
+        return out
+
+    def main_row(self, recipe: Recipe, seeds: int) -> tuple[dict, tuple]:
+        """|Sg| = |Sr| per class (class-conditional, the held-out counts) plus as many unconditional samples.
+
+        Returns the row and seed 0's (images, labels, nearest training index) for the picture.
+        """
+        refs = self.heldout.labels.sort().values
+        classes = torch.cat([refs, torch.full_like(refs, -1)])
+        per_seed, picture = [], None
+        for seed in range(seeds):
+            fields, images = self.sample(recipe, classes, seed)
+            result = self._evaluate(fields, images, seed)
+            per_seed.append(self.headline(result))
+            if picture is None:
+                picture = (images.cpu(), fields.labels, result["_nearest_train_index"])
+        model_path, tokens_path = self.model(recipe)
+        fit = self.summaries[f"fields-train-{recipe.init}.safetensors"]
+        row = {"recipe": asdict(recipe), "seeds": seeds, "metrics": aggregate(per_seed, HEADLINE),
+               "fields_psnr": fit["mean_psnr"], "detok_psnr": self.summaries[tokens_path.name]["detok_psnr"],
+               "train": self.summaries[model_path.parent.name]}
+        if recipe.canonical:
+            row["canonical"] = self.summaries[self.fields(recipe).name]
+        return row, picture
+
+    def reconstruction_rows(self, recipe: Recipe) -> dict:
+        """Fitted and de-tokenized training fields (|Sr| per class, seeded) evaluated like samples; PSNRs."""
+        fields = load_fields(self.fields(recipe))
+        held = load_fields(self.fields(recipe, split="heldout"))
+        ts = load_tokens(self.tokens(recipe))
+        gen = make_generator(0)
+        pick = []
+        for c, count in zip(*self.heldout.labels.unique(return_counts=True)):
+            idx = torch.nonzero(fields.labels == c).flatten()
+            pick.append(idx[torch.randperm(len(idx), generator=gen)[:int(count)]])
+        pick = torch.cat(pick)
+        rows = {}
+        detok = ts.tokenizer.decode(ts.tokens[pick])
+        for name, weights in (("fitted fields", fields.weights[pick]), ("de-tokenized fields", detok)):
+            sub = replace(fields, weights=weights, labels=fields.labels[pick], psnr=fields.psnr[pick])
+            images = render_fields(weights, fields.spec, fields.image_shape, device=self.device)
+            rows[name] = {"metrics": aggregate([self.headline(self._evaluate(sub, images, 0))], HEADLINE), "seeds": 1,
+                          "note": "training fields: memorised by construction"}
+        # Held-out fields through the training fields' tokenizer: does the codebook generalise?
+        held_detok = ts.tokenizer.decode(ts.tokenizer.encode(held.weights))
+        held_images = render_fields(held_detok, held.spec, held.image_shape, device=self.device).cpu()
+        order = self._heldout_rows(held)
+        psnrs = {
+            "fitted_train": {"mean": float(fields.psnr.mean()), "min": float(fields.psnr.min())},
+            "fitted_heldout": {"mean": float(held.psnr.mean()), "min": float(held.psnr.min())},
+            "detok_train": {"mean": ts.meta["detok_psnr"], "min": ts.meta["detok_psnr_min"]},
+            "detok_heldout": {"mean": float(psnr(held_images, self.heldout.images[order]).mean()),
+                              "min": float(psnr(held_images, self.heldout.images[order]).min())},
+        }
+        return {"rows": rows, "psnr": psnrs}
+
+    def _heldout_rows(self, held: Fields) -> torch.Tensor:
+        """Rows of the held-out split in the order of the held-out fields file (they were fitted in order)."""
+        indices = held.meta["source"]["indices"]
+        row = {int(i): r for r, i in enumerate(self.heldout.indices.tolist())}
+        return torch.tensor([row[int(i)] for i in indices])
+
+    def nefgpt_row(self, recipe: Recipe, seeds: int) -> dict:
+        """NeF-GPT's protocol: digit 3, n generated (top-k 3, T 0.8) vs references rendered from training fields."""
+        digit, n_gen, n_ref = NEFGPT["digit"], self.cfg.nefgpt_n_generated, self.cfg.nefgpt_n_references
+        fields = load_fields(self.fields(recipe))
+        pool = torch.nonzero(fields.labels == digit).flatten()
+        if len(pool) < n_ref + 2:
+            raise NfgenError(f"the training split has {len(pool)} fields of digit {digit}, the NeF-GPT protocol "
+                             f"needs {n_ref} references + an oracle; use a larger --train-split")
+        pool = pool[torch.randperm(len(pool), generator=make_generator(0))]
+        ref_idx, oracle_idx = pool[:n_ref], pool[n_ref:n_ref + n_gen]
+        render = lambda w: render_fields(w, fields.spec, fields.image_shape, device=self.device)  # noqa: E731
+        refs, oracle = render(fields.weights[ref_idx]), render(fields.weights[oracle_idx])
+        train_digit = self.train_split.images[self.train_split.labels == digit].to(self.device)
+        oracle_rest = torch.ones(len(self.train_split), dtype=torch.bool)
+        oracle_rest[self._train_rows(fields)[oracle_idx]] = False
+        oracle_rest &= self.train_split.labels == digit
+        t0 = time.perf_counter()
+        oracle_d = distance_metrics(oracle, refs)
+        oracle_mem = memorisation(oracle, self.train_split.images[oracle_rest].to(self.device))["memorised_fraction"]
+        oracle_acc = self._accuracy(oracle, digit)
+        self._lap("evaluate", t0)
+        per_seed = []
+        for seed in range(seeds):
+            _, images = self.sample(recipe, torch.full((n_gen,), digit), seed, top_k=NEFGPT["top_k"],
+                                    temperature=NEFGPT["temperature"], top_p=1.0, cfg_scale=1.0)
+            t0 = time.perf_counter()
+            d = distance_metrics(images, refs)
+            mem = memorisation(images, train_digit)["memorised_fraction"]
+            acc = self._accuracy(images, digit)
+            self._lap("evaluate", t0)
+            values = {**d, "accuracy": acc, "memorised": mem}
+            oracle_values = {**oracle_d, "accuracy": oracle_acc, "memorised": oracle_mem}
+            per_seed.append({m: {"samples": values[m], "oracle": oracle_values[m]} for m in NEFGPT_METRICS})
+        return {"recipe": asdict(recipe), "seeds": seeds, "digit": digit, "n_generated": n_gen,
+                "n_references": n_ref, "n_oracle": int(len(oracle_idx)), "published": NEFGPT["published"],
+                "sampling": {"top_k": NEFGPT["top_k"], "temperature": NEFGPT["temperature"]},
+                "oracle_is": "other training fields of the digit, rendered, against the same references",
+                "metrics": aggregate(per_seed, NEFGPT_METRICS)}
+
+    def _train_rows(self, fields: Fields) -> torch.Tensor:
+        indices = fields.meta["source"]["indices"]
+        row = {int(i): r for r, i in enumerate(self.train_split.indices.tolist())}
+        return torch.tensor([row[int(i)] for i in indices])
+
+    def _accuracy(self, images: torch.Tensor, digit: int) -> float:
+        return float((classify(self.classifier(), images).argmax(1) == digit).double().mean())
+
+
+# ----------------------------------------------------------------------------- goals and tables
+
+
+def check_goals(results: dict) -> list[dict]:
+    """Issue 8's goals from the measured means: [{"goal", "status": PASS/FAIL/SKIP, "detail"}]."""
+    goals = []
+
+    def add(name, ok, detail):
+        goals.append({"goal": name, "status": "SKIP" if ok is None else ("PASS" if ok else "FAIL"), "detail": detail})
+
+    main = results["rows"].get("main")
+    m = main["metrics"] if main else {}
+
+    def both(name):
+        s = m.get(name)
+        return (s["mean"], s["oracle"]["mean"]) if s and s["mean"] is not None else (None, None)
+
+    acc, held_acc = both("accuracy")
+    add("classifier accuracy ≥ 0.99 × its held-out accuracy", None if acc is None else acc >= 0.99 * held_acc,
+        f"{acc} vs 0.99 × {held_acc}")
+    for prefix, label in (("cond", "class-conditional"), ("uncond", "unconditional")):
+        nna, o = both(f"{prefix}_1nna")
+        add(f"1-NNA ≤ oracle + 0.03 ({label})", None if nna is None else nna <= o + 0.03, f"{nna} vs {o}")
+        cov, o = both(f"{prefix}_cov")
+        add(f"COV ≥ oracle − 0.03 ({label})", None if cov is None else cov >= o - 0.03, f"{cov} vs {o}")
+        mmd, o = both(f"{prefix}_mmd")
+        add(f"MMD ≤ 1.05 × oracle ({label})", None if mmd is None else mmd <= 1.05 * o, f"{mmd} vs {o}")
+    mem, o = both("memorised")
+    add("memorised fraction ≤ oracle's", None if mem is None else mem <= o, f"{mem} vs {o}")
+    ps = results.get("psnr", {})
+    fitted = ps.get("fitted_train", {}).get("mean")
+    add("fitted fields ≥ 40 dB", None if fitted is None else fitted >= 40.0, f"{fitted} dB")
+    detok = ps.get("detok_train", {}).get("mean")
+    add("de-tokenized fields ≥ 35 dB", None if detok is None else detok >= 35.0, f"{detok} dB")
+    nef = results["rows"].get("nefgpt")
+    for metric, better in (("cov", "higher"), ("1nna", "lower"), ("mmd", "lower"), ("accuracy", "higher")):
+        ours = nef["metrics"][metric]["mean"] if nef else None
+        theirs = NEFGPT["published"][metric]
+        ok = None if ours is None else (ours > theirs if better == "higher" else ours < theirs)
+        add(f"NeF-GPT protocol: {metric} beats {theirs} ({better} is better)", ok, f"{ours}")
+    return goals
+
+
+def markdown_tables(results: dict) -> str:
+    rows, lines = results["rows"], []
+    head = f"{results['config_name']} config on {results['device']}, {results['seeds']} generation seeds"
+    main = rows.get("main")
+    if main:
+        m = main["metrics"]
+        recon = rows.get("reconstruction", {})
+        fitted, detok = recon.get("fitted fields", {}).get("metrics", {}), recon.get("de-tokenized fields", {}).get(
+            "metrics", {})
+        lines += [f"### nfgen on MNIST ({head})", "",
+                  "| metric | nfgen class-cond. | oracle | nfgen uncond. | oracle | fitted fields | de-tokenized |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, name in (("MMD ↓", "mmd"), ("COV ↑", "cov"), ("1-NNA (→ 0.5)", "1nna")):
+            c, u = m[f"cond_{name}"], m[f"uncond_{name}"]
+            lines.append(f"| {label} | {fmt(c)} | {fmt(c['oracle'])} | {fmt(u)} | {fmt(u['oracle'])} | "
+                         f"{fmt(fitted.get(f'cond_{name}'))} | {fmt(detok.get(f'cond_{name}'))} |")
+        for label, name in (("memorised (SSIM > 0.95) ↓", "memorised"), ("classifier accuracy ↑", "accuracy"),
+                            ("classifier CE ↓", "cross_entropy")):
+            lines.append(f"| {label} | {fmt(m[name])} | {fmt(m[name]['oracle'])} | | | "
+                         f"{fmt(fitted.get(name))} | {fmt(detok.get(name))} |")
+        ps = results.get("psnr", {})
+        if ps:
+            lines += ["", "PSNR (dB, mean / min): fitted train {:.2f} / {:.2f}, fitted held-out {:.2f} / {:.2f}, "
+                      "de-tokenized train {:.2f} / {:.2f}, de-tokenized held-out {:.2f} / {:.2f}".format(
+                          *(ps[k][s] for k in ("fitted_train", "fitted_heldout", "detok_train", "detok_heldout")
+                            for s in ("mean", "min")))]
+        lines.append("Oracle for accuracy / CE: the classifier on the held-out images (its own held-out score).")
+    nef = rows.get("nefgpt")
+    if nef:
+        m = nef["metrics"]
+        lines += ["", f"### NeF-GPT protocol (digit {nef['digit']}, {nef['n_generated']} generated vs "
+                  f"{nef['n_references']} references from training fields, top-k 3, T 0.8)", "",
+                  "| metric | nfgen | NeF-GPT | oracle |", "|---|---|---|---|"]
+        for label, name in (("MMD ↓", "mmd"), ("COV ↑", "cov"), ("1-NNA (→ 0.5)", "1nna"),
+                            ("classifier accuracy ↑", "accuracy"), ("memorised ↓", "memorised")):
+            lines.append(f"| {label} | {fmt(m[name])} | {NEFGPT['published'].get(name, '–')} | {fmt(m[name]['oracle'])} |")
+    abl = rows.get("ablations")
+    if abl:
+        lines += ["", "### Ablations (class-conditional, main protocol)", "",
+                  "| row | MMD ↓ | COV ↑ | 1-NNA | accuracy | memorised | de-tok. dB |", "|---|---|---|---|---|---|---|"]
+        for name, r in ([("main", main)] if main else []) + list(abl.items()):
+            m = r["metrics"]
+            detok = f"{r['detok_psnr']:.2f}" if r.get("detok_psnr") is not None else "–"
+            lines.append(f"| {name} | {fmt(m['cond_mmd'])} | {fmt(m['cond_cov'])} | {fmt(m['cond_1nna'])} | "
+                         f"{fmt(m['accuracy'])} | {fmt(m['memorised'])} | {detok} |")
+    lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()),
+              f"Command: `{results['command']}`"]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--run-dir", default=None, help="artifacts (default runs/quality-<config>)")
+    ap.add_argument("--results", default=None,
+                    help="JSON (default benchmarks/results/quality-<device>.json, -<config> added unless full)")
+    ap.add_argument("--only", default="main,nefgpt", help="comma list of main, nefgpt, ablations")
+    ap.add_argument("--ablations", default="all", help="comma list of ablation names or groups "
+                    "(init, order, vq, codebook, model, sampling), or all")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--train-split", default=None)
+    ap.add_argument("--heldout-split", default=None)
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--fresh", action="store_true", help="rebuild every artifact instead of reusing the run dir's")
+    ap.add_argument("--verbose", action="store_true", help="progress bars and stage messages")
+    return ap.parse_args(argv)
+
+
+def run(args) -> dict:
+    cfg = CONFIGS[args.config]
+    cfg = replace(cfg, train_split=args.train_split or cfg.train_split,
+                  heldout_split=args.heldout_split or cfg.heldout_split)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    if not only <= {"main", "nefgpt", "ablations"} or not only:
+        raise NfgenError(f"--only {args.only!r}: use a comma list of main, nefgpt, ablations")
+    if args.seeds < 1:
+        raise NfgenError(f"--seeds {args.seeds}: use 1 or more")
+    dev = pick_device(args.device)
+    run_dir = Path(args.run_dir or f"runs/quality-{args.config}")
+    suffix = "" if args.config == "full" else f"-{args.config}"
+    if "main" not in only:  # never overwrite a main-row results file with a partial run by default
+        suffix += "-" + "+".join(sorted(only))
+    results_path = Path(args.results or f"benchmarks/results/quality-{device_slug(dev)}{suffix}.json")
+    png_path = results_path.with_name(results_path.stem + "-samples.png")
+    t_start = time.perf_counter()
+    h = Harness(cfg, run_dir, dev, data_root=args.data_root, fresh=args.fresh, quiet=not args.verbose)
+    main = Recipe()
+    ablations = choose_ablations(cfg, main, h.num_params(), args.ablations) if "ablations" in only else {}
+    results = {
+        "config_name": args.config, "config": asdict(cfg), "device": device_name(dev), "device_type": dev.type,
+        "torch": torch.__version__, "triton": _triton_version(), "commit": _git_commit(),
+        "command": shlex.join(["python", "-m", "benchmarks.quality", *args.argv]),
+        "seeds": args.seeds, "protocol": __doc__.split("Protocol")[1].split("Outputs:")[0].strip(),
+        "nefgpt_published": NEFGPT["published"], "rows": {}, "seconds": h.seconds,
+    }
+    if "main" in only:
+        row, (images, labels, nearest) = h.main_row(main, args.seeds)
+        results["rows"]["main"] = row
+        recon = h.reconstruction_rows(main)
+        results["rows"]["reconstruction"] = recon["rows"]
+        results["psnr"] = recon["psnr"]
+        results["classifier"] = h.summaries.get("classifier")
+        cond = labels >= 0
+        save_nearest_grid(png_path, images[cond], labels[cond], h.train_split.images, nearest[cond], per_row=8)
+        results["samples_png"] = str(png_path)
+    if "nefgpt" in only:
+        results["rows"]["nefgpt"] = h.nefgpt_row(main, args.seeds)
+    if ablations:
+        seeds = cfg.ablation_seeds or args.seeds
+        results["rows"]["ablations"] = {}
+        for name, recipe in ablations.items():
+            print(f"ablation {name} ...", file=sys.stderr, flush=True)
+            results["rows"]["ablations"][name] = h.main_row(recipe, seeds)[0]
+    results["summaries"] = h.summaries
+    results["cached_artifacts"] = h.cached
+    results["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    results["goals"] = check_goals(results)
+    write_json(results_path, results)
+    print(markdown_tables(results))
+    print()
+    for g in results["goals"]:
+        print(f"{g['status']:4s}  {g['goal']}  [{g['detail']}]")
+    print(f"\nwrote {results_path}" + (f" and {png_path}" if "main" in only else "") +
+          f" in {results['total_seconds']:.0f} s")
+    return results
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parents[1])
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except NfgenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

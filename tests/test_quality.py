@@ -1,0 +1,175 @@
+"""benchmarks.quality: canonical neuron order (exactness), goal checks, and the tiny config end to end."""
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from benchmarks import quality
+from benchmarks.quality import (CONFIGS, HEADLINE, NEFGPT_METRICS, Recipe, ablation_recipes, aggregate,
+                                canonical_order, check_goals, mean_std)
+from nfkernels import SirenSpec, coord_grid, siren_forward_reference, siren_init
+
+
+def _random_fields(spec: SirenSpec, n: int, seed: int) -> torch.Tensor:
+    # siren_init plus noise, so that neuron norms differ within a field and between fields
+    g = torch.Generator().manual_seed(seed)
+    w = siren_init(spec, n, generator=g)
+    return w * (1 + 0.5 * torch.randn(w.shape, generator=g))
+
+
+def _hidden_norms(weights, spec):
+    return [w.double().pow(2).sum(dim=2) for w, _ in spec.unflatten(weights)[:spec.hidden_layers]]
+
+
+@pytest.mark.parametrize("spec", [SirenSpec(), SirenSpec(in_dim=2, hidden=7, hidden_layers=3, out_dim=3, omega0=13.0)],
+                         ids=["default", "odd"])
+def test_canonical_order_keeps_functions_and_sorts(spec):
+    w = _random_fields(spec, 5, seed=1)
+    c = canonical_order(w, spec)
+    assert not torch.equal(c, w)  # something moved
+    # Same multiset of weights per field: a permutation, nothing rescaled.
+    assert torch.equal(c.sort(dim=1).values, w.sort(dim=1).values)
+    # Same functions: in float64 the renders agree to rounding (only the summation order changes), in
+    # float32 to 1e-5 (outputs are O(1)).
+    coords = coord_grid((11, 9), dtype=torch.float64)
+    before = siren_forward_reference(w.double(), coords, spec)
+    after = siren_forward_reference(c.double(), coords, spec)
+    assert (before - after).abs().max() < 1e-12
+    before32 = siren_forward_reference(w, coords.float(), spec)
+    assert (before32 - siren_forward_reference(c, coords.float(), spec)).abs().max() < 1e-5
+    # Every hidden layer's keys are non-increasing after the permutation.
+    for key in _hidden_norms(c, spec):
+        assert (key[:, 1:] <= key[:, :-1]).all()
+    # Idempotent bit for bit, and the input is not modified.
+    assert torch.equal(canonical_order(c, spec), c)
+    assert not torch.equal(c, w) and torch.equal(w, _random_fields(spec, 5, seed=1))
+
+
+def test_canonical_order_on_fitted_mnist_fields(data_root):
+    from nfgen.data import load_split
+    from nfgen.fields import FitConfig, fit_fields, render_fields
+
+    split = load_split("mnist:test[:12]", data_root=data_root)
+    fit = fit_fields(split.images, FitConfig(steps=25, quiet=True, device="cpu"))
+    c = canonical_order(fit.weights, fit.spec)
+    before = render_fields(fit.weights, fit.spec, split.image_shape, backend="torch")
+    after = render_fields(c, fit.spec, split.image_shape, backend="torch")
+    assert (before - after).abs().max() < 1e-5  # float32 renders in [0, 1]; see the random-field test
+    assert torch.equal(canonical_order(c, fit.spec), c)
+
+
+def test_mean_std_and_aggregate():
+    assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": math.sqrt(2.0)}  # ddof 1
+    assert mean_std([0.5]) == {"mean": 0.5, "std": 0.0}
+    assert mean_std([None]) == {"mean": None, "std": None}
+    agg = aggregate([{"m": {"samples": 1.0, "oracle": 2.0}}, {"m": {"samples": 3.0, "oracle": 2.0}}], ["m"])
+    assert agg["m"]["mean"] == 2.0 and agg["m"]["oracle"] == {"mean": 2.0, "std": 0.0}
+    assert agg["m"]["per_seed"] == [1.0, 3.0]
+
+
+def test_ablation_rows_follow_the_main_recipe():
+    rows = ablation_recipes(CONFIGS["full"], Recipe(), 1185)
+    assert {"vq:group3", "vq:group5", "vq:residual2", "codebook:1024", "init:independent", "order:canonical",
+            "order:independent+canonical"} <= rows.keys()
+    assert "vq:group2" not in rows and "vq:group4" not in rows  # they do not divide 1185
+    assert rows["vq:group3"].tokenize == {"group": 3} and rows["order:canonical"].canonical
+    # Relative to the main recipe: a main that already uses 1024 codes is compared with 256.
+    rows = ablation_recipes(replace(CONFIGS["full"], tokenize={"codebook_size": 1024}), Recipe(), 1185)
+    assert "codebook:256" in rows
+    with pytest.raises(quality.NfgenError, match="unknown ablation"):
+        quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq,bogus")
+    assert set(quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq")) == {"vq:group3", "vq:group5",
+                                                                                 "vq:residual2"}
+
+
+def _stat(mean, oracle):
+    return {"mean": mean, "std": 0.0, "oracle": {"mean": oracle, "std": 0.0}}
+
+
+def _results(**over):
+    m = {"cond_mmd": _stat(0.100, 0.100), "cond_cov": _stat(0.50, 0.52), "cond_1nna": _stat(0.55, 0.53),
+         "uncond_mmd": _stat(0.100, 0.100), "uncond_cov": _stat(0.50, 0.52), "uncond_1nna": _stat(0.55, 0.53),
+         "memorised": _stat(0.0, 0.01), "accuracy": _stat(0.98, 0.985), "cross_entropy": _stat(0.1, 0.05)}
+    m.update(over)
+    nef = {k: {"mean": v} for k, v in {"cov": 0.3, "1nna": 0.8, "mmd": 0.2, "accuracy": 0.9}.items()}
+    return {"rows": {"main": {"metrics": m}, "nefgpt": {"metrics": nef}},
+            "psnr": {"fitted_train": {"mean": 45.0}, "detok_train": {"mean": 36.0}}}
+
+
+def test_goals_pass_and_fail_from_the_numbers():
+    goals = check_goals(_results())
+    assert [g["status"] for g in goals] == ["PASS"] * len(goals) and len(goals) == 14
+    bad = {g["goal"]: g["status"] for g in check_goals(_results(
+        cond_1nna=_stat(0.561, 0.53), uncond_mmd=_stat(0.106, 0.100), memorised=_stat(0.02, 0.01),
+        accuracy=_stat(0.97, 0.985)))}
+    assert bad["1-NNA ≤ oracle + 0.03 (class-conditional)"] == "FAIL"
+    assert bad["MMD ≤ 1.05 × oracle (unconditional)"] == "FAIL"
+    assert bad["memorised fraction ≤ oracle's"] == "FAIL"
+    assert bad["classifier accuracy ≥ 0.99 × its held-out accuracy"] == "FAIL"
+    assert bad["COV ≥ oracle − 0.03 (class-conditional)"] == "PASS"
+    skipped = check_goals({"rows": {}})
+    assert {g["status"] for g in skipped} == {"SKIP"}
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny models are dominated by per-op overhead; a second OpenMP thread only adds contention.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
+    results = tmp_path / "quality-cpu-tiny.json"
+    common = ["--config", "tiny", "--seeds", "2", "--device", "cpu", "--run-dir", str(tmp_path / "run"),
+              "--data-root", str(data_root)]
+    assert quality.main(common + ["--results", str(results), "--only", "main,nefgpt,ablations",
+                                  "--ablations", "order:canonical,vq:group3,sampling:cfg2"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(results.read_text())
+    for key in ("device", "torch", "triton", "commit", "command", "config", "seconds", "goals", "psnr", "protocol"):
+        assert key in r, key
+    assert "--config tiny" in r["command"]
+    for stage in ("classifier", "fit_train", "fit_heldout", "tokenize", "train", "generate", "evaluate"):
+        assert _finite(r["seconds"][stage]), stage
+    main = r["rows"]["main"]["metrics"]
+    for name in HEADLINE:
+        assert _finite(main[name]["mean"]) and _finite(main[name]["std"]) and _finite(main[name]["oracle"]["mean"])
+        assert len(main[name]["per_seed"]) == 2
+    nef = r["rows"]["nefgpt"]["metrics"]
+    for name in NEFGPT_METRICS:
+        assert _finite(nef[name]["mean"]) and _finite(nef[name]["oracle"]["mean"])
+    for row in r["rows"]["reconstruction"].values():
+        assert all(_finite(row["metrics"][f"cond_{m}"]["mean"]) for m in ("mmd", "cov", "1nna"))
+    assert all(_finite(v) for p in r["psnr"].values() for v in p.values())
+    assert set(r["rows"]["ablations"]) == {"order:canonical", "vq:group3", "sampling:cfg2"}
+    assert r["rows"]["ablations"]["order:canonical"]["canonical"]["max_abs_render_delta"] < 1e-4
+    for row in r["rows"]["ablations"].values():
+        assert all(_finite(row["metrics"][name]["mean"]) for name in HEADLINE)
+    assert len(r["goals"]) == 14 and {g["status"] for g in r["goals"]} <= {"PASS", "FAIL"}
+    png = tmp_path / "quality-cpu-tiny-samples.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| MMD ↓ |" in out and "NeF-GPT" in out and ("PASS" in out or "FAIL" in out)
+
+    # A second run in the same directory reuses every artifact: nothing is fitted, tokenized or trained.
+    again = tmp_path / "again.json"
+    assert quality.main(common + ["--results", str(again), "--only", "nefgpt"]) == 0
+    r2 = json.loads(again.read_text())
+    assert not {"fit_train", "tokenize", "train", "classifier"} & r2["seconds"].keys()
+    assert r2["rows"]["nefgpt"]["metrics"]["mmd"]["per_seed"] == nef["mmd"]["per_seed"]  # same seeds, same samples
+
+
+def test_bad_options_exit_2(tmp_path, data_root, capsys):
+    base = ["--config", "tiny", "--run-dir", str(tmp_path), "--data-root", str(data_root)]
+    assert quality.main(base + ["--only", "main,bogus"]) == 2
+    assert quality.main(base + ["--only", "ablations", "--ablations", "nope"]) == 2
+    assert quality.main(base + ["--seeds", "0"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.safetensors"))  # refused before any work
