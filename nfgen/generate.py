@@ -23,6 +23,7 @@ from nfgen.vocab import Vocab
 from nfkernels._ext import BACKENDS
 from nfkernels.sampling import draw_seed, sample_next
 
+GRID_COLUMNS = 20  # samples.png shows at most this many samples per class (the fields file has them all)
 GRAPH_BUCKET = 128  # CUDA graphs are captured per attended-length bucket, so early steps read a short cache
 
 
@@ -256,7 +257,7 @@ def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, uncon
                 "model": str(model_path), "tokens": str(tokens_path), "sampling": asdict(cfg),
                 "per_class": per_class, "unconditional": unconditional, "n_classes": n_classes}
     save_fields(fields_path, weights, classes, torch.zeros(n), ts.spec, ts.image_shape, gen_meta)
-    per_row = max(per_class, min(unconditional, 10)) if per_class else min(unconditional, 10)
+    per_row = min(GRID_COLUMNS, per_class or unconditional)
     order, row_labels = _grid_rows(classes, n_classes, per_row)
     images = render_fields(weights, ts.spec, ts.image_shape)
     blank = torch.zeros_like(images[:1])

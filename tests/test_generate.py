@@ -154,7 +154,10 @@ def test_run_generate_writes_fields_and_png(tmp_path):
     assert fields.weights.shape == (9, 17) and torch.isfinite(fields.weights).all()
     assert fields.labels.tolist() == [0, 0, 1, 1, 2, 2, -1, -1, -1]
     assert fields.meta["generated"] is True and (fields.psnr == 0).all()
-    assert (tmp_path / "out" / "samples.png").stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "samples.png") as png:  # 3 class rows + 1 unconditional row of 8x8 images
+        assert png.height == (4 * (8 + 2) + 2) * 2
     again = run_generate(tmp_path / "model.safetensors", tmp_path / "tokens.safetensors", tmp_path / "again",
                          per_class=2, unconditional=3, cfg=cfg, device="cpu")
     assert torch.equal(load_fields(again["samples"]).weights, fields.weights)  # same seed, same fields
