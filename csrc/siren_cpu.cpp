@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 namespace {
@@ -357,9 +358,10 @@ NFK_INLINE void fit_fields(const Net& net, float* params, float* m1, float* m2, 
 NFK_DEFINE_ISA(base, )
 #if defined(__x86_64__)
 NFK_DEFINE_ISA(avx2, __attribute__((target("avx2,fma"))))
+// NFKERNELS_NO_AVX2=1 forces the baseline copy (tests run both on an AVX2 machine).
 bool use_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  return ok && std::getenv("NFKERNELS_NO_AVX2") == nullptr;
 }
 #else
 bool use_avx2() { return false; }

@@ -20,7 +20,7 @@ FAST = [b for b, ok in (("cpp", _ext.has_op("siren_forward")), ("triton", _TRITO
 
 # (in_dim, hidden, sine layers, out_dim, N, pixels): odd N and pixel counts, not multiples of any tile
 SHAPES = [(2, 32, 2, 1, 7, 13), (3, 48, 3, 3, 5, 70), (2, 16, 1, 2, 3, 1), (2, 32, 2, 1, 33, 784),
-          (1, 20, 2, 1, 2, 40), (3, 16, 4, 3, 3, 29), (3, 48, 2, 3, 2, 19)]
+          (1, 20, 2, 1, 2, 40), (3, 16, 4, 3, 3, 29), (3, 48, 2, 3, 2, 19), (2, 128, 4, 3, 3, 50)]
 # The interpreter is slow: Triton gets the small ones.
 SMALL = [s for s in SHAPES if s[4] * s[5] <= 120]
 
@@ -124,6 +124,20 @@ def test_fused_fit_accepts_broadcast_target_and_strided_state(backend):
     loss = siren_fit_steps(*state, 0, coords, target, spec, lr=1e-3, n_steps=2, backend=backend)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(state[0], ref[0], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=str)
+def test_cpp_baseline_isa_copy_matches_reference(shape, monkeypatch):
+    # The op carries an AVX2+FMA copy and a baseline (x86-64-v2) copy of its loops; force the baseline one.
+    if "cpp" not in FAST:
+        pytest.skip("nfkernels._C not built")
+    monkeypatch.setenv("NFKERNELS_NO_AVX2", "1")
+    spec, params, coords, target = _problem(shape, torch.device("cpu"), seed=8)
+    torch.testing.assert_close(siren_forward(params, coords, spec, backend="cpp"),
+                               siren_forward_reference(params, coords, spec), rtol=0, atol=1e-5)
+    ref, fast, loss_ref, loss = _fit_both("cpp", spec, params, coords, target, n_steps=2)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fast[0], ref[0], rtol=0, atol=2e-5)
 
 
 def test_cpp_sincos_is_accurate_for_large_arguments():
