@@ -65,6 +65,8 @@ class FitConfig:
             problems.append(f"steps_per_call must be >= 1 (got {self.steps_per_call})")
         if self.init not in ("shared", "independent"):
             problems.append(f"init must be 'shared' or 'independent' (got {self.init!r})")
+        if self.target_psnr is not None and not (self.target_psnr > 0 and math.isfinite(self.target_psnr)):
+            problems.append(f"target_psnr must be a positive number of dB (got {self.target_psnr})")
         if self.template is not None and self.init != "shared":
             problems.append("a template only makes sense with init='shared'")
         if self.hidden < 1 or self.hidden_layers < 1 or not (self.omega0 > 0 and math.isfinite(self.omega0)):
