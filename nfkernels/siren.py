@@ -3,6 +3,12 @@
 Layout of a field's flat parameter vector (the "flattening order"): for each layer in order, its
 weight [out, in] row-major, then its bias [out]. Every sine layer computes sin(omega0 * (W h + b));
 the last layer is linear.
+
+Backends of siren_forward / siren_fit_steps (``backend=``): ``torch`` (the references below), ``cpp``
+(csrc/siren_cpu.cpp: torch.ops.nfkernels.siren_forward / siren_backward / siren_fit_steps, CPU float32,
+any widths) and ``triton`` (nfkernels/siren_triton.py: CUDA, or CPU under TRITON_INTERPRET=1; float32,
+widths ≤ 128). ``auto`` takes cpp on CPU and triton on CUDA, and the reference for float64 or shapes the
+fast kernel does not take.
 """
 from __future__ import annotations
 
