@@ -1,9 +1,9 @@
 """Generation benchmark (issue 5): tokens/s and fields/s of three ways to sample fields from the same GPT.
 
 Model (random weights; speed does not depend on them): the default GPTConfig, 6 layers, 8 heads, width 384
-(10.7M parameters), vocabulary 256 codes + SOS + NO_CLASS + 10 classes; fields of L = 1185 tokens, i.e.
-1187-token sequences [SOS, CLASS, t_1 … t_1185]. bf16 weights on CUDA for every contender, float32 on CPU.
-Every contender samples with temperature 1 from the 256 code logits.
+(11.3M parameters, embeddings untied), vocabulary 256 codes + SOS + NO_CLASS + 10 classes; fields of
+L = 1185 tokens, i.e. 1187-token sequences [SOS, CLASS, t_1 … t_1185]. bf16 weights on CUDA for every
+contender, float32 on CPU. Every contender samples with temperature 1 from the 256 code logits.
   recompute   NeF-GPT's way: rerun the whole prefix for every token, sample_next_reference. Where a full run
               would be too long (--recompute-budget) it times forwards at evenly spaced prefix lengths and
               integrates (cost per token grows with the prefix): rows say "estimated".

@@ -22,8 +22,8 @@ from nfgen.io import NfgenError, check_finite, load_artifact, save_artifact
 class GPTConfig:
     vocab_size: int
     block_size: int  # longest input: L + 1 for L-token fields (SOS, CLASS, t_1 … t_{L-1})
-    # default: ~10.7M parameters; sized so 1187-token fields decode fast (KV-cache reads dominate at
-    # large batch) while matching nfgen train's defaults
+    # default: 11.3M parameters for 256 codes + 12 specials and 1186 positions; sized so 1187-token fields
+    # decode fast (KV-cache reads dominate at large batch) while matching nfgen train's defaults
     n_layer: int = 6
     n_head: int = 8
     n_embd: int = 384
