@@ -231,7 +231,8 @@ NFK_INLINE void backward_tile(const Net& net, const float* p, Work& w, float* gr
     float* dW = grad + net.w_off[l];
     const float* x = w.layer_in(net, l);
     if (fi >= 8 && fo >= kOB) {
-      const int64_t fi_pad = (fi + kIB - 1) / kIB * kIB;  // padding columns stay zero (set at allocation)
+      // Padding columns may hold another layer's values: their sums land in lanes that are never stored.
+      const int64_t fi_pad = (fi + kIB - 1) / kIB * kIB;
       for (int64_t i = 0; i < fi; ++i)
         for (int t = 0; t < kTile; ++t) w.xT[t * fi_pad + i] = x[i * kTile + t];
       weight_grad_wide(g, w.xT.data(), fi, fi_pad, fo, dW, dW + fo * fi);

@@ -250,9 +250,18 @@ def _register_autograd() -> None:
 
     torch.library.register_autograd("nfkernels::siren_forward", backward, setup_context=setup_context)
 
+    # Shapes only, so that torch.compile can trace code that calls the ops.
     @torch.library.register_fake("nfkernels::siren_forward")
     def _(params, coords, dims, omega0):
         return params.new_empty(params.shape[0], coords.shape[0], dims[-1])
+
+    @torch.library.register_fake("nfkernels::siren_backward")
+    def _(grad_out, params, coords, dims, omega0):
+        return torch.empty_like(params)
+
+    @torch.library.register_fake("nfkernels::siren_fit_steps")
+    def _(params, exp_avg, exp_avg_sq, coords, target, active, dims, omega0, step, n_steps, lr, beta1, beta2, eps):
+        return params.new_empty(params.shape[0])
 
 
 _register_autograd()
