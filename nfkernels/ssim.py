@@ -10,8 +10,6 @@ cross term filter(x * y) and the formula are left.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -111,8 +109,8 @@ def pairwise_ssim_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _cpp_args(x, y):
     xp, yp = _check_pair(x, y)
-    planes = lambda p: p.to(torch.float32).contiguous()  # noqa: E731
-    return planes(xp), planes(yp), gaussian_window(dtype=torch.float32), C1, C2
+    return (xp.to(torch.float32).contiguous(), yp.to(torch.float32).contiguous(), gaussian_window(dtype=torch.float32),
+            C1, C2)
 
 
 def _same_set(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -158,7 +156,8 @@ def ssim_nearest_both(x: torch.Tensor, y: torch.Tensor, *, exclude_self: bool = 
 
     Returns (row_max [N], row_argmax [N], col_max [M], col_argmax [M]): for each x its most similar y and
     for each y its most similar x; ties go to the lowest index. ``exclude_self`` skips the pairs (i, i)
-    (leave-one-out when x and y are the same set; needs N == M).
+    (leave-one-out when x and y are the same set; needs N == M). The cpp backend gets both directions from
+    one pass (half a pass when x is y); triton makes a second, transposed pass for the columns unless x is y.
     """
     xp, yp = _check_pair(x, y)
     if exclude_self and xp.shape[0] != yp.shape[0]:
@@ -173,9 +172,9 @@ def ssim_nearest_both(x: torch.Tensor, y: torch.Tensor, *, exclude_self: bool = 
         rows = ssim_nearest_triton(xp, yp, exclude_self=exclude_self)
         cols = rows if _same_set(x, y) else ssim_nearest_triton(yp, xp, exclude_self=exclude_self)
         return (*rows, *cols)
-    # torch: the reference matrix in blocks of rows, reduced as it goes.
+    # torch: the reference matrix in blocks of rows (at most ~4M similarities at once), reduced as it goes.
     n = xp.shape[0]
-    rows = max(1, math.ceil(_REF_CHUNK_ELEMS / max(1, 8 * yp[0].numel() * yp.shape[0])))
+    rows = max(1, (1 << 22) // max(1, yp.shape[0]))
     row_v, row_i = torch.empty(n, device=x.device), torch.empty(n, dtype=torch.long, device=x.device)
     col_v = torch.full((yp.shape[0],), float("-inf"), device=x.device)
     col_i = torch.full((yp.shape[0],), -1, dtype=torch.long, device=x.device)

@@ -131,6 +131,11 @@ def test_self_nearest_leave_one_out(backend, mnist, device):
     v, i = ssim_nearest(x, x, backend=backend)
     assert torch.equal(i.cpu()[:9], torch.arange(9))  # itself, and 9's copy ties to the lower index 3
     assert i[9].item() == 3
+    # x is y: the C++ op computes each unordered pair once; both directions must still match the matrix
+    got = ssim_nearest_both(x, x, exclude_self=True, backend=backend)
+    want = nearest_from_matrix(pairwise_ssim(x, x, backend=backend), exclude_self=True)
+    for g_, w_ in zip(got, want):
+        assert torch.allclose(g_.float(), w_.float(), atol=1e-6)
 
 
 def test_bad_input():
