@@ -105,6 +105,8 @@ def cmd_generate(args) -> dict:
     from nfgen.generate import SampleConfig, run_generate
 
     run = Path(args.run)
+    if args.top_k is not None and args.top_k < 1:
+        raise NfgenError(f"--top-k must be ≥ 1, got {args.top_k}; leave it out to sample from every code")
     cfg = _config(SampleConfig, args, quiet=args.quiet)
     summary = run_generate(_path(args.model, run, "model.safetensors"), _path(args.tokens, run, "tokens.safetensors"),
                            run, per_class=args.per_class, unconditional=args.unconditional, cfg=cfg,
@@ -204,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=10, help="class-conditional samples per class (default: 10)")
     p.add_argument("--unconditional", type=int, default=0, help="unconditional samples (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    for name, h in [("temperature", "softmax temperature"), ("top-k", "keep the k most likely tokens (0: all)"),
+    for name, h in [("temperature", "softmax temperature"), ("top-k", "keep the k most likely tokens (default: all)"),
                     ("top-p", "nucleus sampling mass"), ("cfg-scale", "classifier-free guidance scale (1: off)"),
                     ("seed", "sampling seed"), ("batch-size", "sequences sampled at once (default: from free memory)"),
                     ("backend", "sampling backend: auto, torch, cpp or triton")]:

@@ -71,7 +71,10 @@ def run_demo(run: Path, *, data_root=None, device: str = "auto", quiet: bool = F
     summary = {"run": str(run), "seconds": times, "total_seconds": round(sum(times.values()), 1),
                "classifier": classifier, "fit": fit, "tokenize": tok, "train": trained, "generate": gen,
                "metrics_file": str(run / "metrics.json"), "samples_png": str(run / "samples.png"),
-               "headline": metrics.get("headline", {})}
+               "metrics": {"conditional": metrics["groups"]["conditional_all"],
+                           "unconditional": metrics["groups"].get("unconditional"),
+                           "memorisation": metrics["memorisation"]["memorised_fraction"],
+                           "classifier": metrics.get("classifier")}}
     write_json(run / "demo.json", summary)
     print(f"\nnfgen demo finished in {summary['total_seconds']} s on {dev}.\n"
           f"  samples:  {run / 'samples.png'}\n  metrics:  {run / 'metrics.json'}\n"

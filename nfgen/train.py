@@ -151,8 +151,8 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
     """Train on a tokens file; write model.safetensors, train_state.safetensors and train_log.json in run_dir."""
     cfg.validate()
     run_dir = Path(run_dir)
-    ts = load_tokens(tokens_path, hint="run `nfgen tokenize` first")
     device = pick_device(cfg.device)
+    ts = load_tokens(tokens_path, hint="run `nfgen tokenize` first")
     n_classes = int(ts.meta.get("n_classes", int(ts.labels.max()) + 1))
     vocab = Vocab(ts.tokenizer.n_codes, n_classes)
     if ts.labels.min() < 0 or ts.labels.max() >= n_classes:

@@ -1,0 +1,161 @@
+"""The CLI end to end at a tiny size, and every bad-input case: one line on stderr, exit 2, nothing written."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nfgen.cli import main
+from nfgen.fields import load_fields
+from nfgen.io import load_artifact, save_artifact
+
+TINY_FIT = ["--split", "mnist:test[:40]", "--hidden", "8", "--hidden-layers", "1", "--steps", "60", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_root):
+    """fit → tokenize → train → classifier → generate → evaluate on 40 images with a 33-weight SIREN."""
+    run = tmp_path_factory.mktemp("run")
+    r = ["--run", str(run)]
+    assert main(["fit", *r, *TINY_FIT]) == 0
+    assert main(["tokenize", *r, "--codebook-size", "16", "--iters", "5", "--quiet"]) == 0
+    assert main(["train", *r, "--steps", "8", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+                 "--batch-size", "8", "--eval-every", "4", "--quiet"]) == 0
+    assert main(["classifier", *r, "--train-split", "mnist:test[:300]", "--heldout-split", "mnist:test[9000:9100]",
+                 "--epochs", "1", "--quiet"]) == 0
+    assert main(["generate", *r, "--per-class", "2", "--unconditional", "4", "--temperature", "0.9",
+                 "--top-k", "8", "--quiet"]) == 0
+    assert main(["evaluate", *r, "--ref-split", "mnist:test[8000:8060]", "--train-split", "mnist:test[:40]",
+                 "--quiet"]) == 0
+    return run
+
+
+def test_pipeline_writes_every_artifact(run_dir):
+    for name in ("fields.safetensors", "tokens.safetensors", "model.safetensors", "train_state.safetensors",
+                 "classifier.safetensors", "samples.safetensors", "samples.png", "metrics.json", "nearest.png"):
+        assert (run_dir / name).is_file(), name
+    for command in ("fit", "tokenize", "train", "classifier", "generate", "evaluate"):
+        cfg = json.loads((run_dir / f"{command}.config.json").read_text())
+        assert cfg["command"] == command
+    assert json.loads((run_dir / "fit.config.json").read_text())["recipe"]["hidden"] == 8
+    samples = load_fields(run_dir / "samples.safetensors")
+    assert samples.weights.shape == (24, 33)
+    assert samples.labels.tolist() == sorted([c for c in range(10) for _ in range(2)]) + [-1] * 4
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    group = metrics["groups"]["conditional_all"]
+    for key in ("mmd", "cov", "1nna"):
+        assert set(group[key]) == {"samples", "oracle"}
+        assert all(0 <= v <= 1 for v in group[key].values())
+    assert "classifier" in json.dumps(metrics)  # evaluate picked RUN/classifier.safetensors up
+
+
+def test_fit_summary_and_psnr(run_dir):
+    fields = load_fields(run_dir / "fields.safetensors")
+    assert fields.weights.shape == (40, 33) and float(fields.psnr.mean()) > 12.0
+    assert fields.meta["source"]["indices"] == list(range(40))
+
+
+def subprocess_cli(*args):
+    """A real process: proves the exit code and that no traceback reaches the user."""
+    return subprocess.run([sys.executable, "-m", "nfgen", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def cli(capsys):
+    """In-process CLI (fast): returns an object with returncode / stdout / stderr like subprocess.run."""
+    def run(*args):
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse: --help, usage errors
+            code = exc.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return run
+
+
+def assert_clean_error(proc, pattern):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def test_help(cli):
+    proc = cli("--help")
+    assert proc.returncode == 0 and "fit" in proc.stdout and "evaluate" in proc.stdout
+    for command in ("fit", "tokenize", "train", "generate", "evaluate", "classifier", "demo"):
+        proc = cli(command, "--help")
+        assert proc.returncode == 0 and "--run" in proc.stdout, command
+
+
+def test_missing_data_root(tmp_path):
+    proc = subprocess_cli("fit", "--run", str(tmp_path / "r"), "--data-root", str(tmp_path / "nowhere"), "--quiet")
+    assert_clean_error(proc, "not found")
+    assert not (tmp_path / "r" / "fields.safetensors").exists()
+
+
+def test_unknown_split(cli, tmp_path):
+    assert_clean_error(cli("fit", "--run", str(tmp_path), "--split", "mnist:validation"), "MNIST has the sets")
+
+
+def test_missing_and_corrupt_artifacts(cli, tmp_path, run_dir):
+    assert_clean_error(cli("tokenize", "--run", str(tmp_path)), "fields file not found")
+    blob = (run_dir / "fields.safetensors").read_bytes()
+    (tmp_path / "fields.safetensors").write_bytes(blob[: len(blob) // 2])
+    assert_clean_error(cli("tokenize", "--run", str(tmp_path)), "truncated or corrupt")
+    assert not (tmp_path / "tokens.safetensors").exists()
+    # a tokens file handed over where a model is expected
+    assert_clean_error(cli("generate", "--run", str(tmp_path), "--model", str(run_dir / "tokens.safetensors"),
+                           "--tokens", str(run_dir / "tokens.safetensors")), "expected a 'model'")
+
+
+def test_nan_weights_refused(cli, tmp_path, run_dir):
+    tensors, meta = load_artifact(run_dir / "fields.safetensors", "fields")
+    tensors["weights"][3, 5] = float("nan")
+    save_artifact(tmp_path / "fields.safetensors", "fields", tensors, meta)
+    assert_clean_error(cli("tokenize", "--run", str(tmp_path)), "NaN")
+    assert not (tmp_path / "tokens.safetensors").exists()
+
+
+def test_mismatched_artifacts(cli, tmp_path, run_dir, data_root):
+    # tokens of another architecture (hidden 4) than the model was trained on (hidden 8)
+    other = tmp_path / "other"
+    assert main(["fit", "--run", str(other), *TINY_FIT[:-5], "--hidden", "4", "--steps", "5", "--quiet"]) == 0
+    assert main(["tokenize", "--run", str(other), "--codebook-size", "8", "--iters", "2", "--quiet"]) == 0
+    proc = cli("generate", "--run", str(tmp_path), "--model", str(run_dir / "model.safetensors"),
+               "--tokens", str(other / "tokens.safetensors"))
+    assert_clean_error(proc, "use the tokens file the model was trained on")
+    assert not (tmp_path / "samples.safetensors").exists()
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--top-k", "0"], "--top-k must be ≥ 1"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+])
+def test_impossible_sampling_options(cli, tmp_path, run_dir, args, pattern):
+    proc = cli("generate", "--run", str(tmp_path), "--model", str(run_dir / "model.safetensors"),
+               "--tokens", str(run_dir / "tokens.safetensors"), *args)
+    assert_clean_error(proc, pattern)
+    assert not any(tmp_path.iterdir())
+
+
+def test_group_must_divide_params(cli, tmp_path, run_dir):
+    proc = cli("tokenize", "--run", str(tmp_path), "--fields", str(run_dir / "fields.safetensors"), "--group", "4")
+    assert_clean_error(proc, "group")
+    assert not any(tmp_path.iterdir())
+
+
+def test_impossible_fit_options(cli, tmp_path):
+    assert_clean_error(cli("fit", "--run", str(tmp_path), "--steps", "0"), "steps")
+    assert_clean_error(cli("fit", "--run", str(tmp_path), "--init", "zeros"), "init")
+    assert_clean_error(cli("fit", "--run", str(tmp_path), "--template", str(tmp_path / "none.safetensors")),
+                       "not found")
+
+
+def test_bad_device(cli, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device exists here")
+    assert_clean_error(cli("train", "--run", str(tmp_path), "--device", "cuda"), "no CUDA GPU")
