@@ -122,15 +122,17 @@ CONFIGS = {
         sampling_sweep={"t0.8": dict(temperature=0.8), "cfg2": dict(cfg_scale=2.0)},
         nefgpt_n_generated=8, nefgpt_n_references=6,
         note="smoke test only: tiny SIREN, few fields, a few GPT steps"),
-    # The 2-core CPU run (≤ 30 min unloaded): default SIREN, 2000 training fields, 500 references,
-    # the demo's model size. Ablations run only when asked for.
+    # The 2-core CPU run (≤ 30 min unloaded): default SIREN, 2000 training fields, 300 references,
+    # the demo's model size. Decoding 1185-token fields dominates on CPU (~0.3 s a field), hence only 300
+    # references; batches of 150 amortise the per-step overhead. Ablations run only when asked for.
     "small": QualityConfig(
-        train_split="mnist:test[:2000]", heldout_split="mnist:test[8000:8500]",
+        train_split="mnist:test[:2000]", heldout_split="mnist:test[8000:8300]",
         fit=dict(steps=300), tokenize=dict(),
         train=dict(n_layer=4, n_head=4, n_embd=128, steps=400, batch_size=16, lr=2e-3, warmup=40, eval_every=100,
                    checkpoint_every=10_000),
+        sample=dict(batch_size=150),
         alt_model=dict(n_layer=2, n_head=4, n_embd=64), ablation_seeds=1,
-        note="CPU scale-down of the protocol: 2000 training fields, 500 held-out references, a 0.8M GPT"),
+        note="CPU scale-down of the protocol: 2000 training fields, 300 held-out references, a 0.8M GPT"),
     # The GPU run of issue 8: every image, the default fit and tokenizer recipes, a 25M GPT.
     # Budget: ≤ 15 min on an H100 for the main + NeF-GPT rows (estimate; not yet measured).
     "full": QualityConfig(
@@ -222,6 +224,12 @@ def aggregate(per_seed: list[dict], names) -> dict:
 
 def key_id(key: dict) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def split_rows(split, fields: Fields) -> torch.Tensor:
+    """For each field, the row of `split` holding the image it was fitted to (from the file's source indices)."""
+    row = {int(i): r for r, i in enumerate(split.indices.tolist())}
+    return torch.tensor([row[int(i)] for i in fields.meta["source"]["indices"]])
 
 
 def device_name(dev: torch.device) -> str:
@@ -450,21 +458,14 @@ class Harness:
         # Held-out fields through the training fields' tokenizer: does the codebook generalise?
         held_detok = ts.tokenizer.decode(ts.tokenizer.encode(held.weights))
         held_images = render_fields(held_detok, held.spec, held.image_shape, device=self.device).cpu()
-        order = self._heldout_rows(held)
+        held_psnr = psnr(held_images, self.heldout.images[split_rows(self.heldout, held)])
         psnrs = {
             "fitted_train": {"mean": float(fields.psnr.mean()), "min": float(fields.psnr.min())},
             "fitted_heldout": {"mean": float(held.psnr.mean()), "min": float(held.psnr.min())},
             "detok_train": {"mean": ts.meta["detok_psnr"], "min": ts.meta["detok_psnr_min"]},
-            "detok_heldout": {"mean": float(psnr(held_images, self.heldout.images[order]).mean()),
-                              "min": float(psnr(held_images, self.heldout.images[order]).min())},
+            "detok_heldout": {"mean": float(held_psnr.mean()), "min": float(held_psnr.min())},
         }
         return {"rows": rows, "psnr": psnrs}
-
-    def _heldout_rows(self, held: Fields) -> torch.Tensor:
-        """Rows of the held-out split in the order of the held-out fields file (they were fitted in order)."""
-        indices = held.meta["source"]["indices"]
-        row = {int(i): r for r, i in enumerate(self.heldout.indices.tolist())}
-        return torch.tensor([row[int(i)] for i in indices])
 
     def nefgpt_row(self, recipe: Recipe, seeds: int) -> dict:
         """NeF-GPT's protocol: digit 3, n generated (top-k 3, T 0.8) vs references rendered from training fields."""
@@ -480,7 +481,7 @@ class Harness:
         refs, oracle = render(fields.weights[ref_idx]), render(fields.weights[oracle_idx])
         train_digit = self.train_split.images[self.train_split.labels == digit].to(self.device)
         oracle_rest = torch.ones(len(self.train_split), dtype=torch.bool)
-        oracle_rest[self._train_rows(fields)[oracle_idx]] = False
+        oracle_rest[split_rows(self.train_split, fields)[oracle_idx]] = False
         oracle_rest &= self.train_split.labels == digit
         t0 = time.perf_counter()
         oracle_d = distance_metrics(oracle, refs)
@@ -504,11 +505,6 @@ class Harness:
                 "sampling": {"top_k": NEFGPT["top_k"], "temperature": NEFGPT["temperature"]},
                 "oracle_is": "other training fields of the digit, rendered, against the same references",
                 "metrics": aggregate(per_seed, NEFGPT_METRICS)}
-
-    def _train_rows(self, fields: Fields) -> torch.Tensor:
-        indices = fields.meta["source"]["indices"]
-        row = {int(i): r for r, i in enumerate(self.train_split.indices.tolist())}
-        return torch.tensor([row[int(i)] for i in indices])
 
     def _accuracy(self, images: torch.Tensor, digit: int) -> float:
         return float((classify(self.classifier(), images).argmax(1) == digit).double().mean())
