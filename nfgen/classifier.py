@@ -68,12 +68,13 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     """Translate each image by up to ±max_shift pixels (zero padding), one offset per image."""
     if max_shift <= 0:
         return x
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
+    wp = w + 2 * max_shift
     padded = F.pad(x, (max_shift,) * 4)
-    dy, dx = (torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)).to(x.device)
-    rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(-1, x.shape[1], -1, w + 2 * max_shift)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator).to(x.device)
+    rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(-1, c, -1, wp)
     shifted = padded.gather(2, rows)
-    cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(-1, x.shape[1], h, -1)
+    cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(-1, c, h, -1)
     return shifted.gather(3, cols)
 
 
@@ -188,8 +189,8 @@ def run_classifier(train_split: str = "mnist:test[:8000]", heldout_split: str = 
                          "mnist:test[:8000] and mnist:test[8000:]")
     model, info = train_classifier(train.images, train.labels, held.images, held.labels, epochs=epochs, seed=seed,
                                    device=device, quiet=quiet, n_classes=train.n_classes)
-    summary = {"train_split": train.spec, "heldout_split": held.spec, **{k: v for k, v in info.items() if k != "config"},
-               "out": str(out_path)}
+    summary = {"train_split": train.spec, "heldout_split": held.spec,
+               **{k: v for k, v in info.items() if k != "config"}, "out": str(out_path)}
     save_classifier(out_path, model, {"train_split": train.spec, "heldout_split": held.spec,
                                       "heldout_accuracy": info["heldout_accuracy"], "heldout_ce": info["heldout_ce"],
                                       "class_names": train.class_names})

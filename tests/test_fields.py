@@ -212,8 +212,8 @@ def test_psnr_definition():
 
 
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(lr=-1.0), dict(chunk=0), dict(init="zeros"),
-                                 dict(steps_per_call=0), dict(lr_final_ratio=2.0), dict(target_psnr=-3.0), dict(init="independent",
-                                                                                        template="x")])
+                                 dict(steps_per_call=0), dict(lr_final_ratio=2.0), dict(target_psnr=-3.0),
+                                 dict(init="independent", template="x")])
 def test_bad_config_raises(bad):
     with pytest.raises(NfgenError):
         fit_fields(torch.rand(2, 5, 5), quick(**bad))
