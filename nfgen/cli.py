@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="mnist:test[:8000]", help="images to fit (default: mnist:test[:8000])")
     p.add_argument("--out", default=None, help="fields file (default: RUN/fields.safetensors)")
     for name, h in [("hidden", "hidden width"), ("hidden-layers", "number of sine layers"), ("omega0", "ω0 of every sine layer"),
-                    ("steps", "Adam steps per field"), ("lr", "Adam learning rate"), ("chunk", "fields fitted together"),
+                    ("steps", "Adam steps per field"), ("lr", "Adam learning rate"),
+                    ("lr-final-ratio", "cosine decay of the lr to lr × this (1: constant)"),
+                    ("chunk", "fields fitted together"), ("steps-per-call", "fused steps per kernel call"),
                     ("init", "shared (one template for all fields) or independent"),
                     ("template", "PATH[:INDEX] of a fitted field to start every field from"),
                     ("target-psnr", "stop a field once it reaches this PSNR (dB)"), ("seed", "seed of the init"),

@@ -22,7 +22,7 @@ TRAIN_SPLIT = "mnist:test[:2000]"
 REF_SPLIT = "mnist:test[8000:8500]"
 CLASSIFIER_SPLIT = "mnist:test[:8000]"
 HELDOUT_SPLIT = "mnist:test[8000:]"
-FIT = dict(steps=300)
+FIT: dict = {}
 TOKENIZE: dict = {}
 TRAIN = dict(n_layer=4, n_head=4, n_embd=128, steps=300, batch_size=16, lr=2e-3, warmup=30, eval_every=100,
              checkpoint_every=1000)
