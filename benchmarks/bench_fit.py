@@ -15,17 +15,21 @@ fraction of the FP32 FMA peak (matmul FLOPs only: 2·C·(2·Σ fan_in·fan_out +
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-from nfkernels.siren import SirenSpec, coord_grid, siren_fit_steps, siren_forward_reference, siren_init
+from benchmarks._env import environment, write_result
+from nfkernels.siren import (
+    SirenSpec,
+    coord_grid,
+    siren_fit_steps,
+    siren_forward_reference,
+    siren_init,
+)
 
 LR = 1e-4
 # FP32 non-tensor-core FMA peak, FLOP/s (vendor figures, SXM parts)
@@ -308,9 +312,8 @@ def main(argv=None):
         print(f"60,000 fields × 500 steps: {wall:.2f} s (mean PSNR {psnr:.2f} dB)")
 
     if args.out:
-        _write_json(args.out, {"device": device_name, "device_type": device.type, "torch": torch.__version__,
-                               "triton": _triton_version(), "commit": _git_head(), "command": " ".join(sys.argv),
-                               "threads": torch.get_num_threads(), "fp32_peak_flops": peak, "peak_note": peak_note,
+        write_result(args.out, {**environment("benchmarks.bench_fit", device),
+                                "threads": torch.get_num_threads(), "fp32_peak_flops": peak, "peak_note": peak_note,
                                "measured_sgemm_flops": sgemm, "flop_per_field_step": flop, "rows": rows})
         print(f"wrote {args.out}")
     return rows
@@ -333,36 +336,6 @@ def _psnr(params, coords, target, spec, chunk=4096):
             mse = (pred - target[i:i + chunk]).pow(2).mean(dim=(1, 2))
             vals.append(10 * torch.log10(1 / mse))
     return torch.cat(vals).mean().item()
-
-
-def _triton_version():
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
-
-
-def _git_head():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _write_json(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# pytest-benchmark (collected only when benchmarks/ is passed to pytest explicitly)
 
 
 def test_bench_nfgen_fit_small(benchmark):

@@ -21,16 +21,13 @@ Times are medians over --repeats; "x recompute" / "x eager-kv" are nfgen's token
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks._env import environment, write_result
 from nfgen.generate import SampleConfig, generate_tokens
 from nfgen.model import GPT, GPTConfig
 from nfgen.vocab import Vocab
@@ -184,22 +181,9 @@ def main(argv=None):
               f"x eager-kv {results['nfgen']['x_eager-kv']:.2f}  (batch {batch})")
 
     if args.out:
-        try:
-            import triton
-
-            triton_version = triton.__version__
-        except ImportError:
-            triton_version = None
-        name = torch.cuda.get_device_name(device) if on_cuda else f"{platform.processor() or 'cpu'} " \
-            f"({torch.get_num_threads()} threads)"
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        result = {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": commit,
-                  "command": " ".join([sys.executable, "-m", "benchmarks.bench_generate", *sys.argv[1:]]),
-                  "model": {**cfg_kw, "config": vars(c), "params": model.num_params(), "length": length},
-                  "rows": rows}
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2, default=str)
-        print(f"wrote {args.out}")
+        write_result(args.out, {**environment("benchmarks.bench_generate", device),
+                                "model": {**cfg_kw, "config": vars(c), "params": model.num_params(), "length": length},
+                                "rows": rows})
 
 
 def test_generate_quick(benchmark):

@@ -18,17 +18,21 @@ repeats; "nfgen x" is nfgen's pairs/s over the row's.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from nfkernels.ssim import gaussian_window, image_stats, pairwise_ssim, ssim_formula, ssim_nearest
+from benchmarks._env import device_name, environment, write_result
+from nfkernels.ssim import (
+    gaussian_window,
+    image_stats,
+    pairwise_ssim,
+    ssim_formula,
+    ssim_nearest,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Peers
@@ -209,12 +213,6 @@ def bench_size(n, m, device, repeats, quick):
     return rows, err
 
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -240,26 +238,8 @@ def main(argv=None):
         print(f"max |SSIM - conv2d-batched fp32| at N={n}: " + ", ".join(f"{k} {v:.2e}" for k, v in err.items()))
         all_rows += rows
     if args.out:
-        try:
-            import triton
-
-            triton_version = triton.__version__
-        except ImportError:
-            triton_version = None
-        try:
-            head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            head = None
-        result = {"benchmark": "pairwise_ssim", "device": device_name(device), "torch": torch.__version__,
-                  "triton": triton_version, "commit": head, "command": " ".join([sys.executable, "-m",
-                                                                                  "benchmarks.bench_ssim", *sys.argv[1:]]),
-                  "max_abs_diff_vs_conv2d": errors, "rows": all_rows}
-        from pathlib import Path
-
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
-
+        write_result(args.out, {"benchmark": "pairwise_ssim", **environment("benchmarks.bench_ssim", device),
+                                "max_abs_diff_vs_conv2d": errors, "rows": all_rows})
 
 if __name__ == "__main__":
     main()

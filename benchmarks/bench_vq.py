@@ -11,15 +11,12 @@ M is 10^7 on CUDA, 10^6 on CPU (10^7 takes minutes per row on 2 cores); --quick 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
-import sys
 import threading
 import time
 
 import torch
 
+from benchmarks._env import device_name, environment, write_result
 from nfkernels import SirenSpec, _ext, siren_init
 from nfkernels.vq import vq_assign
 
@@ -155,20 +152,12 @@ def main(argv=None):
     n_fields = 10_000
     if args.quick:
         M, n_fields = M // 10, 1_000
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} " \
-        f"({torch.get_num_threads()} threads)"
+    name = device_name(device)
     print(f"device: {name}; M = {M:.0e}" + (" (CPU: 10^7 is too slow here)" if device.type == "cpu" else ""))
     rows = bench_assign(device, M, args.repeats)
     rows += bench_tokenize(device, n_fields, max(1, args.repeats - 2))
     if args.out:
-        triton_version = __import__("triton").__version__ if _ext.HAS_TRITON else None
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        result = {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": commit,
-                  "command": " ".join([sys.executable, "-m", "benchmarks.bench_vq", *sys.argv[1:]]), "rows": rows}
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.out}")
-
+        write_result(args.out, {**environment("benchmarks.bench_vq", device), "rows": rows})
 
 if __name__ == "__main__":
     main()
