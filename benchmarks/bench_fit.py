@@ -315,7 +315,6 @@ def main(argv=None):
         write_result(args.out, {**environment("benchmarks.bench_fit", device),
                                 "threads": torch.get_num_threads(), "fp32_peak_flops": peak, "peak_note": peak_note,
                                "measured_sgemm_flops": sgemm, "flop_per_field_step": flop, "rows": rows})
-        print(f"wrote {args.out}")
     return rows
 
 

@@ -28,7 +28,7 @@ for part in "$@"; do
     bench-*)
       b=${part#bench-}
       stamp "bench_$b"
-      timeout 400 python3 -m benchmarks.bench_$b --device cuda --out "$OUT/$b-$dev.json" 2>&1 | tee "$OUT/bench_$b.log" | tail -40 ;;
+      timeout "${BENCH_TIMEOUT:-240}" python3 -m benchmarks.bench_$b --device cuda --out "$OUT/$b-$dev.json" 2>&1 | tee "$OUT/bench_$b.log" | tail -40 ;;
     test)
       stamp tests
       timeout 500 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -40 ;;

@@ -122,17 +122,17 @@ CONFIGS = {
         sampling_sweep={"t0.8": dict(temperature=0.8), "cfg2": dict(cfg_scale=2.0)},
         nefgpt_n_generated=8, nefgpt_n_references=6,
         note="smoke test only: tiny SIREN, few fields, a few GPT steps"),
-    # The 2-core CPU run (≤ 30 min unloaded): default SIREN, 2000 training fields, 300 references,
-    # the demo's model size. Decoding 1185-token fields dominates on CPU (~0.3 s a field), hence only 300
-    # references; batches of 150 amortise the per-step overhead. Ablations run only when asked for.
+    # The 2-core CPU run (≤ 30 min): default SIREN, 2000 training fields, 200 references, the demo's model
+    # size. Decoding 1185-token fields dominates on CPU (~0.5 s a field with this model, one thread), hence
+    # only 200 references; batches amortise the per-step overhead. Ablations run only when asked for.
     "small": QualityConfig(
-        train_split="mnist:test[:2000]", heldout_split="mnist:test[8000:8300]",
+        train_split="mnist:test[:2000]", heldout_split="mnist:test[8000:8200]",
         fit=dict(steps=300), tokenize=dict(),
         train=dict(n_layer=4, n_head=4, n_embd=128, steps=400, batch_size=16, lr=2e-3, warmup=40, eval_every=100,
                    checkpoint_every=10_000),
-        sample=dict(batch_size=150),
+        sample=dict(batch_size=200),
         alt_model=dict(n_layer=2, n_head=4, n_embd=64), ablation_seeds=1,
-        note="CPU scale-down of the protocol: 2000 training fields, 300 held-out references, a 0.8M GPT"),
+        note="CPU scale-down of the protocol: 2000 training fields, 200 held-out references, a 0.8M GPT"),
     # The GPU run of issue 8: every image, the default fit and tokenizer recipes, a 25M GPT.
     # Budget: ≤ 15 min on an H100 for the main + NeF-GPT rows (estimate; not yet measured).
     "full": QualityConfig(
@@ -648,6 +648,7 @@ def run(args) -> dict:
     results = {
         "config_name": args.config, "config": asdict(cfg), "device": device_name(dev), "device_type": dev.type,
         "torch": torch.__version__, "triton": _triton_version(), "commit": _git_commit(),
+        "cpu_threads": torch.get_num_threads(),
         "command": shlex.join(["python", "-m", "benchmarks.quality", *args.argv]),
         "seeds": args.seeds, "protocol": __doc__.split("Protocol")[1].split("Outputs:")[0].strip(),
         "nefgpt_published": NEFGPT["published"], "rows": {}, "seconds": h.seconds,
