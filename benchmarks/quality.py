@@ -41,10 +41,8 @@ import argparse
 import hashlib
 import json
 import math
-import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -52,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._env import environment
 from nfgen.classifier import classify, load_classifier, run_classifier
 from nfgen.common import make_generator, pick_device
 from nfgen.data import load_split
@@ -133,12 +132,14 @@ CONFIGS = {
         sample=dict(batch_size=200),
         alt_model=dict(n_layer=2, n_head=4, n_embd=64), ablation_seeds=1,
         note="CPU scale-down of the protocol: 2000 training fields, 200 held-out references, a 0.8M GPT"),
-    # The GPU run of issue 8: every image, the default fit and tokenizer recipes, a 25M GPT.
-    # Budget: ≤ 15 min on an H100 for the main + NeF-GPT rows (estimate; not yet measured).
+    # The GPU run of issue 8: every image, the default fit and tokenizer recipes, the default 10.7M GPT
+    # (sized for fast decoding) for 4000 steps of 64 fields (~27 epochs; dropout against memorising).
+    # Budget: ≤ 15 min on an H100 for the main + NeF-GPT rows (an estimate until measured there); the
+    # model-size ablation tries a 25M GPT.
     "full": QualityConfig(
-        train=dict(n_layer=8, n_head=8, n_embd=512, steps=5000, batch_size=64, lr=6e-4, warmup=250, dropout=0.1,
+        train=dict(n_layer=6, n_head=8, n_embd=384, steps=4000, batch_size=64, lr=6e-4, warmup=200, dropout=0.1,
                    eval_every=500, checkpoint_every=1000),
-        alt_model=dict(n_layer=6, n_head=8, n_embd=384),
+        alt_model=dict(n_layer=8, n_head=8, n_embd=512),
         note="issue 8 protocol at full size"),
 }
 
@@ -226,16 +227,15 @@ def key_id(key: dict) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def log(msg: str) -> None:
+    """Stage progress on stderr (the stages themselves run quiet unless --verbose)."""
+    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def split_rows(split, fields: Fields) -> torch.Tensor:
     """For each field, the row of `split` holding the image it was fitted to (from the file's source indices)."""
     row = {int(i): r for r, i in enumerate(split.indices.tolist())}
     return torch.tensor([row[int(i)] for i in fields.meta["source"]["indices"]])
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"{platform.processor() or platform.machine() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
 def device_slug(dev: torch.device) -> str:
@@ -296,8 +296,10 @@ class Harness:
                 self._built[str(path)] = stored["summary"]
                 return stored["summary"]
         t0 = time.perf_counter()
+        log(f"{stage}: building {path.name} ...")
         summary = build()
         self._lap(stage, t0)
+        log(f"{stage}: {path.name} done in {time.perf_counter() - t0:.1f} s")
         write_json(sidecar, {"key": key, "summary": summary})
         self._built[str(path)] = summary
         return summary
@@ -423,6 +425,7 @@ class Harness:
         classes = torch.cat([refs, torch.full_like(refs, -1)])
         per_seed, picture = [], None
         for seed in range(seeds):
+            log(f"main protocol, seed {seed}: generating {len(classes)} fields")
             fields, images = self.sample(recipe, classes, seed)
             result = self._evaluate(fields, images, seed)
             per_seed.append(self.headline(result))
@@ -490,6 +493,7 @@ class Harness:
         self._lap("evaluate", t0)
         per_seed = []
         for seed in range(seeds):
+            log(f"NeF-GPT protocol, seed {seed}: generating {n_gen} fields of digit {digit}")
             _, images = self.sample(recipe, torch.full((n_gen,), digit), seed, top_k=NEFGPT["top_k"],
                                     temperature=NEFGPT["temperature"], top_p=1.0, cfg_scale=1.0)
             t0 = time.perf_counter()
@@ -646,8 +650,7 @@ def run(args) -> dict:
     main = Recipe()
     ablations = choose_ablations(cfg, main, h.num_params(), args.ablations) if "ablations" in only else {}
     results = {
-        "config_name": args.config, "config": asdict(cfg), "device": device_name(dev), "device_type": dev.type,
-        "torch": torch.__version__, "triton": _triton_version(), "commit": _git_commit(),
+        "config_name": args.config, "config": asdict(cfg), **environment("benchmarks.quality", dev),
         "cpu_threads": torch.get_num_threads(),
         "command": shlex.join(["python", "-m", "benchmarks.quality", *args.argv]),
         "seeds": args.seeds, "protocol": __doc__.split("Protocol")[1].split("Outputs:")[0].strip(),
@@ -669,7 +672,7 @@ def run(args) -> dict:
         seeds = cfg.ablation_seeds or args.seeds
         results["rows"]["ablations"] = {}
         for name, recipe in ablations.items():
-            print(f"ablation {name} ...", file=sys.stderr, flush=True)
+            log(f"ablation {name}")
             results["rows"]["ablations"][name] = h.main_row(recipe, seeds)[0]
     results["summaries"] = h.summaries
     results["cached_artifacts"] = h.cached
@@ -683,24 +686,6 @@ def run(args) -> dict:
     print(f"\nwrote {results_path}" + (f" and {png_path}" if "main" in only else "") +
           f" in {results['total_seconds']:.0f} s")
     return results
-
-
-def _triton_version():
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parents[1])
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def main(argv=None) -> int:
