@@ -18,10 +18,22 @@ if HAS_TRITON and (torch.cuda.is_available() or triton_interpret()):
     BACKENDS.append("triton")
 
 
+def sample_on(logits, *args, backend, generator=None, seed=None, **kw):
+    """sample_next on the backend's device: Triton runs on the GPU where there is one, else interpreted on CPU."""
+    if backend != "triton" or not torch.cuda.is_available():
+        return sample_next(logits, *args, generator=generator, seed=seed, backend=backend, **kw)
+    dev = torch.device("cuda")
+    if generator is not None:
+        generator = torch.Generator(dev).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    kw = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in kw.items()}
+    seed = None if seed is None else seed.to(dev)
+    return sample_next(logits.to(dev), *args, generator=generator, seed=seed, backend=backend, **kw).cpu()
+
+
 def draw(backend, logits, generator, **kw):
     if backend == "reference":
         return sample_next_reference(logits, generator=generator, **kw)
-    return sample_next(logits, generator=generator, backend=backend, **kw)
+    return sample_on(logits, generator=generator, backend=backend, **kw)
 
 
 def filtered_by_loop(row, temperature, top_k, top_p):
@@ -118,13 +130,13 @@ def test_fixed_seed_reproduces(backend):
     logits = torch.randn(33, 129, generator=torch.Generator().manual_seed(0))
 
     def run(seed):
-        return sample_next(logits, 1.0, 20, 0.9, torch.Generator().manual_seed(seed), backend=backend)
+        return sample_on(logits, 1.0, 20, 0.9, generator=torch.Generator().manual_seed(seed), backend=backend)
 
     assert torch.equal(run(5), run(5))
     assert not torch.equal(run(5), run(6))
     seed = torch.tensor([123456789], dtype=torch.int64)
-    a = sample_next(logits, seed=seed, backend=backend)
-    assert torch.equal(a, sample_next(logits, seed=seed, backend=backend))
+    a = sample_on(logits, seed=seed, backend=backend)
+    assert torch.equal(a, sample_on(logits, seed=seed, backend=backend))
 
 
 @pytest.mark.skipif(not has_op("sample_next"), reason="nfkernels._C not built")

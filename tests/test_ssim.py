@@ -28,6 +28,12 @@ def skimage_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.tensor([[structural_similarity(a, b, **kw) for b in ys] for a in xs], dtype=torch.float64)
 
 
+@pytest.fixture
+def device(backend):
+    """Where `backend` runs: the C++ op on CPU, the others on the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() and backend != "cpp" else "cpu")
+
+
 def on(dev, *ts):
     return [t.to(dev) for t in ts]
 
