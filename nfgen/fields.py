@@ -29,15 +29,19 @@ steps_per_call barely matters for quality (200 steps, 4e-3 cosine, 64 images: 10
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from nfgen import __version__
+from nfgen import __version__, distributed
 from nfgen.common import make_generator, pick_device, progress
 from nfgen.io import NfgenError, check_finite, load_artifact, save_artifact
 from nfkernels import SirenSpec, coord_grid, siren_fit_steps, siren_forward, siren_init
@@ -226,8 +230,11 @@ def _fit_batch(start: torch.Tensor, target: torch.Tensor, coords: torch.Tensor, 
     return params, diverged
 
 
-def fit_fields(images: torch.Tensor, cfg: FitConfig) -> FitResult:
+def fit_fields(images: torch.Tensor, cfg: FitConfig, *, first_index: int = 0) -> FitResult:
     """Fit one SIREN to each image ([N, H, W] or [N, H, W, C] in [0, 1]), `cfg.chunk` at a time.
+
+    `first_index` is the split position of images[0] (a shard of a bigger split): independent init seeds
+    each field by its split position, so a shard's fields equal those of a whole-split fit.
 
     Fields that diverge (NaN/inf loss, or a PSNR collapse) are re-initialised and refitted once at half
     the lr; those that fail again are listed in `failed` (their weights are not usable).
@@ -246,7 +253,7 @@ def fit_fields(images: torch.Tensor, cfg: FitConfig) -> FitResult:
     def start_weights(idx: list[int], attempt: int) -> torch.Tensor:
         if shared is not None:
             return shared.expand(len(idx), -1).clone()
-        return independent_init(spec, cfg.seed, idx, attempt).to(device)
+        return independent_init(spec, cfg.seed, [first_index + i for i in idx], attempt).to(device)
 
     n = images.shape[0]
     weights = torch.empty(n, spec.num_params)
@@ -313,32 +320,148 @@ def load_fields(path, hint: str = FIT_HINT) -> Fields:
                   meta=meta)
 
 
-# ----------------------------------------------------------------------------- the stage
+# ----------------------------------------------------------------------------- the stage: sharded, resumable
 
-def run_fit(split_spec: str, out_path, cfg: FitConfig, data_root=None, download: bool = False) -> dict:
-    """Fit every image of `split_spec` and write the fields file; returns a summary (mean / min PSNR, time)."""
-    from nfgen.data import load_split
+# Options that do not change what a fit computes: a resumed run may change them freely.
+_RECIPE_FREE = {"quiet"}
 
-    split = load_split(split_spec, data_root=data_root, download=download)
-    result = fit_fields(split.images, cfg)
+
+def shard_dir(out_path) -> Path:
+    """Where the shards of `out_path` live until they are merged: `<out>.shards/`."""
+    return Path(f"{out_path}.shards")
+
+
+def shard_path(out_path, i: int) -> Path:
+    return shard_dir(out_path) / f"shard-{i}.safetensors"
+
+
+def fit_fingerprint(split, cfg: FitConfig) -> str:
+    """A hash of what decides the fitted weights: the split's spec, indices and pixels, and the recipe."""
+    h = hashlib.sha256()
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in _RECIPE_FREE}
+    h.update(json.dumps({"split": split.spec, "shape": list(split.images.shape), "recipe": recipe},
+                        sort_keys=True, default=str).encode())
+    h.update(split.indices.numpy().astype("<i8").tobytes())
+    h.update(split.images.float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _shard_meta(path: Path) -> dict:
+    """A shard's metadata, from the safetensors header alone (no tensors are read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        meta = json.loads(header.get("nfgen_meta", "{}"))
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        header, meta = {}, {}
+    if header.get("nfgen_kind") != "fields_shard" or "fingerprint" not in meta:
+        raise NfgenError(f"{path} is not a readable fields shard; delete it (or its folder) and rerun the fit")
+    return meta
+
+
+def _check_shards(folder: Path, fingerprint: str, split, cfg: FitConfig) -> None:
+    """Refuse finished shards from a run with other options or data: mixing them would be silently wrong."""
+    for path in sorted(folder.glob("shard-*.safetensors")):
+        meta = _shard_meta(path)
+        if meta["fingerprint"] == fingerprint:
+            continue
+        old, now = meta.get("recipe", {}), asdict(cfg)
+        diff = [f"{k}: {old.get(k)!r} → {v!r}" for k, v in now.items() if k not in _RECIPE_FREE and old.get(k) != v]
+        if meta.get("split") != split.spec:
+            diff.append(f"split: {meta.get('split')!r} → {split.spec!r}")
+        what = ", ".join(diff) if diff else "the same options but different images"
+        raise NfgenError(f"{folder} holds shards of an unfinished fit with other inputs ({what}); rerun with the "
+                         f"original options to finish it, or delete {folder} to start over")
+
+
+def _merge_shards(out_path, n: int, chunk: int, fingerprint: str):
+    """Concatenate every shard in order → (weights [n, P], psnr [n], retried, fit seconds)."""
+    weights, psnrs, retried, seconds = [], [], [], 0.0
+    for i in range(math.ceil(n / chunk)):
+        path = shard_path(out_path, i)
+        if not path.is_file():
+            raise NfgenError(f"shard {i} of {math.ceil(n / chunk)} is missing from {shard_dir(out_path)}; "
+                             "rerun the same fit command to refit it")
+        tensors, meta = load_artifact(path, "fields_shard", "rerun the same fit command")
+        lo, hi = i * chunk, min(n, (i + 1) * chunk)
+        if meta.get("fingerprint") != fingerprint or (meta.get("lo"), meta.get("hi")) != (lo, hi):
+            raise NfgenError(f"{path} does not belong to this fit; delete {shard_dir(out_path)} and rerun")
+        weights.append(tensors["weights"])
+        psnrs.append(tensors["psnr"])
+        retried += meta.get("retried", [])
+        seconds += float(meta.get("seconds", 0.0))
+    return torch.cat(weights), torch.cat(psnrs), retried, seconds
+
+
+def _fit_shard(split, cfg: FitConfig, i: int, out_path, fingerprint: str) -> None:
+    """Fit shard i (split positions [i·chunk, (i+1)·chunk)) and write it atomically."""
     n = len(split.labels)
-    summary = {
-        "split": split.spec, "n_fields": n, "num_params": result.spec.num_params,
-        "mean_psnr": float(result.psnr.mean()), "min_psnr": float(result.psnr.min()),
-        "seconds": round(result.seconds, 3), "fields_per_s": round(n / max(result.seconds, 1e-9), 2),
-        "retried": result.retried, "failed": result.failed, "out": str(out_path),
-    }
+    lo, hi = i * cfg.chunk, min(n, (i + 1) * cfg.chunk)
+    result = fit_fields(split.images[lo:hi], cfg, first_index=lo)
     if result.failed:
         raise NfgenError(f"{len(result.failed)} field(s) diverged twice (split indices "
-                         f"{[int(split.indices[i]) for i in result.failed][:20]}); nothing written; "
+                         f"{[int(split.indices[lo + j]) for j in result.failed][:20]}); nothing written; "
                          f"lower --lr or raise --steps")
+    meta = {"fingerprint": fingerprint, "shard": i, "lo": lo, "hi": hi, "split": split.spec,
+            "recipe": asdict(cfg), "retried": [lo + j for j in result.retried], "seconds": result.seconds}
+    save_artifact(shard_path(out_path, i), "fields_shard", {"weights": result.weights, "psnr": result.psnr}, meta)
+
+
+def run_fit(split_spec: str, out_path, cfg: FitConfig, data_root=None, download: bool = False) -> dict:
+    """Fit every image of `split_spec` and write the fields file; returns a summary (mean / min PSNR, time).
+
+    The split is cut into shards of `cfg.chunk` fields (shard i = positions [i·chunk, (i+1)·chunk)), which
+    do not depend on the number of processes. Under torchrun rank r fits the shards i ≡ r (mod world);
+    each finished shard is written atomically to `<out>.shards/shard-<i>.safetensors`, so a killed run,
+    restarted with the same command (any world size), skips them. When every shard exists rank 0 merges
+    them into `out_path` and removes the folder. Fields are independent and each starts from the seeded
+    template (or its own per-index draw), so the result equals a one-process run bit for bit on CPU.
+    """
+    from nfgen.data import load_split
+
+    cfg.validate()
+    distributed.init_from_env()
+    split = load_split(split_spec, data_root=data_root, download=download)
+    n = len(split.labels)
+    if n == 0:
+        raise NfgenError(f"split {split.spec} is empty; pass a non-empty image split")
+    fingerprint = fit_fingerprint(split, cfg)
+    folder, n_shards = shard_dir(out_path), math.ceil(n / cfg.chunk)
+    _check_shards(folder, fingerprint, split, cfg)
+    rank, world = distributed.rank(), distributed.world_size()
+    t0 = time.perf_counter()
+    fitted = []
+    for i in range(rank, n_shards, world):
+        if shard_path(out_path, i).is_file():
+            continue  # finished by an earlier run (its fingerprint was checked above)
+        _fit_shard(split, cfg, i, out_path, fingerprint)
+        fitted.append(i)
+    distributed.barrier()
+    wall = time.perf_counter() - t0
+    summary = {"split": split.spec, "n_fields": n, "rank": rank, "world_size": world, "n_shards": n_shards,
+               "shards_fitted": fitted, "wall_seconds": round(wall, 3), "out": str(out_path)}
+    if distributed.is_main():
+        summary.update(_write_merged(split, out_path, cfg, fingerprint))
+    distributed.barrier()  # nobody returns before the fields file exists
+    return summary
+
+
+def _write_merged(split, out_path, cfg: FitConfig, fingerprint: str) -> dict:
+    weights, field_psnr, retried, seconds = _merge_shards(out_path, len(split.labels), cfg.chunk, fingerprint)
+    spec = spec_for_images(tuple(split.images.shape[1:]), cfg.hidden, cfg.hidden_layers, cfg.omega0)
+    n = weights.shape[0]
+    # seconds: fitting time summed over shards (all ranks, all runs), so fields_per_s is per-process throughput.
+    summary = {"num_params": spec.num_params, "mean_psnr": float(field_psnr.mean()),
+               "min_psnr": float(field_psnr.min()), "seconds": round(seconds, 3),
+               "fields_per_s": round(n / max(seconds, 1e-9), 2), "retried": retried, "failed": []}
     meta = {"source": {"split": split.spec, "indices": split.indices.tolist()}, "recipe": asdict(cfg),
             "timing": {"seconds": summary["seconds"], "fields_per_s": summary["fields_per_s"],
-                       "device": str(pick_device(cfg.device))},
-            "mean_psnr": summary["mean_psnr"], "min_psnr": summary["min_psnr"], "retried": result.retried}
-    save_fields(out_path, result.weights, split.labels, result.psnr, result.spec, tuple(split.images.shape[1:]), meta)
+                       "device": str(pick_device(cfg.device)), "world_size": distributed.world_size()},
+            "mean_psnr": summary["mean_psnr"], "min_psnr": summary["min_psnr"], "retried": retried}
+    save_fields(out_path, weights, split.labels, field_psnr, spec, tuple(split.images.shape[1:]), meta)
+    shutil.rmtree(shard_dir(out_path), ignore_errors=True)
     if not cfg.quiet:
         print(f"fit {n} fields of {split.spec}: PSNR mean {summary['mean_psnr']:.2f} dB, min "
               f"{summary['min_psnr']:.2f} dB, {summary['seconds']:.1f} s ({summary['fields_per_s']:.1f} fields/s)"
-              f"{f', {len(result.retried)} retried' if result.retried else ''} → {out_path}")
+              f"{f', {len(retried)} retried' if retried else ''} → {out_path}")
     return summary

@@ -5,6 +5,14 @@ sequence carries NO_CLASS instead of its class token. Checkpoints are safetensor
 (weights + config, what generate reads) and `train_state.safetensors` (model, AdamW state, step and RNG
 states, what --resume reads). Batches are drawn from a seeded generator whose state is checkpointed, so a
 resumed run sees the same batches and, on CPU, reproduces the uninterrupted loss curve exactly.
+
+Under `torchrun --nproc-per-node K -m nfgen train …` the model is wrapped in DistributedDataParallel: the
+GPT is ~10M parameters, so a full replica plus AdamW state fits every GPU many times over and FSDP's
+sharding would only add communication. Every rank draws the same global batch of `batch_size` sequences
+from the same checkpointed generator and trains on its own contiguous slice of it; DDP averages the
+gradients, which equals the one-process gradient of the global batch (every sequence has the same number
+of targets). The data position is therefore independent of the world size, so a run may resume with
+another K. Rank 0 writes the checkpoints.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from nfgen import distributed
 from nfgen.common import make_generator, pick_device, progress
 from nfgen.io import NfgenError, load_artifact, save_artifact, write_json
 from nfgen.model import GPT, GPTConfig, save_model
@@ -151,6 +160,8 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
     """Train on a tokens file; write model.safetensors, train_state.safetensors and train_log.json in run_dir."""
     cfg.validate()
     run_dir = Path(run_dir)
+    distributed.init_from_env()
+    rank, world = distributed.rank(), distributed.world_size()
     device = pick_device(cfg.device)
     ts = load_tokens(tokens_path, hint="run `nfgen tokenize` first")
     n_classes = int(ts.meta.get("n_classes", int(ts.labels.max()) + 1))
@@ -164,6 +175,11 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
     perm = torch.randperm(n, generator=split_gen)
     n_val = int(round(n * cfg.val_fraction)) if n > 1 else 0
     val_seqs, train_seqs = seqs[perm[:n_val]], seqs[perm[n_val:]]
+    bs = min(cfg.batch_size, train_seqs.shape[0])
+    if bs % world:
+        raise NfgenError(f"--batch-size {bs} (the global batch) does not split evenly over {world} processes; "
+                         f"pass a multiple of {world}")
+    mine = slice(rank * (bs // world), (rank + 1) * (bs // world))  # this rank's part of the global batch
 
     torch.manual_seed(cfg.seed)
     gcfg = GPTConfig(vocab_size=vocab.size, block_size=seq_len - 1, n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -184,26 +200,33 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16) if device.type == "cuda" \
             else torch.autocast("cpu", enabled=False)
 
-    fwd = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        # broadcast_buffers off: the GPT's buffers (if any) are constants, identical on every rank.
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    else:
+        ddp = model
+    fwd = torch.compile(ddp) if cfg.compile else ddp
     meta_base = {"config": asdict(gcfg), "n_codes": vocab.n_codes, "n_classes": n_classes,
                  "tokens_per_field": seq_len - 2, "train_config": asdict(cfg), "tokens_path": str(tokens_path),
                  "tokenizer": ts.meta.get("tokenizer"), "spec": ts.spec.to_dict(), "image_shape": list(ts.image_shape)}
 
     def checkpoint(steps_done: int, final: bool):
+        if not distributed.is_main():
+            return
         meta = dict(meta_base, step=steps_done, history=history)
         save_artifact(state_path, "train_state", _state_tensors(model, opt, gen), meta)
         save_model(run_dir / "model.safetensors", model, meta)
         write_json(run_dir / "train_log.json", {"step": steps_done, "final": final, "history": history})
 
-    bs = min(cfg.batch_size, train_seqs.shape[0])
     tokens_per_step = bs * (seq_len - 1)
-    bar = progress(range(step, cfg.steps), quiet=cfg.quiet, desc="train", initial=step, total=cfg.steps)
+    bar = progress(range(step, cfg.steps), quiet=cfg.quiet or not distributed.is_main(), desc="train", initial=step, total=cfg.steps)
     t0, last_val = time.perf_counter(), float("nan")
     model.train()
     for step in bar:
         idx = torch.randint(0, train_seqs.shape[0], (bs,), generator=gen)
         drop = torch.rand(bs, generator=gen) < cfg.class_dropout
-        x, y = batch_from(train_seqs, idx, drop, vocab)
+        x, y = batch_from(train_seqs, idx[mine], drop[mine], vocab)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         with autocast():
@@ -214,7 +237,7 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
         opt.step()
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            train_loss = float(loss.detach())
+            train_loss = float(distributed.all_reduce_mean(loss.detach()))  # the global batch's loss
             if not math.isfinite(train_loss):
                 raise NfgenError(f"training diverged at step {done} (loss {train_loss}); lower --lr or raise --warmup")
             last_val = evaluate_loss(model, val_seqs, vocab, bs, device, autocast) if n_val else float("nan")
@@ -226,6 +249,7 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
             checkpoint(done, final=False)
     elapsed = time.perf_counter() - t0
     checkpoint(cfg.steps, final=True)
+    distributed.barrier()  # no rank returns before the final checkpoint exists
     last = history[-1] if history else {}
     return {"steps": cfg.steps, "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
             "n_train": int(train_seqs.shape[0]), "n_val": n_val, "params": sum(p.numel() for p in model.parameters()),

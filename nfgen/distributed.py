@@ -1,0 +1,67 @@
+"""torch.distributed plumbing for `torchrun … -m nfgen …`: process group setup and work splitting.
+
+nfgen launches nothing itself: torchrun (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT) starts the processes, and every helper here is a no-op in a plain single process,
+so one code path serves both.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); False when not under torchrun.
+
+    Idempotent: the fit and train stages both call it. Under CUDA each process takes the GPU LOCAL_RANK,
+    so `pick_device("auto")` → "cuda" means this rank's own GPU.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        return False
+    if dist.is_initialized():
+        return True
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return True
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of `x` over ranks (a copy); `x` itself when not distributed."""
+    if not dist.is_initialized():
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / world_size()
+
+
+def shard_range(n: int, rank_: int, world: int) -> range:
+    """The contiguous slice of range(n) that rank `rank_` of `world` owns; sizes differ by at most one."""
+    if world < 1 or not 0 <= rank_ < world or n < 0:
+        raise ValueError(f"shard_range: need 0 <= rank < world and n >= 0, got n={n} rank={rank_} world={world}")
+    base, extra = divmod(n, world)
+    lo = rank_ * base + min(rank_, extra)
+    return range(lo, lo + base + (rank_ < extra))
+
+
+__all__ = ["init_from_env", "rank", "world_size", "is_main", "barrier", "all_reduce_mean", "shard_range"]
