@@ -141,7 +141,15 @@ def _load_mnist(root: Path, subset: str, download: bool):
 
 
 def download_mnist(root: Path, subset: str) -> None:
-    """Fetch the gzipped IDX files into <root>/mnist/, checking MD5; torchvision's downloader if importable."""
+    """Fetch the gzipped IDX files, checking MD5: torchvision's downloader (into <root>/MNIST/raw/) if it
+    imports, else the usual mirrors (into <root>/mnist/)."""
+    try:
+        from torchvision.datasets import MNIST  # optional; its PyPI build does not import beside CPU torch
+
+        MNIST(str(root), train=subset == "train", download=True)
+        return
+    except Exception:  # noqa: BLE001 — any failure there falls back to the mirrors below
+        pass
     dest = root / "mnist"
     dest.mkdir(parents=True, exist_ok=True)
     for stem in MNIST_FILES[subset]:
