@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nfgen import distributed
-from nfgen.fields import FitConfig, load_fields, run_fit, shard_dir, shard_path
+from nfgen.data import load_split
+from nfgen.fields import FitConfig, fit_fields, load_fields, run_fit, shard_dir, shard_path
 from nfgen.io import NfgenError, load_artifact
 from nfgen.tokenizer import TokenizerConfig, TokenSet, WeightTokenizer, save_tokens
 from nfgen.train import TrainConfig, train
@@ -78,6 +79,15 @@ def test_two_process_fit_equals_one_process_bit_for_bit(reference_fields, tmp_pa
     assert '"world_size": 2' in proc.stdout
     assert_same_fields(out, reference_fields)
     assert load_fields(out).meta["timing"]["world_size"] == 2 and not shard_dir(out).exists()
+
+
+def test_shards_seed_independent_init_by_split_position(tmp_path, data_root):
+    # Shard 1 starts at split position 4: its fields must get the draws of positions 4..7, not 0..3.
+    cfg = FitConfig(**{**FIT, "init": "independent"})
+    out = tmp_path / "fields.safetensors"
+    run_fit(SPLIT, out, cfg, data_root=data_root)
+    whole = fit_fields(load_split(SPLIT, data_root=data_root).images, cfg)  # same chunks, no shards
+    assert torch.equal(load_fields(out).weights, whole.weights)
 
 
 def test_sigkilled_fit_resumes_onto_the_same_file(tmp_path, data_root):
