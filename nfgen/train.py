@@ -156,6 +156,11 @@ def evaluate_loss(model: GPT, seqs: torch.Tensor, vocab: Vocab, batch_size: int,
     return total / max(1, count)
 
 
+def _cuda_index(device: torch.device) -> int:
+    """"cuda" without an index is the current GPU, which init_from_env set to this rank's LOCAL_RANK."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> dict:
     """Train on a tokens file; write model.safetensors, train_state.safetensors and train_log.json in run_dir."""
     cfg.validate()
@@ -203,7 +208,7 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
     if world > 1:
         # broadcast_buffers off: the GPT's buffers (if any) are constants, identical on every rank.
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+            model, device_ids=[_cuda_index(device)] if device.type == "cuda" else None, broadcast_buffers=False)
     else:
         ddp = model
     fwd = torch.compile(ddp) if cfg.compile else ddp
