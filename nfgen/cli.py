@@ -43,7 +43,9 @@ def _config(cls, args: argparse.Namespace, **overrides):
 
 
 def _common(p: argparse.ArgumentParser, data: bool = False) -> None:
-    p.add_argument("--run", default="runs/default", help="run directory holding this run's artifacts (default: runs/default)")
+    # --run-dir: under torchrun, whose own --run-path swallows an abbreviated --run
+    p.add_argument("--run", "--run-dir", dest="run", default="runs/default",
+                   help="run directory holding this run's artifacts (default: runs/default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if data:
         p.add_argument("--data-root", default=None, help="data root (default: $NFGEN_DATA, else ~/.cache/nfgen)")
@@ -55,6 +57,10 @@ def _path(value: str | None, run: Path, name: str) -> Path:
 
 
 def _save_config(run: Path, command: str, args: argparse.Namespace, **resolved) -> None:
+    from nfgen.distributed import is_main
+
+    if not is_main():  # under torchrun, rank 0 speaks for the run
+        return
     cfg = {k: v for k, v in vars(args).items() if k != "func"}
     for k, v in resolved.items():
         cfg[k] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
@@ -256,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nfgen {args.command}: interrupted; finished artifacts are intact, rerun to redo this stage",
               file=sys.stderr)
         return 130
-    _report(summary)
+    from nfgen.distributed import is_main
+
+    if is_main():
+        _report(summary)
     return 0
 
 
