@@ -10,7 +10,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("NFGEN_DATA", str(ROOT.parent / "shared" / "data"))
+# Absolute, because some tests run the CLI in subprocesses with another working directory.
+os.environ["NFGEN_DATA"] = str(Path(os.environ.get("NFGEN_DATA", ROOT.parent / "shared" / "data")).resolve())
 
 
 def _mnist_available() -> bool:
