@@ -26,7 +26,7 @@ HELDOUT_SPLIT = "mnist:test[8000:]"
 # a training step of the default 1187-token sequences costs several seconds on 2 cores.
 FIT = dict(hidden=16)
 TOKENIZE: dict = {}
-TRAIN = dict(n_layer=3, n_head=3, n_embd=96, steps=250, batch_size=16, lr=3e-3, warmup=25, eval_every=50,
+TRAIN = dict(n_layer=3, n_head=3, n_embd=96, steps=800, batch_size=16, lr=3e-3, warmup=50, eval_every=100,
              checkpoint_every=1000)
 SAMPLE = dict(temperature=0.8, top_k=3)  # NeF-GPT's sampling settings: fidelity over coverage
 PER_CLASS = 20
