@@ -71,6 +71,24 @@ def sync(device):
 # Contenders: each returns run(steps) that performs `steps` fit steps on all fields
 
 
+def adam_runner(loss_fn, opt, compile_):
+    """run(steps): forward + backward of `loss_fn` (compiled if asked) and `opt.step()`, `steps` times."""
+    def fwd_bwd():
+        opt.zero_grad(set_to_none=False)
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    step_fn = torch.compile(fwd_bwd) if compile_ else fwd_bwd
+
+    def run(steps):
+        for _ in range(steps):
+            step_fn()
+            opt.step()
+
+    return run
+
+
 def peer_baddbmm(spec, coords, target, template, compile_=False):
     n = target.shape[0]
     layers = [(w.clone().requires_grad_(True), b.clone().requires_grad_(True))
@@ -86,20 +104,7 @@ def peer_baddbmm(spec, coords, target, template, compile_=False):
                 h = torch.sin(spec.omega0 * h)
         return (h - target).pow(2).mean(dim=(1, 2)).sum()
 
-    def fwd_bwd():
-        opt.zero_grad(set_to_none=False)
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
-    step_fn = torch.compile(fwd_bwd) if compile_ else fwd_bwd
-
-    def run(steps):
-        for _ in range(steps):
-            step_fn()
-            opt.step()
-
-    return run
+    return adam_runner(loss_fn, opt, compile_)
 
 
 def peer_vmap(spec, coords, target, template, compile_=False):
@@ -129,21 +134,7 @@ def peer_vmap(spec, coords, target, template, compile_=False):
         return (out - y).pow(2).mean()
 
     batched = vmap(one, in_dims=(0, 0))
-
-    def fwd_bwd():
-        opt.zero_grad(set_to_none=False)
-        loss = batched(params, target).sum()
-        loss.backward()
-        return loss
-
-    step_fn = torch.compile(fwd_bwd) if compile_ else fwd_bwd
-
-    def run(steps):
-        for _ in range(steps):
-            step_fn()
-            opt.step()
-
-    return run
+    return adam_runner(lambda: batched(params, target).sum(), opt, compile_)
 
 
 class Sine(torch.nn.Module):

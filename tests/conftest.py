@@ -29,3 +29,25 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def die_at_step(monkeypatch):
+    """arm(n): nfgen.train's n-th optimizer step raises KeyboardInterrupt — a kill at a known point.
+
+    Undo with monkeypatch.undo().
+    """
+    import nfgen.train as train_mod
+
+    def arm(n: int) -> None:
+        real_clip, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
+
+        def clip_then_die(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real_clip(*a, **k)
+
+        monkeypatch.setattr(train_mod.torch.nn.utils, "clip_grad_norm_", clip_then_die)
+
+    return arm

@@ -190,22 +190,13 @@ def test_ddp_refuses_a_global_batch_that_does_not_split(tokens_file, tmp_path, m
         train(tokens_file, tmp_path / "r", TrainConfig(**TRAIN, quiet=True))
 
 
-def test_one_process_checkpoint_resumes_under_two_processes(tokens_file, one_process_run, tmp_path, monkeypatch):
-    import nfgen.train as train_mod
-
+def test_one_process_checkpoint_resumes_under_two_processes(tokens_file, one_process_run, tmp_path, monkeypatch,
+                                                           die_at_step):
     ref = one_process_run
     # One process, killed during step 3 (after the step-2 checkpoint)…
     work = tmp_path / "work"
     run = work / "runs" / "default"  # the CLI's default run directory under cwd=work
-    real_clip, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
-
-    def clip_then_die(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_clip(*a, **k)
-
-    monkeypatch.setattr(train_mod.torch.nn.utils, "clip_grad_norm_", clip_then_die)
+    die_at_step(3)
     with pytest.raises(KeyboardInterrupt):
         train(tokens_file, run, TrainConfig(**{**TRAIN, "checkpoint_every": 2}, quiet=True))
     monkeypatch.undo()

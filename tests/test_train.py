@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import nfgen.train as train_mod
 from nfgen.io import NfgenError
 from nfgen.model import load_model
 from nfgen.tokenizer import TokenizerConfig, TokenSet, WeightTokenizer, save_tokens
@@ -57,25 +56,17 @@ def test_train_learns_and_writes_loadable_model(tokens_file, tmp_path):
     assert summary["val_loss"] is not None and summary["n_val"] == 6
 
 
-def test_resume_reproduces_uninterrupted_run_exactly(tokens_file, tmp_path, monkeypatch):
+def test_resume_reproduces_uninterrupted_run_exactly(tokens_file, tmp_path, monkeypatch, die_at_step):
     straight = tmp_path / "straight"
     train(tokens_file, straight, small())
     ref_model, ref_meta = load_model(straight / "model.safetensors")
 
     # Interrupt the second run after its step-5 checkpoint: the 7th optimizer step raises.
     resumed = tmp_path / "resumed"
-    real_clip, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
-
-    def clip_then_die(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real_clip(*a, **k)
-
-    monkeypatch.setattr(train_mod.torch.nn.utils, "clip_grad_norm_", clip_then_die)
+    die_at_step(7)
     with pytest.raises(KeyboardInterrupt):
         train(tokens_file, resumed, small())
-    monkeypatch.setattr(train_mod.torch.nn.utils, "clip_grad_norm_", real_clip)
+    monkeypatch.undo()
     _, partial = load_model(resumed / "model.safetensors")
     assert partial["step"] == 5
 
