@@ -51,3 +51,21 @@ def die_at_step(monkeypatch):
         monkeypatch.setattr(train_mod.torch.nn.utils, "clip_grad_norm_", clip_then_die)
 
     return arm
+
+
+@pytest.fixture(scope="session")
+def tokens_file(tmp_path_factory):
+    """A tokens file of 64 tiny 2→4→1 fields in two classes whose weights differ in sign: a pattern a GPT
+    must learn to condition on, in 17-token sequences (training tests stay fast)."""
+    from nfgen.tokenizer import TokenizerConfig, TokenSet, WeightTokenizer, save_tokens
+    from nfkernels import SirenSpec
+
+    spec = SirenSpec(hidden=4, hidden_layers=1)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(64) % 2
+    base = torch.linspace(-1, 1, spec.num_params)
+    weights = (base * (2 * labels[:, None] - 1) + 0.05 * torch.randn(64, spec.num_params, generator=g)).float()
+    tok = WeightTokenizer.fit(weights, spec, TokenizerConfig(codebook_size=16, iters=5, quiet=True))
+    path = tmp_path_factory.mktemp("tokens") / "tokens.safetensors"
+    save_tokens(path, TokenSet(tok.encode(weights), labels, tok, spec, (1, 1), {"n_classes": 2}))
+    return path

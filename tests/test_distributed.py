@@ -13,9 +13,7 @@ from nfgen import distributed
 from nfgen.data import load_split
 from nfgen.fields import FitConfig, fit_fields, load_fields, run_fit, shard_dir, shard_path
 from nfgen.io import NfgenError, load_artifact
-from nfgen.tokenizer import TokenizerConfig, TokenSet, WeightTokenizer, save_tokens
 from nfgen.train import TrainConfig, train
-from nfkernels import SirenSpec
 
 SPLIT = "mnist:test[:12]"
 # shard = chunk = 4 fields → 3 shards, so 2 ranks own unequal numbers of shards (0, 2 and 1).
@@ -136,22 +134,8 @@ def test_merge_refuses_missing_or_foreign_shards(tmp_path, data_root, monkeypatc
 
 # ----------------------------------------------------------------------------- DDP training
 
-SPEC = SirenSpec(hidden=4, hidden_layers=1)
 TRAIN = dict(n_layer=2, n_head=2, n_embd=32, steps=4, batch_size=8, lr=3e-3, warmup=2, eval_every=1,
              checkpoint_every=5, val_fraction=0.1, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tokens_file(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("tokens")
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(64) % 2
-    base = torch.linspace(-1, 1, SPEC.num_params)
-    weights = (base * (2 * labels[:, None] - 1) + 0.05 * torch.randn(64, SPEC.num_params, generator=g)).float()
-    tok = WeightTokenizer.fit(weights, SPEC, TokenizerConfig(codebook_size=16, iters=5, quiet=True))
-    path = tmp_path / "tokens.safetensors"
-    save_tokens(path, TokenSet(tok.encode(weights), labels, tok, SPEC, (1, 1), {"n_classes": 2}))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -4,25 +4,11 @@ import torch
 
 from nfgen.io import NfgenError
 from nfgen.model import load_model
-from nfgen.tokenizer import TokenizerConfig, TokenSet, WeightTokenizer, save_tokens
 from nfgen.train import TrainConfig, batch_from, lr_at, make_sequences, train
 from nfgen.vocab import Vocab
 from nfkernels import SirenSpec
 
 SPEC = SirenSpec(hidden=4, hidden_layers=1)  # 2→4→1: 17 weights, so sequences stay short
-
-
-@pytest.fixture
-def tokens_file(tmp_path):
-    """Two classes whose weights differ in sign: a pattern the model must learn to condition on."""
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(64) % 2
-    base = torch.linspace(-1, 1, SPEC.num_params)
-    weights = (base * (2 * labels[:, None] - 1) + 0.05 * torch.randn(64, SPEC.num_params, generator=g)).float()
-    tok = WeightTokenizer.fit(weights, SPEC, TokenizerConfig(codebook_size=16, iters=5, quiet=True))
-    path = tmp_path / "tokens.safetensors"
-    save_tokens(path, TokenSet(tok.encode(weights), labels, tok, SPEC, (1, 1), {"n_classes": 2}))
-    return path
 
 
 def small(**kw):
