@@ -146,7 +146,9 @@ class Sine(torch.nn.Module):
         return torch.sin(self.omega0 * x)
 
 
-def nfgen_fit(spec, coords, target, template, backend="auto", steps_per_call=10):
+def nfgen_fit(spec, coords, target, template, backend="auto", steps_per_call=10, **triton_opts):
+    """nfgen's fused fit; `triton_opts` (kernel, dot_precision, block_c, num_warps, programs_per_sm) go straight
+    to the Triton launcher, past the dispatcher."""
     n = target.shape[0]
     params = template.expand(n, -1).contiguous()
     m, v = torch.zeros_like(params), torch.zeros_like(params)
@@ -156,12 +158,40 @@ def nfgen_fit(spec, coords, target, template, backend="auto", steps_per_call=10)
         done = 0
         while done < steps:
             k = min(steps_per_call, steps - done)
-            siren_fit_steps(params, m, v, state["step"], coords, target, spec, lr=LR, n_steps=k, backend=backend)
+            if triton_opts:
+                from nfkernels import siren_triton
+
+                siren_triton.siren_fit_steps(params, m, v, state["step"], coords, target, spec, lr=LR,
+                                             betas=(0.9, 0.999), eps=1e-8, n_steps=k, active=None, **triton_opts)
+            else:
+                siren_fit_steps(params, m, v, state["step"], coords, target, spec, lr=LR, n_steps=k, backend=backend)
             state["step"] += k
             done += k
 
     run.params = params
     return run
+
+
+def sweep_triton(spec, device, n=10000, steps=20, repeats=3):
+    """Field-steps/s of the Triton fit kernels over launch configurations, best first (picks the defaults)."""
+    coords, target, template = make_problem(n, device, spec)
+    rows = []
+    configs = [dict(kernel="scratch", dot_precision="ieee", block_c=64, num_warps=4, programs_per_sm=8)]
+    configs += [dict(kernel="regs", dot_precision=p, block_c=bc, num_warps=w, programs_per_sm=g)
+                for p in ("ieee", "tf32") for bc in (16, 32, 64) for w in (4, 8) for g in (2, 4, 8, 16)]
+    for cfg in configs:
+        row = {"n_fields": n, "steps": steps, **cfg}
+        try:
+            sec, _ = time_contender(lambda: nfgen_fit(spec, coords, target, template, steps_per_call=steps, **cfg),
+                                    device, steps, repeats)
+            row["field_steps_per_s"] = n / sec
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit is reported
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        rows.append(row)
+        print("  sweep", " ".join(f"{k}={v}" for k, v in cfg.items()),
+              f"{row['field_steps_per_s']:,.0f} field-steps/s" if "field_steps_per_s" in row else row["error"],
+              flush=True)
+    return sorted(rows, key=lambda r: -r.get("field_steps_per_s", 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,6 +251,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, nargs="*", help="field counts (default: 1000 on CPU; 1000 10000 60000 on CUDA)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", help="write every row and the environment as JSON")
+    ap.add_argument("--sweep", action="store_true", help="CUDA: also time the Triton kernels' launch configurations")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -251,7 +282,13 @@ def main(argv=None):
     print(f"device: {device_name} ({device}); torch {torch.__version__}; threads {torch.get_num_threads()}")
     print(f"FP32 peak: {peak_note}; measured torch sgemm {sgemm / 1e9:.1f} GFLOP/s; {flop / 1e6:.2f} MFLOP/field-step")
 
-    nfgen_backends = ["triton"] if on_gpu else ["cpp"]
+    sweep = sweep_triton(spec, device) if on_gpu and args.sweep else []
+    best = {k: v for k, v in sweep[0].items() if k in ("kernel", "dot_precision", "block_c", "num_warps",
+                                                       "programs_per_sm")} if sweep else None
+    nfgen_variants = [("nfgen[triton]", {}), ("nfgen[triton,tf32]", {"dot_precision": "tf32"}),
+                      ("nfgen[triton,scratch]", {"kernel": "scratch"})] if on_gpu else [("nfgen[cpp]", {})]
+    if best:
+        nfgen_variants.append(("nfgen[triton,best-of-sweep]", best))
     rows = []
     for n in sizes:
         coords, target, template = make_problem(n, device, spec)
@@ -260,8 +297,9 @@ def main(argv=None):
         if use_compile:
             contenders += [("baddbmm+compile", lambda: peer_baddbmm(spec, coords, target, template, compile_=True)),
                            ("vmap+compile", lambda: peer_vmap(spec, coords, target, template, compile_=True))]
-        for b in nfgen_backends:
-            contenders.append((f"nfgen[{b}]", lambda b=b: nfgen_fit(spec, coords, target, template, backend=b)))
+        for label, opts in nfgen_variants:
+            backend = "triton" if on_gpu else "cpp"
+            contenders.append((label, lambda b=backend, o=opts: nfgen_fit(spec, coords, target, template, backend=b, **o)))
         for name, make in contenders:
             row = {"contender": name, "n_fields": n, "pixels": pixels, "arch": "2-32-32-1", "steps": steps,
                    "repeats": repeats}
@@ -286,26 +324,28 @@ def main(argv=None):
             if r["n_fields"] == n and r["contender"].startswith("nfgen") and "ratio_vs_best_peer" in r:
                 print(f"  {r['contender']} / best peer at N={n}: {r['ratio_vs_best_peer']:.2f}x")
 
-    if on_gpu and not args.quick:  # the headline: 60k fields × 500 steps, wall time
+    if on_gpu and not args.quick:  # the headline: 60k fields × 500 steps, wall time and fitted PSNR per variant
         coords, target, template = make_problem(60000, device, spec)
-        run = nfgen_fit(spec, coords, target, template, backend=nfgen_backends[0], steps_per_call=50)
-        run(1)
-        sync(device)
-        run = nfgen_fit(spec, coords, target, template, backend=nfgen_backends[0], steps_per_call=50)
-        t = time.perf_counter()
-        run(500)
-        sync(device)
-        wall = time.perf_counter() - t
-        psnr = _psnr(run.params, coords, target, spec)
-        row = {"contender": f"nfgen[{nfgen_backends[0]}] 60k x 500 steps", "n_fields": 60000, "steps": 500,
-               "wall_s": wall, "mean_psnr_db": psnr}
-        rows.append(row)
-        print(f"60,000 fields × 500 steps: {wall:.2f} s (mean PSNR {psnr:.2f} dB)")
+        for label, opts in nfgen_variants:
+            if "scratch" in label:
+                continue
+            nfgen_fit(spec, coords, target, template, backend="triton", steps_per_call=50, **opts)(1)  # compile
+            run = nfgen_fit(spec, coords, target, template, backend="triton", steps_per_call=50, **opts)
+            sync(device)
+            t = time.perf_counter()
+            run(500)
+            sync(device)
+            wall = time.perf_counter() - t
+            psnr = _psnr(run.params, coords, target, spec)
+            rows.append({"contender": f"{label} 60k x 500 steps", "n_fields": 60000, "steps": 500, "wall_s": wall,
+                         "mean_psnr_db": psnr, **opts})
+            print(f"{label}: 60,000 fields × 500 steps in {wall:.2f} s (mean PSNR {psnr:.2f} dB)")
 
     if args.out:
         write_result(args.out, {**environment("benchmarks.bench_fit", device),
                                 "threads": torch.get_num_threads(), "fp32_peak_flops": peak, "peak_note": peak_note,
-                               "measured_sgemm_flops": sgemm, "flop_per_field_step": flop, "rows": rows})
+                               "measured_sgemm_flops": sgemm, "flop_per_field_step": flop, "rows": rows,
+                                "sweep": sweep})
     return rows
 
 

@@ -161,12 +161,13 @@ def siren_fit_steps_reference(params: torch.Tensor, exp_avg: torch.Tensor, exp_a
 
 
 def siren_fit_steps(params, exp_avg, exp_avg_sq, step, coords, target, spec, *, lr, betas=(0.9, 0.999), eps=1e-8,
-                    n_steps=1, active=None, backend: str = "auto") -> torch.Tensor:
+                    n_steps=1, active=None, backend: str = "auto", dot_precision: str = "ieee") -> torch.Tensor:
     """Fused fitting: forward, per-field MSE, backward and Adam, `n_steps` times, in place. See the reference.
 
     `target` is [N, C, out_dim] (or broadcastable to it); `active` an optional bool [N]. The fused
     backends keep each field's weights, Adam state and image on chip (Triton) or in cache (C++) across
-    all `n_steps`.
+    all `n_steps`. `dot_precision` ("ieee", "tf32", "tf32x3") sets the Triton kernel's hidden×hidden
+    products; the other backends are always exact fp32.
     """
     b = _pick(backend, params, coords, spec, "siren_fit_steps")
     if b == "torch":
@@ -194,7 +195,7 @@ def siren_fit_steps(params, exp_avg, exp_avg_sq, step, coords, target, spec, *, 
 
         loss = siren_triton.siren_fit_steps(*state, int(step), coords.contiguous(), target, spec, lr=float(lr),
                                             betas=(float(betas[0]), float(betas[1])), eps=float(eps),
-                                            n_steps=int(n_steps), active=active)
+                                            n_steps=int(n_steps), active=active, dot_precision=dot_precision)
     for mine, theirs in zip(state, (params, exp_avg, exp_avg_sq)):
         if mine is not theirs:
             theirs.copy_(mine)

@@ -182,6 +182,124 @@ if HAS_TRITON:
                     tl.store(pf + kk, pk - (mk / bc1) / (tl.sqrt(vk / bc2) + eps) * lr, mask=km)
                 tl.debug_barrier()
 
+    @triton.jit
+    def _adam_tensor(w, g, off, mask, mf, vf, on, lr, beta1, beta2, eps, bc1, bc2):
+        # One Adam step of a register-resident weight tile (as siren_fit_steps_reference); m and v live in global
+        # memory (read once a step). An inactive field (on == 0) stays as it is.
+        upd = (mask.to(tl.int32) * on) != 0  # full-shaped: the interpreter rejects mask & 0-d
+        m = beta1 * tl.load(mf + off, mask=mask, other=0.0) + (1.0 - beta1) * g
+        v = beta2 * tl.load(vf + off, mask=mask, other=0.0) + (1.0 - beta2) * g * g
+        tl.store(mf + off, m, mask=upd)
+        tl.store(vf + off, v, mask=upd)
+        return tl.where(upd, w - (m / bc1) / (tl.sqrt(v / bc2) + eps) * lr, w)
+
+    @triton.jit
+    def _fit_kernel_regs(p_ptr, m_ptr, v_ptr, loss_ptr, x_ptr, y_ptr, act_ptr, bc_ptr,
+                         N, C, P, n_steps, lr, beta1, beta2, eps, omega0, grad_scale, inv_count,
+                         HAS_ACTIVE: tl.constexpr, IN: tl.constexpr, INP: tl.constexpr, H: tl.constexpr,
+                         HP: tl.constexpr, NS: tl.constexpr, OUT: tl.constexpr, OUTP: tl.constexpr,
+                         BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+        # The one- and two-sine-layer SIRENs (the default 2→32→32→1 among them) with everything in registers: a
+        # field's weights and gradient sums stay in registers across all pixel tiles and all steps, and a tile's
+        # sin/cos go straight from the forward into the backward, so global memory sees only the image, the
+        # coordinates (both L2-resident) and one read/write of the Adam state per step.
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_h = tl.arange(0, HP)
+        offs_i = tl.arange(0, INP)
+        offs_o = tl.arange(0, OUTP)
+        hmask = offs_h < H
+        imask = offs_i < IN
+        omask = offs_o < OUT
+        w1_off = offs_h[:, None] * IN + offs_i[None, :]
+        w1_mask = hmask[:, None] & imask[None, :]
+        b1_off = H * IN + offs_h
+        w2_off = H * IN + H + offs_h[:, None] * H + offs_h[None, :]
+        hh_mask = hmask[:, None] & hmask[None, :]
+        b2_off = H * IN + H + H * H + offs_h
+        off_last = H * IN + H + (NS - 1) * (H * H + H)
+        wo_off = off_last + offs_o[:, None] * H + offs_h[None, :]
+        oh_mask = omask[:, None] & hmask[None, :]
+        bo_off = off_last + OUT * H + offs_o
+        for f in range(pid, N, n_prog):
+            f64 = tl.cast(f, tl.int64)
+            pf = p_ptr + f64 * P
+            mf = m_ptr + f64 * P
+            vf = v_ptr + f64 * P
+            yf = y_ptr + f64 * C * OUT
+            on = tl.full((), 1, tl.int32)
+            if HAS_ACTIVE:
+                on = tl.load(act_ptr + f).to(tl.int32)
+            n_run = 1 + (n_steps - 1) * on  # an inactive field is only evaluated (its loss), not updated
+            w1 = tl.load(pf + w1_off, mask=w1_mask, other=0.0)
+            b1 = tl.load(pf + b1_off, mask=hmask, other=0.0)
+            if NS == 2:
+                w2 = tl.load(pf + w2_off, mask=hh_mask, other=0.0)
+                b2 = tl.load(pf + b2_off, mask=hmask, other=0.0)
+            else:
+                w2 = tl.zeros((HP, HP), dtype=tl.float32)
+                b2 = tl.zeros((HP,), dtype=tl.float32)
+            wo = tl.load(pf + wo_off, mask=oh_mask, other=0.0)
+            bo = tl.load(pf + bo_off, mask=omask, other=0.0)
+            for s in range(n_run):
+                gw1 = tl.zeros((HP, INP), dtype=tl.float32)
+                gb1 = tl.zeros((HP,), dtype=tl.float32)
+                gw2 = tl.zeros((HP, HP), dtype=tl.float32)
+                gb2 = tl.zeros((HP,), dtype=tl.float32)
+                gwo = tl.zeros((OUTP, HP), dtype=tl.float32)
+                gbo = tl.zeros((OUTP,), dtype=tl.float32)
+                sq = tl.zeros((BLOCK_C,), dtype=tl.float32)
+                w2t = tl.trans(w2)
+                for c0 in range(0, C, BLOCK_C):
+                    rows = c0 + offs_c
+                    rmask = rows < C
+                    z1 = tl.zeros((BLOCK_C, HP), dtype=tl.float32) + b1[None, :]
+                    for i in tl.static_range(IN):  # in_dim 1-4: broadcast FMAs, not a padded dot
+                        xi = tl.load(x_ptr + rows * IN + i, mask=rmask, other=0.0)
+                        z1 += xi[:, None] * tl.sum(tl.where(offs_i[None, :] == i, w1, 0.0), axis=1)[None, :]
+                    s1, c1 = _sincos(z1 * omega0)
+                    if NS == 2:
+                        s2, c2 = _sincos((tl.dot(s1, w2t, input_precision=PRECISION) + b2[None, :]) * omega0)
+                    else:
+                        s2, c2 = s1, c1
+                    ymask = rmask[:, None] & omask[None, :]
+                    y = tl.sum(s2[:, None, :] * wo[None, :, :], axis=2) + bo[None, :]
+                    e = tl.where(ymask, y - tl.load(yf + rows[:, None] * OUT + offs_o[None, :], mask=ymask, other=0.0),
+                                 0.0)
+                    sq += tl.sum(e * e, axis=1)
+                    dy = e * grad_scale
+                    gwo += tl.sum(dy[:, :, None] * s2[:, None, :], axis=0)
+                    gbo += tl.sum(dy, axis=0)
+                    dh = tl.sum(dy[:, :, None] * wo[None, :, :], axis=1)
+                    if NS == 2:
+                        g2 = dh * omega0 * c2
+                        gw2 += tl.dot(tl.trans(g2), s1, input_precision=PRECISION)
+                        gb2 += tl.sum(g2, axis=0)
+                        dh = tl.dot(g2, w2, input_precision=PRECISION)
+                    g1 = dh * omega0 * c1
+                    for i in tl.static_range(IN):
+                        xi = tl.load(x_ptr + rows * IN + i, mask=rmask, other=0.0)
+                        gw1 += tl.where(offs_i[None, :] == i, tl.sum(g1 * xi[:, None], axis=0)[:, None], 0.0)
+                    gb1 += tl.sum(g1, axis=0)
+                tl.store(loss_ptr + f, tl.sum(sq, axis=0) * inv_count)
+                bc1 = tl.load(bc_ptr + 2 * s)
+                bc2 = tl.load(bc_ptr + 2 * s + 1)
+                w1 = _adam_tensor(w1, gw1, w1_off, w1_mask, mf, vf, on, lr, beta1, beta2, eps, bc1, bc2)
+                b1 = _adam_tensor(b1, gb1, b1_off, hmask, mf, vf, on, lr, beta1, beta2, eps, bc1, bc2)
+                if NS == 2:
+                    w2 = _adam_tensor(w2, gw2, w2_off, hh_mask, mf, vf, on, lr, beta1, beta2, eps, bc1, bc2)
+                    b2 = _adam_tensor(b2, gb2, b2_off, hmask, mf, vf, on, lr, beta1, beta2, eps, bc1, bc2)
+                wo = _adam_tensor(wo, gwo, wo_off, oh_mask, mf, vf, on, lr, beta1, beta2, eps, bc1, bc2)
+                bo = _adam_tensor(bo, gbo, bo_off, omask, mf, vf, on, lr, beta1, beta2, eps, bc1, bc2)
+            tl.store(pf + w1_off, w1, mask=w1_mask)
+            tl.store(pf + b1_off, b1, mask=hmask)
+            if NS == 2:
+                tl.store(pf + w2_off, w2, mask=hh_mask)
+                tl.store(pf + b2_off, b2, mask=hmask)
+            tl.store(pf + wo_off, wo, mask=oh_mask)
+            tl.store(pf + bo_off, bo, mask=omask)
+
 
 def _launch_shape(spec):
     hp = max(16, triton.next_power_of_2(spec.hidden))
@@ -228,29 +346,59 @@ def siren_forward(params: torch.Tensor, coords: torch.Tensor, spec) -> torch.Ten
     return _forward(params, coords, spec)
 
 
-def _num_programs(n: int, device: torch.device) -> int:
+def _num_programs(n: int, device: torch.device, per_sm: int = 8) -> int:
     if device.type == "cuda":
-        return min(n, 8 * torch.cuda.get_device_properties(device).multi_processor_count)
+        return min(n, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
     return min(n, 16)  # the interpreter runs programs one after another
 
 
+DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def fits_in_registers(spec) -> bool:
+    """Whether the register-resident fit kernel takes `spec` (1-2 sine layers, width ≤ 64)."""
+    return spec.hidden_layers <= 2 and spec.hidden <= 64
+
+
 def siren_fit_steps(params, exp_avg, exp_avg_sq, step, coords, target, spec, *, lr, betas, eps, n_steps,
-                    active) -> torch.Tensor:
-    """In-place fused fit on contiguous float32 [N, P] buffers; target [N, C, out_dim]; returns loss [N]."""
+                    active, dot_precision: str = "ieee", kernel: str = "auto", block_c: int | None = None,
+                    num_warps: int = 4, programs_per_sm: int = 8) -> torch.Tensor:
+    """In-place fused fit on contiguous float32 [N, P] buffers; target [N, C, out_dim]; returns loss [N].
+
+    kernel: "regs" (weights and gradient sums in registers; 1-2 sine layers, width ≤ 64), "scratch" (any shape
+    the module takes; activations and gradients in a per-program global scratch) or "auto" (regs where it
+    applies). dot_precision: the hidden×hidden products in exact fp32 ("ieee") or on tensor cores ("tf32",
+    "tf32x3"). block_c / num_warps / programs_per_sm are launch knobs for benchmarks.
+    """
+    if dot_precision not in DOT_PRECISIONS:
+        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
+    if kernel == "auto":
+        kernel = "regs" if fits_in_registers(spec) else "scratch"
+    if kernel not in ("regs", "scratch") or (kernel == "regs" and not fits_in_registers(spec)):
+        raise ValueError(f"kernel {kernel!r} does not take {spec}; use auto, regs (≤ 2 sine layers, width ≤ 64) "
+                         "or scratch")
     n, c = params.shape[0], coords.shape[0]
     loss = torch.zeros(n, device=params.device, dtype=torch.float32)
     if n == 0 or c == 0:
         return loss
-    hp, block_c = _launch_shape(spec)
-    g = _num_programs(n, params.device)
+    hp, default_block_c = _launch_shape(spec)
+    block_c = block_c or default_block_c
+    g = _num_programs(n, params.device, programs_per_sm)
     ts = torch.arange(step + 1, step + n_steps + 1, dtype=torch.float64)
     bc = torch.stack([1 - betas[0] ** ts, 1 - betas[1] ** ts], dim=1).to(device=params.device, dtype=torch.float32)
+    act = active.to(torch.int8) if active is not None else loss  # any pointer when HAS_ACTIVE is off
+    common = (n, c, spec.num_params, n_steps, lr, betas[0], betas[1], eps, float(spec.omega0),
+              2.0 / (c * spec.out_dim), 1.0 / (c * spec.out_dim))
+    if kernel == "regs":
+        _fit_kernel_regs[(g,)](params, exp_avg, exp_avg_sq, loss, coords, target, act, bc, *common,
+                               HAS_ACTIVE=active is not None, IN=spec.in_dim, INP=triton.next_power_of_2(spec.in_dim),
+                               H=spec.hidden, HP=hp, NS=spec.hidden_layers, OUT=spec.out_dim,
+                               OUTP=triton.next_power_of_2(spec.out_dim), BLOCK_C=block_c, PRECISION=dot_precision,
+                               num_warps=num_warps)
+        return loss
     grad = torch.empty(g, spec.num_params, device=params.device, dtype=torch.float32)
     scratch = torch.empty(g, 2 * spec.hidden_layers * block_c * hp, device=params.device, dtype=torch.float32)
-    act = active.to(torch.int8) if active is not None else loss  # any pointer when HAS_ACTIVE is off
-    _fit_kernel[(g,)](params, exp_avg, exp_avg_sq, loss, coords, target, act, bc, grad, scratch,
-                      n, c, spec.num_params, n_steps, lr, betas[0], betas[1], eps, float(spec.omega0),
-                      2.0 / (c * spec.out_dim), 1.0 / (c * spec.out_dim),
+    _fit_kernel[(g,)](params, exp_avg, exp_avg_sq, loss, coords, target, act, bc, grad, scratch, *common,
                       HAS_ACTIVE=active is not None, IN=spec.in_dim, H=spec.hidden, HP=hp, NS=spec.hidden_layers,
-                      OUT=spec.out_dim, BLOCK_C=block_c, BLOCK_P=256, num_warps=4)
+                      OUT=spec.out_dim, BLOCK_C=block_c, BLOCK_P=256, num_warps=num_warps)
     return loss

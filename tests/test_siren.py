@@ -113,6 +113,53 @@ def test_fused_adam_steps_match_reference(backend, shape):
     assert (fast[0][active] != params[active]).any()
 
 
+@pytest.mark.skipif(not _TRITON_RUNS, reason="Triton cannot run here")
+@pytest.mark.parametrize("kernel,block_c", [("regs", 16), ("regs", 64), ("scratch", 32)])
+def test_triton_fit_kernels_match_reference(kernel, block_c):
+    # A shape both Triton kernels take (the dispatcher would only ever pick "regs" for it), with pixel tiles
+    # that do not divide the pixel count, inactive fields and a nonzero step count.
+    from nfkernels import siren_triton
+
+    spec, params, coords, target = _problem((3, 24, 2, 3, 5, 21), _device_for("triton"), seed=9)
+    active = torch.tensor([True, False, True, True, False], device=params.device)
+    ref = [params.clone(), torch.zeros_like(params), torch.zeros_like(params)]
+    fast = [t.clone() for t in ref]
+    loss_ref = siren_fit_steps_reference(*ref, 3, coords, target, spec, lr=1e-3, n_steps=3, active=active)
+    loss = siren_triton.siren_fit_steps(*fast, 3, coords, target, spec, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                                        n_steps=3, active=active, kernel=kernel, block_c=block_c)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-7)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+    assert torch.equal(fast[0][~active], params[~active])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tensor-core dots need a GPU")
+def test_triton_fit_tf32_stays_close_to_fp32():
+    spec, params, coords, target = _problem((2, 32, 2, 1, 64, 784), torch.device("cuda"), seed=10)
+    losses = {}
+    for precision in ("ieee", "tf32", "tf32x3"):
+        state = [params.clone(), torch.zeros_like(params), torch.zeros_like(params)]
+        losses[precision] = siren_fit_steps(*state, 0, coords, target, spec, lr=1e-3, n_steps=50, backend="triton",
+                                            dot_precision=precision)
+    # After 50 steps the tf32 rounding (~1e-3 relative per product) has moved each field's loss by a few percent
+    # at most; tf32x3 recovers fp32 to ~1e-5.
+    torch.testing.assert_close(losses["tf32"], losses["ieee"], rtol=5e-2, atol=1e-5)
+    torch.testing.assert_close(losses["tf32x3"], losses["ieee"], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.skipif(not _ext.HAS_TRITON, reason="no Triton")
+def test_triton_fit_options_are_checked():
+    from nfkernels import siren_triton
+
+    spec, params, coords, target = _problem((2, 16, 3, 1, 2, 5), torch.device("cpu"), seed=11)
+    state = [params.clone(), torch.zeros_like(params), torch.zeros_like(params)]
+    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, n_steps=1, active=None)
+    with pytest.raises(ValueError, match="dot_precision"):
+        siren_triton.siren_fit_steps(*state, 0, coords, target, spec, dot_precision="fp16", **kw)
+    with pytest.raises(ValueError, match="does not take"):  # three sine layers: only the scratch kernel
+        siren_triton.siren_fit_steps(*state, 0, coords, target, spec, kernel="regs", **kw)
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_fused_fit_accepts_broadcast_target_and_strided_state(backend):
     spec, params, coords, target = _problem((2, 16, 2, 1, 3, 11), _device_for(backend), seed=5)
