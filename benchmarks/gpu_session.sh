@@ -21,21 +21,31 @@ dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lo
 for part in "$@"; do
   case "$part" in
     bench)
-      for b in fit vq ssim generate; do
+      for b in fit vq ssim generate; do  # bench-fit adds --sweep via BENCH_ARGS
         stamp "bench_$b"
         timeout 300 python3 -m benchmarks.bench_$b --device cuda --out "$OUT/$b-$dev.json" 2>&1 | tee "$OUT/bench_$b.log" | tail -30
       done ;;
     bench-*)
       b=${part#bench-}
       stamp "bench_$b"
-      timeout "${BENCH_TIMEOUT:-240}" python3 -m benchmarks.bench_$b --device cuda --out "$OUT/$b-$dev.json" 2>&1 | tee "$OUT/bench_$b.log" | tail -40 ;;
+      timeout "${BENCH_TIMEOUT:-240}" python3 -m benchmarks.bench_$b --device cuda ${BENCH_ARGS:-} --out "$OUT/$b-$dev.json" \
+        2>&1 | tee "$OUT/bench_$b.log" | tail -40 ;;
     test)
       stamp tests
       timeout 500 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
-    quality)
+    quality)  # the main and NeF-GPT rows, then the sampling sweep on the same model (cached in the run dir)
       stamp quality
-      timeout 560 python3 -m benchmarks.quality --config full --device cuda --results "$OUT/quality-$dev.json" \
-        2>&1 | tee "$OUT/quality.log" | tail -60 ;;
+      timeout "${QUALITY_TIMEOUT:-420}" python3 -m benchmarks.quality --config full --device cuda --run-dir runs/q \
+        --results "$OUT/quality-$dev.json" 2>&1 | tee "$OUT/quality.log" | tail -60
+      stamp quality-sampling
+      timeout "${SAMPLING_TIMEOUT:-150}" python3 -m benchmarks.quality --config full --device cuda --run-dir runs/q \
+        --only ablations --ablations sampling --seeds 1 --results "$OUT/quality-$dev-sampling.json" 2>&1 \
+        | tee "$OUT/quality-sampling.log" | tail -30 ;;
+    quality-ablations)  # ABLATIONS: the rows that train their own GPT (a comma list; see benchmarks/quality.py)
+      stamp "quality-ablations ${ABLATIONS:=baseline,fit,init,order,vq,codebook,model}"
+      timeout "${QUALITY_TIMEOUT:-500}" python3 -m benchmarks.quality --config full --device cuda --run-dir runs/q \
+        --only ablations --ablations "$ABLATIONS" --seeds 1 \
+        --results "$OUT/quality-$dev-ablations-${ABLATIONS//,/+}.json" 2>&1 | tee "$OUT/quality-ablations.log" | tail -40 ;;
   esac
 done
 stamp done

@@ -74,7 +74,15 @@ def test_ablation_rows_follow_the_main_recipe():
     assert {"vq:group3", "vq:group5", "vq:residual2", "codebook:1024", "init:independent", "order:canonical",
             "order:independent+canonical"} <= rows.keys()
     assert "vq:group2" not in rows and "vq:group4" not in rows  # they do not divide 1185
-    assert rows["vq:group3"].tokenize == {"group": 3} and rows["order:canonical"].canonical
+    assert rows["vq:group3"].tokenize["group"] == 3 and rows["order:canonical"].canonical
+    # The full config trains ablation GPTs for fewer steps, beside a baseline of the main recipe at that budget;
+    # sampling rows reuse the main model (no train override).
+    short = CONFIGS["full"].ablation_train["steps"]
+    assert rows["baseline:main"].train["steps"] == short and rows["vq:group3"].train["steps"] == short
+    assert rows["model:8x512"].train["n_embd"] == 512 and rows["model:8x512"].train["steps"] == short
+    assert rows["fit:steps200,lr0.0015"].fit == {"steps": 200, "lr": 1.5e-3}
+    assert all(not r.train for n, r in rows.items() if n.startswith("sampling:"))
+    assert "baseline:main" not in ablation_recipes(CONFIGS["tiny"], Recipe(), 105)
     # Relative to the main recipe: a main that already uses 1024 codes is compared with 256.
     rows = ablation_recipes(replace(CONFIGS["full"], tokenize={"codebook_size": 1024}), Recipe(), 1185)
     assert "codebook:256" in rows
@@ -131,7 +139,7 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     common = ["--config", "tiny", "--seeds", "2", "--device", "cpu", "--run-dir", str(tmp_path / "run"),
               "--data-root", str(data_root)]
     assert quality.main(common + ["--results", str(results), "--only", "main,nefgpt,ablations",
-                                  "--ablations", "order:canonical,vq:group3,sampling:cfg2"]) == 0
+                                  "--ablations", "fit,order:canonical,vq:group3,sampling:cfg2"]) == 0
     out = capsys.readouterr().out
     r = json.loads(results.read_text())
     for key in ("device", "torch", "triton", "commit", "command", "config", "seconds", "goals", "psnr", "protocol"):
@@ -149,7 +157,8 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     for row in r["rows"]["reconstruction"].values():
         assert all(_finite(row["metrics"][f"cond_{m}"]["mean"]) for m in ("mmd", "cov", "1nna"))
     assert all(_finite(v) for p in r["psnr"].values() for v in p.values())
-    assert set(r["rows"]["ablations"]) == {"order:canonical", "vq:group3", "sampling:cfg2"}
+    assert set(r["rows"]["ablations"]) == {"fit:steps60", "order:canonical", "vq:group3", "sampling:cfg2"}
+    assert r["rows"]["ablations"]["fit:steps60"]["fields_psnr"] > r["rows"]["main"]["fields_psnr"]  # 60 vs 40 steps
     assert r["rows"]["ablations"]["order:canonical"]["canonical"]["max_abs_render_delta"] < 1e-4
     for row in r["rows"]["ablations"].values():
         assert all(_finite(row["metrics"][name]["mean"]) for name in HEADLINE)
