@@ -64,4 +64,39 @@ def shard_range(n: int, rank_: int, world: int) -> range:
     return range(lo, lo + base + (rank_ < extra))
 
 
-__all__ = ["init_from_env", "rank", "world_size", "is_main", "barrier", "all_reduce_mean", "shard_range"]
+def _comm_device() -> torch.device:
+    """Where a collective must see its tensors: this rank's GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_min(value: int) -> int:
+    """The smallest `value` over ranks (e.g. a batch size every rank can hold); `value` when not distributed."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def all_gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Every rank's `x` [counts[rank], ...] concatenated in rank order, on every rank (on x's device).
+
+    `x` itself when not distributed. Ranks may hold different numbers of rows (the collective pads them to
+    the largest count), but every rank must pass the same `counts` and the same trailing shape and dtype.
+    """
+    if not dist.is_initialized():
+        return x
+    if x.shape[0] != counts[rank()]:
+        raise ValueError(f"all_gather_rows: rank {rank()} holds {x.shape[0]} rows, counts say {counts[rank()]}")
+    if max(counts) == 0:
+        return x
+    dev = _comm_device()
+    padded = torch.zeros((max(counts), *x.shape[1:]), dtype=x.dtype, device=dev)
+    padded[:x.shape[0]] = x.to(dev)
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device)
+
+
+__all__ = ["init_from_env", "rank", "world_size", "is_main", "barrier", "all_reduce_mean", "all_reduce_min",
+           "all_gather_rows", "shard_range"]
