@@ -5,7 +5,15 @@ steps. With classifier-free guidance (cfg_scale != 1) every field's conditional 
 together in one 2B batch and `sample_next` mixes their logits. The decode step keeps all its state in
 device tensors (current token, position, step, per-step seeds), so on CUDA it is captured once in CUDA
 graphs and replayed L-1 times with no host sync; on CPU the same step runs eagerly, attending only to the
-filled prefix. Per-step seeds are drawn up front from one generator: a fixed seed gives the same tokens.
+filled prefix. Per-step seeds come from one generator seeded with `seed`: batch b (fields [b·B, (b+1)·B))
+decodes with its b-th draw of L seeds, so a fixed seed and batch size give the same tokens.
+
+Under `torchrun --nproc-per-node K -m nfgen generate …` the batches are split into K contiguous runs
+(`shard_range` over batch indices); each rank skips the seed draws of the batches before its own, decodes
+its batches and the rows are all-gathered, so the result equals a one-process run with the same seed and
+batch size bit for bit (the batch boundaries matter: the sampler's RNG is keyed by row within a batch).
+Rank 0 writes the samples. Without --batch-size, CUDA ranks agree on the smallest of their free-memory
+defaults, which a run with another number of GPUs may not pick: pass --batch-size to compare across them.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from nfgen import distributed
 from nfgen.common import make_generator, pick_device, progress
 from nfgen.io import NfgenError
 from nfgen.model import GPT, load_model
@@ -174,6 +183,7 @@ def generate_tokens(model: GPT, vocab: Vocab, classes: torch.Tensor, length: int
     """Sample one L-token sequence per entry of `classes` [B] (-1: unconditional) → int64 [B, L] on `device`.
 
     `token_ranges` [L, 2] optionally restricts position i to codes [lo, hi) (residual VQ levels).
+    Under torchrun each rank decodes its share of the batches and every rank returns all B rows.
     """
     cfg.validate()
     device = torch.device(device)
@@ -198,15 +208,24 @@ def generate_tokens(model: GPT, vocab: Vocab, classes: torch.Tensor, length: int
     if n == 0:
         return out
     bs = min(cfg.batch_size or default_batch_size(model, length, device, cfg.cfg_scale != 1.0), n)
+    if cfg.batch_size is None:
+        bs = distributed.all_reduce_min(bs)  # under torchrun every rank must cut the same batches
+    world, n_batches = distributed.world_size(), -(-n // bs)
+    rows = [range(min(n, b.start * bs), min(n, b.stop * bs))
+            for b in (distributed.shard_range(n_batches, r, world) for r in range(world))]
+    mine = rows[distributed.rank()]
     gen = make_generator(cfg.seed, device)
+    for _ in range(mine.start // bs):  # the earlier ranks' batches: draw their seeds to reach this rank's
+        draw_seed(gen, device, length)
     decoders: dict[int, Decoder] = {}
-    for start in progress(range(0, n, bs), quiet=cfg.quiet, desc="generate", unit="batch"):
+    quiet = cfg.quiet or not distributed.is_main()
+    for start in progress(range(mine.start, mine.stop, bs), quiet=quiet, desc="generate", unit="batch"):
         chunk = class_tokens[start:start + bs]
         if chunk.numel() not in decoders:  # the full size, and once the smaller last batch
             decoders.clear()
             decoders[chunk.numel()] = Decoder(model, vocab, chunk.numel(), length, cfg, device, token_ranges)
         out[start:start + bs] = decoders[chunk.numel()].run(chunk, draw_seed(gen, device, length))
-    return out
+    return distributed.all_gather_rows(out[mine.start:mine.stop], [len(r) for r in rows])
 
 
 def _grid_rows(classes: torch.Tensor, n_classes: int, per_row: int) -> tuple[list[int], list[str]]:
@@ -222,13 +241,16 @@ def _grid_rows(classes: torch.Tensor, n_classes: int, per_row: int) -> tuple[lis
 
 def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, unconditional: int = 0,
                  cfg: SampleConfig | None = None, device="auto") -> dict:
-    """Sample fields with a trained model; write OUT/samples.safetensors (a fields file) and OUT/samples.png."""
+    """Sample fields with a trained model; write OUT/samples.safetensors (a fields file) and OUT/samples.png.
+
+    Under torchrun the batches are split over the ranks and rank 0 writes the files."""
     from nfgen.fields import render_fields, save_fields
     from nfgen.render import save_grid
     from nfgen.tokenizer import load_tokens
 
     cfg = cfg or SampleConfig()
     cfg.validate()
+    distributed.init_from_env()
     if per_class < 0 or unconditional < 0 or per_class + unconditional == 0:
         raise NfgenError("nothing to generate; pass --per-class N and/or --unconditional N with N ≥ 1")
     device = pick_device(device)
@@ -250,20 +272,22 @@ def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, uncon
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    weights = tok.decode(tokens).float().cpu()
     n = classes.numel()
-    fields_path = out_dir / "samples.safetensors"
-    gen_meta = {"generated": True, "psnr": "placeholder zeros: generated fields have no target image",
-                "model": str(model_path), "tokens": str(tokens_path), "sampling": asdict(cfg),
-                "per_class": per_class, "unconditional": unconditional, "n_classes": n_classes}
-    save_fields(fields_path, weights, classes, torch.zeros(n), ts.spec, ts.image_shape, gen_meta)
-    per_row = min(GRID_COLUMNS, per_class or unconditional)
-    order, row_labels = _grid_rows(classes, n_classes, per_row)
-    images = render_fields(weights, ts.spec, ts.image_shape)
-    blank = torch.zeros_like(images[:1])
-    grid = torch.cat([images[i:i + 1] if i >= 0 else blank for i in order])
-    png_path = out_dir / "samples.png"
-    save_grid(grid, png_path, nrow=per_row, row_labels=row_labels)
+    fields_path, png_path = out_dir / "samples.safetensors", out_dir / "samples.png"
+    if distributed.is_main():  # every rank holds all the tokens; rank 0 writes
+        weights = tok.decode(tokens).float().cpu()
+        gen_meta = {"generated": True, "psnr": "placeholder zeros: generated fields have no target image",
+                    "model": str(model_path), "tokens": str(tokens_path), "sampling": asdict(cfg),
+                    "per_class": per_class, "unconditional": unconditional, "n_classes": n_classes}
+        save_fields(fields_path, weights, classes, torch.zeros(n), ts.spec, ts.image_shape, gen_meta)
+        per_row = min(GRID_COLUMNS, per_class or unconditional)
+        order, row_labels = _grid_rows(classes, n_classes, per_row)
+        images = render_fields(weights, ts.spec, ts.image_shape)
+        blank = torch.zeros_like(images[:1])
+        grid = torch.cat([images[i:i + 1] if i >= 0 else blank for i in order])
+        save_grid(grid, png_path, nrow=per_row, row_labels=row_labels)
+    distributed.barrier()  # no rank returns before the samples exist
     return {"n_fields": n, "samples": str(fields_path), "png": str(png_path), "seconds": round(seconds, 3),
             "fields_per_s": round(n / seconds, 2), "tokens_per_s": round(n * tok.tokens_per_field / seconds, 1),
-            "device": str(device), "batch_size": cfg.batch_size, "sampling": asdict(cfg)}
+            "device": str(device), "world_size": distributed.world_size(), "batch_size": cfg.batch_size,
+            "sampling": asdict(cfg)}
