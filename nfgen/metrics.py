@@ -10,7 +10,14 @@ Every number comes with the real-data oracle beside it: the same count of traini
 the generated ones, against the same references — what a perfect generator would get.
 
 Nothing here holds an N x M similarity matrix: all nearest-neighbour searches are fused reductions
-(nfkernels.ssim.ssim_nearest*), so the stage scales to 10^4 x 10^4 comparisons.
+(nfkernels.ssim.ssim_nearest*), so the stage scales to 10^4 x 10^4 comparisons. Under
+`torchrun --nproc-per-node K -m nfgen evaluate …` every search splits its query rows (generated samples,
+references, oracle images) into K contiguous ranges: each rank searches its rows against the whole other set,
+the rows are all-gathered and the column bests combined; rank 0 writes the metrics. On CPU (cpp and torch
+kernels) each pair's SSIM is computed as in one process and the reductions keep its tie rule, so the metrics
+equal a one-process run's exactly (tested with 2 gloo processes). The Triton kernels round a pair slightly
+differently depending on the rows searched with it (seen: 1e-7 in SSIM), so on GPUs a near-tie may pick
+another neighbour.
 """
 from __future__ import annotations
 
@@ -21,9 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nfgen import distributed
 from nfgen.common import make_generator, pick_device, progress
 from nfgen.io import NfgenError, write_json
-from nfkernels.ssim import nearest_from_matrix, ssim_distance, ssim_nearest, ssim_nearest_both
+from nfkernels.ssim import _backend as _ssim_backend  # which kernel a search runs on
+from nfkernels.ssim import _same_set, nearest_from_matrix, ssim_distance, ssim_nearest, ssim_nearest_both
 
 MEMORISED_SSIM = 0.95
 GENERATE_HINT = "run `nfgen generate` first"
@@ -41,10 +50,60 @@ class Nearest:
     r_to_r: torch.Tensor  # [Nr] to the nearest other reference
 
 
+def _split_nearest(x: torch.Tensor, y: torch.Tensor, *, exclude_self: bool = False, both: bool = False,
+                   backend: str = "auto") -> tuple:
+    """ssim_nearest (or ssim_nearest_both when `both`) of x against y, x's rows split over the ranks.
+
+    In one process: the nfkernels call itself. Under torchrun each rank searches its contiguous rows [lo, hi)
+    of x against y, in three blocks of y ([0, lo), [lo, hi), [hi, M)) when x and y are one set or
+    `exclude_self` skips the pairs (i, i); then rows are gathered and column bests combined, ties to the lowest
+    index as in one call. The cpp kernel's one-set pass computes each pair once with the lower index as the
+    row, and its float rounding is not symmetric, so pairs with an earlier image come from a search of those
+    images against this rank's rows: every SSIM value has the bits of the one-process run.
+    """
+    rank, world = distributed.rank(), distributed.world_size()
+    if world == 1:
+        if both:
+            return ssim_nearest_both(x, y, exclude_self=exclude_self, backend=backend)
+        return ssim_nearest(x, y, exclude_self=exclude_self, backend=backend)
+    if exclude_self and x.shape[0] != y.shape[0]:
+        raise ValueError(f"exclude_self needs x and y of the same length, got {x.shape[0]} and {y.shape[0]}")
+    parts = [distributed.shard_range(x.shape[0], r, world) for r in range(world)]
+    lo, hi = parts[rank].start, parts[rank].stop
+    m, same = y.shape[0], _same_set(x, y)
+    lower_as_row = same and _ssim_backend(backend, x, "ssim_nearest") == "cpp"
+    row_v = torch.full((hi - lo,), float("-inf"), device=x.device)
+    row_i = torch.full((hi - lo,), -1, dtype=torch.long, device=x.device)
+    col_v = torch.full((m,), float("-inf"), device=x.device)
+    col_i = torch.full((m,), -1, dtype=torch.long, device=x.device)
+    blocks = [(0, lo, "before"), (lo, hi, "diagonal"), (hi, m, "after")] if same or exclude_self else [(0, m, "all")]
+    for a, b, kind in blocks:
+        if hi == lo or b == a:
+            continue
+        cv, skip_self = None, exclude_self and kind == "diagonal"
+        if kind == "before" and lower_as_row:
+            cv, ci, v, i = ssim_nearest_both(y[a:b], x[lo:hi], backend=backend)
+        elif both:
+            v, i, cv, ci = ssim_nearest_both(x[lo:hi], y[a:b], exclude_self=skip_self, backend=backend)
+        else:
+            v, i = ssim_nearest(x[lo:hi], y[a:b], exclude_self=skip_self, backend=backend)
+        if cv is not None:
+            col_v[a:b], col_i[a:b] = cv, ci + lo
+        better = v > row_v  # strict: an earlier block holds the lower index on ties
+        row_v, row_i = torch.where(better, v, row_v), torch.where(better, i + a, row_i)
+    counts = [len(p) for p in parts]
+    row_v, row_i = distributed.all_gather_rows(row_v, counts), distributed.all_gather_rows(row_i, counts)
+    if not both:
+        return row_v, row_i
+    cv, ci = (distributed.all_gather_rows(t[None], [1] * world) for t in (col_v, col_i))  # [world, M]
+    best = cv.argmax(dim=0)  # the first maximum: the lowest rank, so the lowest row index
+    return row_v, row_i, cv.gather(0, best[None])[0], ci.gather(0, best[None])[0]
+
+
 def nearest_sets(sample_images: torch.Tensor, ref_images: torch.Tensor, backend: str = "auto") -> Nearest:
-    g_to_r, g_to_r_index, r_to_g, _ = ssim_nearest_both(sample_images, ref_images, backend=backend)
-    g_to_g, _ = ssim_nearest(sample_images, sample_images, exclude_self=True, backend=backend)
-    r_to_r, _ = ssim_nearest(ref_images, ref_images, exclude_self=True, backend=backend)
+    g_to_r, g_to_r_index, r_to_g, _ = _split_nearest(sample_images, ref_images, both=True, backend=backend)
+    g_to_g, _ = _split_nearest(sample_images, sample_images, exclude_self=True, backend=backend)
+    r_to_r, _ = _split_nearest(ref_images, ref_images, exclude_self=True, backend=backend)
     return Nearest(*(t.cpu() for t in (g_to_r, g_to_r_index, r_to_g, g_to_g, r_to_r)))
 
 
@@ -90,7 +149,7 @@ def memorisation(sample_images: torch.Tensor, train_images: torch.Tensor, thresh
     """
     if train_images.shape[0] == 0:
         raise NfgenError("the training split is empty; pass a non-empty --train-split")
-    sim, idx = ssim_nearest(sample_images, train_images, exclude_self=exclude_self, backend=backend)
+    sim, idx = _split_nearest(sample_images, train_images, exclude_self=exclude_self, backend=backend)
     sim, idx = sim.cpu(), idx.cpu()
     frac = (sim > threshold).double().mean().item() if sim.numel() else float("nan")
     return {"memorised_fraction": frac, "nearest_index": idx, "nearest_ssim": sim}
@@ -252,11 +311,14 @@ def save_nearest_grid(path, sample_images, labels, train_images, nearest_index, 
 def run_evaluate(samples_path, out_dir, *, ref_split: str = "mnist:test[8000:]", train_split: str = "mnist:test[:8000]",
                  classifier_path=None, data_root=None, device: str = "auto", seed: int = 0, backend: str = "auto",
                  quiet: bool = False) -> dict:
-    """Load, evaluate, write out_dir/metrics.json and out_dir/nearest.png; returns the metrics."""
+    """Load, evaluate, write out_dir/metrics.json and out_dir/nearest.png; returns the metrics.
+
+    Under torchrun the nearest-neighbour searches are split over the ranks and rank 0 writes the files."""
     from nfgen.data import load_split
     from nfgen.fields import load_fields, render_fields
 
     t0 = time.perf_counter()
+    distributed.init_from_env()
     dev = pick_device(device)
     samples = load_fields(samples_path, hint=GENERATE_HINT)
     ref = load_split(ref_split, data_root=data_root)
@@ -271,12 +333,14 @@ def run_evaluate(samples_path, out_dir, *, ref_split: str = "mnist:test[8000:]",
         classifier = load_classifier(classifier_path, dev)
     images = render_fields(samples.weights, samples.spec, samples.image_shape, device=dev)
     result = evaluate(samples, ref, train, classifier, sample_images=images, seed=seed, backend=backend, device=dev,
-                      quiet=quiet)
+                      quiet=quiet or not distributed.is_main())
     nearest = result.pop("_nearest_train_index")
     out_dir = Path(out_dir)
-    save_nearest_grid(out_dir / "nearest.png", images.cpu(), samples.labels, train.images, nearest)
     result["inputs"] = {"samples": str(samples_path), "classifier": str(classifier_path) if classifier_path else None,
-                        "device": str(dev), "backend": backend}
+                        "device": str(dev), "backend": backend, "world_size": distributed.world_size()}
     result["timing"]["total_s"] = time.perf_counter() - t0
-    write_json(out_dir / "metrics.json", result)
+    if distributed.is_main():  # every rank holds the same metrics; rank 0 writes them
+        save_nearest_grid(out_dir / "nearest.png", images.cpu(), samples.labels, train.images, nearest)
+        write_json(out_dir / "metrics.json", result)
+    distributed.barrier()  # no rank returns before metrics.json exists
     return result
