@@ -1,13 +1,18 @@
 """Scaling out on CPU/gloo: torchrun-sharded fit equals one process bit for bit, a SIGKILLed fit resumes onto the
-same file, and 2-process DDP training follows the 1-process loss curve of the same global batch."""
+same file, 2-process DDP training follows the 1-process loss curve of the same global batch and a SIGKILLed DDP
+run resumes onto the uninterrupted one exactly; 2-process generate and evaluate equal one process exactly."""
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from nfgen import distributed
 from nfgen.data import load_split
@@ -20,6 +25,16 @@ SPLIT = "mnist:test[:12]"
 FIT = dict(hidden=16, hidden_layers=1, steps=40, chunk=4, device="cpu", quiet=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread in this process too, as torchrun gives each rank: on a busy 2-core machine two
+    spinning OpenMP threads make the tiny in-process runs many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def fit_args(cfg: dict) -> list[str]:
     args = ["--split", SPLIT, "--quiet"]
     for k, v in cfg.items():
@@ -28,12 +43,20 @@ def fit_args(cfg: dict) -> list[str]:
     return args
 
 
+ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses import nfgen from this checkout even where it is not pip-installed.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def torchrun_cmd(nproc: int, *args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "nfgen", *args]
+
+
 def torchrun(nproc: int, *args, cwd, timeout=240) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N -m nfgen …` (a free local port). (torchrun's own parser mistakes nfgen's --run for
     an abbreviation of its --run-path, so these runs pass --out/--tokens and work in `cwd`.)"""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "nfgen", *args]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    proc = subprocess.run(torchrun_cmd(nproc, *args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -60,6 +83,7 @@ def test_single_process_helpers_are_noops():
     distributed.barrier()
     x = torch.tensor([1.5])
     assert distributed.all_reduce_mean(x) is x
+    assert distributed.all_reduce_min(5) == 5 and distributed.all_gather_rows(x, [1]) is x
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +120,7 @@ def test_sigkilled_fit_resumes_onto_the_same_file(tmp_path, data_root):
 
     out = tmp_path / "fields.safetensors"
     cmd = [sys.executable, "-m", "nfgen", "fit", "--out", str(out), *fit_args(cfg)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     deadline = time.monotonic() + 120
     while not shard_path(out, 0).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -134,8 +158,21 @@ def test_merge_refuses_missing_or_foreign_shards(tmp_path, data_root, monkeypatc
 
 # ----------------------------------------------------------------------------- DDP training
 
-TRAIN = dict(n_layer=2, n_head=2, n_embd=32, steps=4, batch_size=8, lr=3e-3, warmup=2, eval_every=1,
+# 20 steps: a SIGKILL after the first checkpoint (step 2) still lands well before the end.
+TRAIN = dict(n_layer=2, n_head=2, n_embd=32, steps=20, batch_size=8, lr=3e-3, warmup=2, eval_every=1,
              checkpoint_every=5, val_fraction=0.1, device="cpu")
+
+
+def train_args(tokens, cfg: dict, *extra: str) -> list[str]:
+    args = ["train", "--tokens", str(tokens), "--quiet", *extra]
+    for k, v in cfg.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def losses(run, key="train_loss") -> torch.Tensor:
+    _, meta = load_artifact(run / "model.safetensors", "model")
+    return torch.tensor([h[key] for h in meta["history"]], dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -146,24 +183,23 @@ def one_process_run(tokens_file, tmp_path_factory):
     return run
 
 
-def test_ddp_two_processes_follow_the_one_process_loss_curve(tokens_file, one_process_run, tmp_path):
-    args = ["train", "--tokens", str(tokens_file), "--quiet"]
-    for k, v in TRAIN.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
-    work = tmp_path / "two"
-    work.mkdir()
-    torchrun(2, *args, cwd=work)
-    _, one = load_artifact(one_process_run / "model.safetensors", "model")
-    _, two = load_artifact(work / "runs" / "default" / "model.safetensors", "model")
-    a = torch.tensor([h["train_loss"] for h in one["history"]], dtype=torch.float64)
-    b = torch.tensor([h["train_loss"] for h in two["history"]], dtype=torch.float64)
+@pytest.fixture(scope="module")
+def two_process_run(tokens_file, tmp_path_factory):
+    """The uninterrupted 2-process DDP run (the CLI's default run directory under cwd)."""
+    work = tmp_path_factory.mktemp("two")
+    torchrun(2, *train_args(tokens_file, TRAIN), cwd=work)
+    return work / "runs" / "default"
+
+
+def test_ddp_two_processes_follow_the_one_process_loss_curve(one_process_run, two_process_run):
+    a, b = losses(one_process_run), losses(two_process_run)
     assert len(a) == len(b) == TRAIN["steps"] and a[-1] < a[0]
     # Same samples, same init; only the float summation order of the gradient average differs (allreduce of two
-    # half-batch means vs one mean), which Adam carries along: 1e-4 relative over 4 steps (seen: 1e-7).
+    # half-batch means vs one mean), which Adam carries along: 1e-4 relative over 20 steps (seen: 1e-7 train,
+    # 2e-7 val).
     torch.testing.assert_close(b, a, rtol=1e-4, atol=0)
-    va = torch.tensor([h["val_loss"] for h in one["history"]])
-    vb = torch.tensor([h["val_loss"] for h in two["history"]])
-    torch.testing.assert_close(vb, va, rtol=1e-4, atol=0)
+    torch.testing.assert_close(losses(two_process_run, "val_loss"), losses(one_process_run, "val_loss"),
+                               rtol=1e-4, atol=0)
 
 
 def test_ddp_refuses_a_global_batch_that_does_not_split(tokens_file, tmp_path, monkeypatch):
@@ -176,22 +212,162 @@ def test_ddp_refuses_a_global_batch_that_does_not_split(tokens_file, tmp_path, m
 
 def test_one_process_checkpoint_resumes_under_two_processes(tokens_file, one_process_run, tmp_path, monkeypatch,
                                                            die_at_step):
-    ref = one_process_run
     # One process, killed during step 3 (after the step-2 checkpoint)…
-    work = tmp_path / "work"
-    run = work / "runs" / "default"  # the CLI's default run directory under cwd=work
+    run = tmp_path / "runs" / "default"  # the CLI's default run directory under cwd=tmp_path
     die_at_step(3)
     with pytest.raises(KeyboardInterrupt):
         train(tokens_file, run, TrainConfig(**{**TRAIN, "checkpoint_every": 2}, quiet=True))
     monkeypatch.undo()
     # …resumed by two: the data position is global, so the curve goes on as if nothing happened.
-    args = ["train", "--tokens", str(tokens_file), "--quiet", "--resume"]
-    for k, v in {**TRAIN, "checkpoint_every": 2}.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
-    torchrun(2, *args, cwd=work)
-    _, a = load_artifact(ref / "model.safetensors", "model")
-    _, b = load_artifact(run / "model.safetensors", "model")
-    la = torch.tensor([h["train_loss"] for h in a["history"]], dtype=torch.float64)
-    lb = torch.tensor([h["train_loss"] for h in b["history"]], dtype=torch.float64)
+    torchrun(2, *train_args(tokens_file, {**TRAIN, "checkpoint_every": 2}, "--resume"), cwd=tmp_path)
+    la, lb = losses(one_process_run), losses(run)
     assert len(lb) == TRAIN["steps"] and torch.equal(lb[:2], la[:2])  # steps 1-2: the one-process part, exact
-    torch.testing.assert_close(lb, la, rtol=1e-4, atol=0)  # steps 3-4 under DDP: as in the test above
+    torch.testing.assert_close(lb, la, rtol=1e-4, atol=0)  # steps 3-20 under DDP: as in the test above
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of `pid`, from /proc: torchrun's workers, which it starts in sessions of their own."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return kids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
+def test_sigkilled_ddp_train_resumes_onto_the_uninterrupted_run_exactly(tokens_file, two_process_run, tmp_path):
+    cfg = {**TRAIN, "checkpoint_every": 2}  # does not change what is computed, only how often it is saved
+    run = tmp_path / "runs" / "default"
+    state = run / "train_state.safetensors"
+    proc = subprocess.Popen(torchrun_cmd(2, *train_args(tokens_file, cfg)), cwd=tmp_path, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert proc.poll() is None, "the run ended before its first checkpoint: " + proc.stderr.read().decode()[-3000:]
+    workers = _children(proc.pid)
+    for pid in [proc.pid, *workers]:  # the launcher, then both ranks: the whole job dies at once
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while not all(map(_gone, workers)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(workers) == 2 and all(map(_gone, workers))
+    _, meta = load_artifact(state, "train_state")
+    assert 2 <= meta["step"] < TRAIN["steps"]  # killed mid-run, after at least one checkpoint
+
+    torchrun(2, *train_args(tokens_file, cfg, "--resume"), cwd=tmp_path)
+    wa, a = load_artifact(two_process_run / "model.safetensors", "model")
+    wb, b = load_artifact(run / "model.safetensors", "model")
+    assert b["history"] == a["history"]  # every step's train and val loss, exactly
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ----------------------------------------------------------------------------- generate and evaluate
+
+EVAL = dict(ref_split="mnist:test[100:130]", train_split="mnist:test[:60]", device="cpu", seed=0, quiet=True)
+
+
+def _sampling():
+    from nfgen.generate import SampleConfig
+
+    # batch 4 over 19 samples: 5 batches, ranks get 3 and 2 (the second one ends with the partial batch)
+    return dict(per_class=5, unconditional=4, device="cpu",
+                cfg=SampleConfig(temperature=1.2, top_k=5, cfg_scale=1.5, seed=7, batch_size=4, quiet=True))
+
+
+def test_each_rank_decodes_the_rows_of_its_batches(monkeypatch):
+    """Rank r of K (seed draws skipped up to its first batch) decodes exactly its rows of the one-process result,
+    also when there are more ranks than batches."""
+    import nfgen.generate as G
+    from nfgen.model import GPT, GPTConfig
+    from nfgen.vocab import Vocab
+
+    vocab, length = Vocab(n_codes=11, n_classes=3), 7
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab.size, block_size=length + 1, n_layer=1, n_head=2, n_embd=16))
+    classes = torch.tensor([0, 1, 2, -1, 0, 1, 2, -1, 0])  # batch 2: 5 batches, the last one partial
+    cfg = G.SampleConfig(temperature=1.3, seed=5, batch_size=2, quiet=True)
+    whole = G.generate_tokens(model, vocab, classes, length, cfg)
+    monkeypatch.setattr(G.distributed, "all_gather_rows", lambda x, counts: x)  # each rank's own rows
+    for world, sizes in {2: [6, 3], 3: [4, 4, 1], 7: [2, 2, 2, 2, 1, 0, 0]}.items():
+        parts = []
+        for r in range(world):
+            monkeypatch.setattr(G.distributed, "world_size", lambda: world)
+            monkeypatch.setattr(G.distributed, "rank", lambda: r)
+            parts.append(G.generate_tokens(model, vocab, classes, length, cfg))
+        assert [len(p) for p in parts] == sizes
+        assert torch.equal(torch.cat(parts), whole)
+
+
+def _generate_and_evaluate(rank: int, world: int, port: int, model, tokens, out) -> None:
+    """One torchrun-like rank (torch.multiprocessing.spawn target): generate, then evaluate what it generated."""
+    from nfgen.generate import run_generate
+    from nfgen.metrics import run_evaluate
+
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        torch.set_num_threads(1)  # as torchrun sets OMP_NUM_THREADS
+    try:
+        run_generate(model, tokens, out, **_sampling())
+        run_evaluate(Path(out) / "samples.safetensors", out, **EVAL)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sampling_model(tmp_path_factory):
+    """A small random GPT over a 2-level residual tokenizer of 2→4→1 SIRENs rendered at MNIST's 28×28."""
+    from nfgen.model import GPT, GPTConfig, save_model
+    from nfgen.tokenizer import TokenizerConfig, TokenSet, WeightTokenizer, save_tokens
+    from nfgen.vocab import Vocab
+    from nfkernels import SirenSpec
+
+    d = tmp_path_factory.mktemp("sampling")
+    spec, g = SirenSpec(hidden=4, hidden_layers=1), torch.Generator().manual_seed(0)
+    tok = WeightTokenizer(spec, TokenizerConfig(codebook_size=8, levels=2), torch.randn(2, 8, 1, generator=g) * 0.3,
+                          torch.ones(4))
+    tokens = torch.randint(0, 8, (6, tok.tokens_per_field), generator=g) + tok.token_ranges()[:, 0]
+    save_tokens(d / "tokens.safetensors", TokenSet(tokens, torch.tensor([0, 1, 2] * 2), tok, spec, (28, 28),
+                                                   {"n_classes": 3}))
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=Vocab(tok.n_codes, 3).size, block_size=tok.tokens_per_field + 1, n_layer=1,
+                        n_head=2, n_embd=16))
+    save_model(d / "model.safetensors", gpt, {"n_codes": tok.n_codes, "n_classes": 3,
+                                              "tokens_per_field": tok.tokens_per_field})
+    return d / "model.safetensors", d / "tokens.safetensors"
+
+
+def test_two_process_generate_and_evaluate_equal_one_process(sampling_model, tmp_path, data_root):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _generate_and_evaluate(0, 1, 0, *sampling_model, one)
+    mp.spawn(_generate_and_evaluate, args=(2, _free_port(), *sampling_model, two), nprocs=2)
+    a, b = load_fields(one / "samples.safetensors"), load_fields(two / "samples.safetensors")
+    # Bit for bit: each batch decodes with its own seeds whichever rank runs it.
+    assert torch.equal(a.weights, b.weights) and torch.equal(a.labels, b.labels) and a.meta == b.meta
+    assert (one / "samples.png").read_bytes() == (two / "samples.png").read_bytes()
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert (ma.pop("inputs")["world_size"], mb.pop("inputs")["world_size"]) == (1, 2)
+    ma.pop("timing"), mb.pop("timing")
+    # Exactly: every SSIM pair is computed as in one process and the nearest-neighbour ties resolve alike.
+    assert mb == ma
+    assert ma["groups"]["conditional_all"]["n"] == 15 and "mmd" in ma["groups"]["unconditional"]
+    assert (one / "nearest.png").read_bytes() == (two / "nearest.png").read_bytes()
