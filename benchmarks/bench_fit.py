@@ -285,8 +285,9 @@ def main(argv=None):
     sweep = sweep_triton(spec, device) if on_gpu and args.sweep else []
     best = {k: v for k, v in sweep[0].items() if k in ("kernel", "dot_precision", "block_c", "num_warps",
                                                        "programs_per_sm")} if sweep else None
-    nfgen_variants = [("nfgen[triton]", {}), ("nfgen[triton,tf32]", {"dot_precision": "tf32"}),
-                      ("nfgen[triton,scratch]", {"kernel": "scratch"})] if on_gpu else [("nfgen[cpp]", {})]
+    nfgen_variants = [("nfgen[triton]", {}), ("nfgen[triton,regs]", {"kernel": "regs"}),
+                      ("nfgen[triton,regs,tf32]", {"kernel": "regs", "dot_precision": "tf32"})] if on_gpu else \
+        [("nfgen[cpp]", {})]
     if best:
         nfgen_variants.append(("nfgen[triton,best-of-sweep]", best))
     rows = []
@@ -327,8 +328,6 @@ def main(argv=None):
     if on_gpu and not args.quick:  # the headline: 60k fields × 500 steps, wall time and fitted PSNR per variant
         coords, target, template = make_problem(60000, device, spec)
         for label, opts in nfgen_variants:
-            if "scratch" in label:
-                continue
             nfgen_fit(spec, coords, target, template, backend="triton", steps_per_call=50, **opts)(1)  # compile
             run = nfgen_fit(spec, coords, target, template, backend="triton", steps_per_call=50, **opts)
             sync(device)

@@ -183,15 +183,20 @@ if HAS_TRITON:
                 tl.debug_barrier()
 
     @triton.jit
-    def _adam_tensor(w, g, off, mask, mf, vf, on, lr, beta1, beta2, eps, bc1, bc2):
-        # One Adam step of a register-resident weight tile (as siren_fit_steps_reference); m and v live in global
-        # memory (read once a step). An inactive field (on == 0) stays as it is.
+    def _adam_tensor(w, g, m, v, mask, on, lr, beta1, beta2, eps, bc1, bc2):
+        # One Adam step of a register-resident weight tile and its moments (as siren_fit_steps_reference). An
+        # inactive field (on == 0) stays as it is.
         upd = (mask.to(tl.int32) * on) != 0  # full-shaped: the interpreter rejects mask & 0-d
-        m = beta1 * tl.load(mf + off, mask=mask, other=0.0) + (1.0 - beta1) * g
-        v = beta2 * tl.load(vf + off, mask=mask, other=0.0) + (1.0 - beta2) * g * g
-        tl.store(mf + off, m, mask=upd)
-        tl.store(vf + off, v, mask=upd)
-        return tl.where(upd, w - (m / bc1) / (tl.sqrt(v / bc2) + eps) * lr, w)
+        m_new = beta1 * m + (1.0 - beta1) * g
+        v_new = beta2 * v + (1.0 - beta2) * g * g
+        w_new = w - (m_new / bc1) / (tl.sqrt(v_new / bc2) + eps) * lr
+        return tl.where(upd, w_new, w), tl.where(upd, m_new, m), tl.where(upd, v_new, v)
+
+    @triton.jit
+    def _store_state(pf, mf, vf, off, mask, w, m, v):
+        tl.store(pf + off, w, mask=mask)
+        tl.store(mf + off, m, mask=mask)
+        tl.store(vf + off, v, mask=mask)
 
     @triton.jit
     def _fit_kernel_regs(p_ptr, m_ptr, v_ptr, loss_ptr, x_ptr, y_ptr, act_ptr, bc_ptr,
@@ -200,9 +205,12 @@ if HAS_TRITON:
                          HP: tl.constexpr, NS: tl.constexpr, OUT: tl.constexpr, OUTP: tl.constexpr,
                          BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
         # The one- and two-sine-layer SIRENs (the default 2→32→32→1 among them) with everything in registers: a
-        # field's weights and gradient sums stay in registers across all pixel tiles and all steps, and a tile's
-        # sin/cos go straight from the forward into the backward, so global memory sees only the image, the
-        # coordinates (both L2-resident) and one read/write of the Adam state per step.
+        # field's weights, Adam moments and gradient sums stay in registers across all pixel tiles and all steps,
+        # and a tile's sin/cos go straight from the forward into the backward, so global memory sees only the
+        # image and the coordinates (both L2-resident) inside the step loop. Nothing written inside a field's
+        # loop is read back: Triton stores a value held by several threads from one of them only, so a
+        # store-then-load through global memory would race across threads without a barrier (an earlier version
+        # kept m and v in global memory and lost updates that way on the H100; the interpreter cannot show it).
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
         offs_c = tl.arange(0, BLOCK_C)
@@ -242,6 +250,24 @@ if HAS_TRITON:
                 b2 = tl.zeros((HP,), dtype=tl.float32)
             wo = tl.load(pf + wo_off, mask=oh_mask, other=0.0)
             bo = tl.load(pf + bo_off, mask=omask, other=0.0)
+            m_w1 = tl.load(mf + w1_off, mask=w1_mask, other=0.0)
+            v_w1 = tl.load(vf + w1_off, mask=w1_mask, other=0.0)
+            m_b1 = tl.load(mf + b1_off, mask=hmask, other=0.0)
+            v_b1 = tl.load(vf + b1_off, mask=hmask, other=0.0)
+            if NS == 2:
+                m_w2 = tl.load(mf + w2_off, mask=hh_mask, other=0.0)
+                v_w2 = tl.load(vf + w2_off, mask=hh_mask, other=0.0)
+                m_b2 = tl.load(mf + b2_off, mask=hmask, other=0.0)
+                v_b2 = tl.load(vf + b2_off, mask=hmask, other=0.0)
+            else:
+                m_w2 = tl.zeros((HP, HP), dtype=tl.float32)
+                v_w2 = tl.zeros((HP, HP), dtype=tl.float32)
+                m_b2 = tl.zeros((HP,), dtype=tl.float32)
+                v_b2 = tl.zeros((HP,), dtype=tl.float32)
+            m_wo = tl.load(mf + wo_off, mask=oh_mask, other=0.0)
+            v_wo = tl.load(vf + wo_off, mask=oh_mask, other=0.0)
+            m_bo = tl.load(mf + bo_off, mask=omask, other=0.0)
+            v_bo = tl.load(vf + bo_off, mask=omask, other=0.0)
             for s in range(n_run):
                 gw1 = tl.zeros((HP, INP), dtype=tl.float32)
                 gb1 = tl.zeros((HP,), dtype=tl.float32)
@@ -285,20 +311,20 @@ if HAS_TRITON:
                 tl.store(loss_ptr + f, tl.sum(sq, axis=0) * inv_count)
                 bc1 = tl.load(bc_ptr + 2 * s)
                 bc2 = tl.load(bc_ptr + 2 * s + 1)
-                w1 = _adam_tensor(w1, gw1, w1_off, w1_mask, mf, vf, on, lr, beta1, beta2, eps, bc1, bc2)
-                b1 = _adam_tensor(b1, gb1, b1_off, hmask, mf, vf, on, lr, beta1, beta2, eps, bc1, bc2)
+                w1, m_w1, v_w1 = _adam_tensor(w1, gw1, m_w1, v_w1, w1_mask, on, lr, beta1, beta2, eps, bc1, bc2)
+                b1, m_b1, v_b1 = _adam_tensor(b1, gb1, m_b1, v_b1, hmask, on, lr, beta1, beta2, eps, bc1, bc2)
                 if NS == 2:
-                    w2 = _adam_tensor(w2, gw2, w2_off, hh_mask, mf, vf, on, lr, beta1, beta2, eps, bc1, bc2)
-                    b2 = _adam_tensor(b2, gb2, b2_off, hmask, mf, vf, on, lr, beta1, beta2, eps, bc1, bc2)
-                wo = _adam_tensor(wo, gwo, wo_off, oh_mask, mf, vf, on, lr, beta1, beta2, eps, bc1, bc2)
-                bo = _adam_tensor(bo, gbo, bo_off, omask, mf, vf, on, lr, beta1, beta2, eps, bc1, bc2)
-            tl.store(pf + w1_off, w1, mask=w1_mask)
-            tl.store(pf + b1_off, b1, mask=hmask)
+                    w2, m_w2, v_w2 = _adam_tensor(w2, gw2, m_w2, v_w2, hh_mask, on, lr, beta1, beta2, eps, bc1, bc2)
+                    b2, m_b2, v_b2 = _adam_tensor(b2, gb2, m_b2, v_b2, hmask, on, lr, beta1, beta2, eps, bc1, bc2)
+                wo, m_wo, v_wo = _adam_tensor(wo, gwo, m_wo, v_wo, oh_mask, on, lr, beta1, beta2, eps, bc1, bc2)
+                bo, m_bo, v_bo = _adam_tensor(bo, gbo, m_bo, v_bo, omask, on, lr, beta1, beta2, eps, bc1, bc2)
+            _store_state(pf, mf, vf, w1_off, w1_mask, w1, m_w1, v_w1)
+            _store_state(pf, mf, vf, b1_off, hmask, b1, m_b1, v_b1)
             if NS == 2:
-                tl.store(pf + w2_off, w2, mask=hh_mask)
-                tl.store(pf + b2_off, b2, mask=hmask)
-            tl.store(pf + wo_off, wo, mask=oh_mask)
-            tl.store(pf + bo_off, bo, mask=omask)
+                _store_state(pf, mf, vf, w2_off, hh_mask, w2, m_w2, v_w2)
+                _store_state(pf, mf, vf, b2_off, hmask, b2, m_b2, v_b2)
+            _store_state(pf, mf, vf, wo_off, oh_mask, wo, m_wo, v_wo)
+            _store_state(pf, mf, vf, bo_off, omask, bo, m_bo, v_bo)
 
 
 def _launch_shape(spec):
@@ -365,15 +391,17 @@ def siren_fit_steps(params, exp_avg, exp_avg_sq, step, coords, target, spec, *, 
                     num_warps: int = 4, programs_per_sm: int = 8) -> torch.Tensor:
     """In-place fused fit on contiguous float32 [N, P] buffers; target [N, C, out_dim]; returns loss [N].
 
-    kernel: "regs" (weights and gradient sums in registers; 1-2 sine layers, width ≤ 64), "scratch" (any shape
-    the module takes; activations and gradients in a per-program global scratch) or "auto" (regs where it
-    applies). dot_precision: the hidden×hidden products in exact fp32 ("ieee") or on tensor cores ("tf32",
+    kernel: "regs" (weights, Adam moments and gradient sums in registers; 1-2 sine layers, width ≤ 64),
+    "scratch" (any shape the module takes; activations and gradients in a per-program global scratch) or
+    "auto". auto is scratch for now: regs is 2.1× (fp32) to 4.9× (tf32) faster on the H100, but its first
+    version failed the GPU tests (a store-then-load race on the Adam moments, fixed since by keeping them in
+    registers) and the fixed one has not yet run on a GPU; auto moves to regs once it has passed there. dot_precision: the hidden×hidden products in exact fp32 ("ieee") or on tensor cores ("tf32",
     "tf32x3"). block_c / num_warps / programs_per_sm are launch knobs for benchmarks.
     """
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
     if kernel == "auto":
-        kernel = "regs" if fits_in_registers(spec) else "scratch"
+        kernel = "scratch"
     if kernel not in ("regs", "scratch") or (kernel == "regs" and not fits_in_registers(spec)):
         raise ValueError(f"kernel {kernel!r} does not take {spec}; use auto, regs (≤ 2 sine layers, width ≤ 64) "
                          "or scratch")

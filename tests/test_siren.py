@@ -114,13 +114,14 @@ def test_fused_adam_steps_match_reference(backend, shape):
 
 
 @pytest.mark.skipif(not _TRITON_RUNS, reason="Triton cannot run here")
-@pytest.mark.parametrize("kernel,block_c", [("regs", 16), ("regs", 64), ("scratch", 32)])
-def test_triton_fit_kernels_match_reference(kernel, block_c):
-    # A shape both Triton kernels take (the dispatcher would only ever pick "regs" for it), with pixel tiles
-    # that do not divide the pixel count, inactive fields and a nonzero step count.
+@pytest.mark.parametrize("kernel,block_c,shape", [("regs", 16, (3, 24, 2, 3, 5, 21)), ("regs", 64, (3, 24, 2, 3, 5, 21)),
+                                                 ("regs", 16, (2, 16, 1, 2, 5, 37)), ("scratch", 32, (3, 24, 2, 3, 5, 21))])
+def test_triton_fit_kernels_match_reference(kernel, block_c, shape):
+    # Shapes both Triton kernels take, with pixel tiles that do not divide the pixel count, inactive fields and a
+    # nonzero step count.
     from nfkernels import siren_triton
 
-    spec, params, coords, target = _problem((3, 24, 2, 3, 5, 21), _device_for("triton"), seed=9)
+    spec, params, coords, target = _problem(shape, _device_for("triton"), seed=9)
     active = torch.tensor([True, False, True, True, False], device=params.device)
     ref = [params.clone(), torch.zeros_like(params), torch.zeros_like(params)]
     fast = [t.clone() for t in ref]
