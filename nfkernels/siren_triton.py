@@ -89,6 +89,12 @@ if HAS_TRITON:
         tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + val, mask=mask)
 
     @triton.jit
+    def _field_ptrs(p_ptr, m_ptr, v_ptr, y_ptr, f, P, CO):
+        # Field f's parameters, Adam moments and target image (int64: N·P passes 2^31 at ~2M fields).
+        f64 = tl.cast(f, tl.int64)
+        return p_ptr + f64 * P, m_ptr + f64 * P, v_ptr + f64 * P, y_ptr + f64 * CO
+
+    @triton.jit
     def _fit_kernel(p_ptr, m_ptr, v_ptr, loss_ptr, x_ptr, y_ptr, act_ptr, bc_ptr, grad_ptr, scr_ptr,
                     N, C, P, n_steps, lr, beta1, beta2, eps, omega0, grad_scale, inv_count,
                     HAS_ACTIVE: tl.constexpr, IN: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
@@ -106,11 +112,7 @@ if HAS_TRITON:
         gacc = grad_ptr + tl.cast(pid, tl.int64) * P
         off_last = H * IN + H + (NS - 1) * (H * H + H)
         for f in range(pid, N, n_prog):
-            f64 = tl.cast(f, tl.int64)
-            pf = p_ptr + f64 * P
-            mf = m_ptr + f64 * P
-            vf = v_ptr + f64 * P
-            yf = y_ptr + f64 * C * OUT
+            pf, mf, vf, yf = _field_ptrs(p_ptr, m_ptr, v_ptr, y_ptr, f, P, C * OUT)
             on = 1
             if HAS_ACTIVE:
                 on = tl.load(act_ptr + f).to(tl.int32)  # 1 or 0
@@ -231,11 +233,7 @@ if HAS_TRITON:
         oh_mask = omask[:, None] & hmask[None, :]
         bo_off = off_last + OUT * H + offs_o
         for f in range(pid, N, n_prog):
-            f64 = tl.cast(f, tl.int64)
-            pf = p_ptr + f64 * P
-            mf = m_ptr + f64 * P
-            vf = v_ptr + f64 * P
-            yf = y_ptr + f64 * C * OUT
+            pf, mf, vf, yf = _field_ptrs(p_ptr, m_ptr, v_ptr, y_ptr, f, P, C * OUT)
             on = tl.full((), 1, tl.int32)
             if HAS_ACTIVE:
                 on = tl.load(act_ptr + f).to(tl.int32)
