@@ -73,7 +73,13 @@ typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned lo
 constexpr int kVec = kTile / 8;
 NFK_INLINE v8 load8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 NFK_INLINE void store8(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
-NFK_INLINE v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
+// A shuffle, not v8{x, x, ...}: GCC lowers that constructor for the baseline ISA before inlining, so even the
+// AVX2 copy built it from 7 vinsertps + vinsertf128 (perf: the weight-gradient loop's bottleneck); this is one
+// vbroadcastss, and the fit runs ~1.3x faster.
+NFK_INLINE v8 splat8(float x) {
+  const v8 r = {x};
+  return __builtin_shufflevector(r, r, 0, 0, 0, 0, 0, 0, 0, 0);
+}
 
 // out[o][t] = bias[o] + sum_i Wt(o, i) * in[i][t], where Wt(o, i) = W[o * so + i * si]. Forward uses
 // (so, si) = (fan_in, 1); the backward input-gradient uses the transposed weight (1, fan_in) and no bias.
