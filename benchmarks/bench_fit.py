@@ -173,7 +173,7 @@ def nfgen_fit(spec, coords, target, template, backend="auto", steps_per_call=10,
 
 
 def sweep_triton(spec, device, n=10000, steps=20, repeats=3):
-    """Field-steps/s of the Triton fit kernels over launch configurations, best first (picks the defaults)."""
+    """Field-steps/s of the Triton fit kernels over launch configurations, best first (to choose defaults by)."""
     coords, target, template = make_problem(n, device, spec)
     rows = []
     configs = [dict(kernel="scratch", dot_precision="ieee", block_c=64, num_warps=4, programs_per_sm=8)]
