@@ -367,20 +367,18 @@ def _psnr(params, coords, target, spec, chunk=4096):
     return torch.cat(vals).mean().item()
 
 
-def test_bench_nfgen_fit_small(benchmark):
+def _bench_small(benchmark, make):
     spec = SirenSpec()
-    device = torch.device("cpu")
-    coords, target, template = make_problem(64, device, spec)
-    run = nfgen_fit(spec, coords, target, template)
-    benchmark(run, 5)
+    coords, target, template = make_problem(64, torch.device("cpu"), spec)
+    benchmark(make(spec, coords, target, template), 5)
+
+
+def test_bench_nfgen_fit_small(benchmark):
+    _bench_small(benchmark, nfgen_fit)
 
 
 def test_bench_baddbmm_fit_small(benchmark):
-    spec = SirenSpec()
-    device = torch.device("cpu")
-    coords, target, template = make_problem(64, device, spec)
-    run = peer_baddbmm(spec, coords, target, template)
-    benchmark(run, 5)
+    _bench_small(benchmark, peer_baddbmm)
 
 
 if __name__ == "__main__":
