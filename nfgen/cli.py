@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     for name, h in [("codebook-size", "codes per level"), ("group", "weights per token (vector VQ when > 1)"),
                     ("levels", "residual VQ levels"), ("normalize", "layer (per-tensor scale) or none"),
+                    ("center", "mean (quantise each weight's offset from the mean field) or none"),
                     ("iters", "Lloyd iterations"), ("sample", "points used to learn the codebook"),
                     ("seed", "k-means seed"), ("backend", "auto, torch, cpp or triton")]:
         _opt(p, name, TokenizerConfig, h)

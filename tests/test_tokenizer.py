@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nfgen.io import NfgenError, save_artifact
-from nfgen.tokenizer import TokenizerConfig, WeightTokenizer, load_tokens, run_tokenize
+from nfgen.tokenizer import TokenizerConfig, TokenSet, WeightTokenizer, load_tokens, run_tokenize, save_tokens
 from nfkernels import SirenSpec, siren_init
 from nfkernels import _ext
 from nfkernels.vq import vq_assign_reference
@@ -28,22 +28,38 @@ def mnist_fields(tmp_path_factory, data_root):
     return path
 
 
+@pytest.mark.parametrize("center", ["mean", "none"])
 @pytest.mark.parametrize("normalize", ["none", "layer"])
-def test_decode_of_encode_is_the_nearest_codes(normalize):
+def test_decode_of_encode_is_the_nearest_codes(normalize, center):
     w = _weights()
-    tok = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=5, normalize=normalize))
+    tok = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=5, normalize=normalize,
+                                                       center=center))
     tokens = tok.encode(w)
     assert tokens.shape == (6, SPEC.num_params) and tokens.dtype == torch.int64
     assert 0 <= tokens.min() and tokens.max() < tok.n_codes == 16
+    mean = w.double().mean(0).float() if center == "mean" else torch.zeros(SPEC.num_params)
+    torch.testing.assert_close(tok.center, mean, rtol=0, atol=0)
     scale = tok.scale_vector()
-    nearest = vq_assign_reference((w / scale).reshape(-1, 1), tok.codebooks[0])
-    torch.testing.assert_close(tok.decode(tokens), tok.codebooks[0][nearest].reshape(w.shape) * scale,
+    nearest = vq_assign_reference(((w - mean) / scale).reshape(-1, 1), tok.codebooks[0])
+    torch.testing.assert_close(tok.decode(tokens), tok.codebooks[0][nearest].reshape(w.shape) * scale + mean,
                                rtol=0, atol=0)
     assert torch.equal(tok.encode(tok.decode(tokens)), tokens)  # decoded weights sit on their codes
-    if normalize == "layer":  # every tensor scaled to unit std over the dataset
+    if normalize == "layer":  # every centred tensor scaled to unit std over the dataset
         for t, s in zip(SPEC.param_layout(), tok.scales):
-            assert float(s) == pytest.approx(float(w[:, t["offset"]:t["offset"] + t["numel"]].std(unbiased=False)),
-                                             rel=1e-5)
+            part = (w - mean)[:, t["offset"]:t["offset"] + t["numel"]]
+            assert float(s) == pytest.approx(float(part.std(unbiased=False)), rel=1e-5)
+
+
+def test_centering_resolves_small_offsets_from_a_shared_template():
+    # fields fitted from one template: every field is the template plus a small offset of its own
+    g = torch.Generator().manual_seed(1)
+    template = siren_init(SPEC, 1, generator=g)
+    w = template + 0.02 * template.abs().mean() * torch.randn(40, SPEC.num_params, generator=g)
+    err = {}
+    for center in ("mean", "none"):
+        tok = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=10, center=center))
+        err[center] = float((tok.decode(tok.encode(w)) - w).pow(2).mean())
+    assert err["mean"] < 0.1 * err["none"], err
 
 
 def test_group_and_levels_layout():
@@ -104,6 +120,8 @@ def test_bad_options_and_weights():
         WeightTokenizer.fit(w, SPEC, TokenizerConfig(group=2))
     with pytest.raises(NfgenError, match="normalisation"):
         TokenizerConfig(normalize="batch").validate()
+    with pytest.raises(NfgenError, match="centring"):
+        TokenizerConfig(center="median").validate()
     bad = w.clone()
     bad[2, 7] = float("nan")
     with pytest.raises(NfgenError, match="NaN"):
@@ -126,6 +144,35 @@ def test_run_tokenize_on_real_fields(mnist_fields, tmp_path, data_root):
     # the stored tokenizer decodes exactly what the fitted one did
     torch.testing.assert_close(ts.tokenizer.decode(ts.tokens), ts.tokenizer.decode(ts.tokenizer.encode(
         ts.tokenizer.decode(ts.tokens))), rtol=0, atol=0)
+
+
+def test_centering_raises_detok_psnr_on_real_fields(mnist_fields, tmp_path, data_root):
+    psnr = {}
+    for center in ("mean", "none"):
+        cfg = TokenizerConfig(codebook_size=64, iters=8, center=center, quiet=True)
+        psnr[center] = run_tokenize(mnist_fields, tmp_path / f"{center}.safetensors", cfg, data_root=data_root,
+                                    device="cpu", quiet=True)["detok_psnr"]
+    assert psnr["mean"] > psnr["none"] + 5, psnr
+
+
+def test_tokens_file_without_a_center_loads_as_raw_weights(tmp_path):
+    from nfgen.io import load_artifact
+
+    w = _weights()
+    tok = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=4, center="none"))
+    ts = TokenSet(tok.encode(w), torch.zeros(6, dtype=torch.long), tok, SPEC, (4, 4))
+    path = save_tokens(tmp_path / "t.safetensors", ts)
+    tensors, meta = load_artifact(path, "tokens")
+    del tensors["center"], meta["tokenizer"]["center"]  # what a tokens file written before centring holds
+    old = tmp_path / "old.safetensors"
+    save_artifact(old, "tokens", tensors, meta)
+    loaded = load_tokens(old)
+    assert loaded.tokenizer.cfg.center == "none"
+    torch.testing.assert_close(loaded.tokenizer.decode(loaded.tokens), tok.decode(ts.tokens), rtol=0, atol=0)
+    meta["tokenizer"]["center"] = "mean"  # claims a centre it does not hold
+    save_artifact(old, "tokens", tensors, meta)
+    with pytest.raises(NfgenError, match="invalid tokenizer"):
+        load_tokens(old)
 
 
 def test_run_tokenize_bad_files(mnist_fields, tmp_path):
