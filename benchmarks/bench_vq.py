@@ -7,6 +7,7 @@ synthetic fields per backend.
     python -m benchmarks.bench_vq [--device cuda] [--quick] [--out benchmarks/results/vq-<device>.json]
 
 M is 10^7 on CUDA, 10^6 on CPU (10^7 takes minutes per row on 2 cores); --quick divides M by 10.
+--sweep (CUDA) also times the Triton kernel at other tile shapes (BLOCK_M x BLOCK_K / warps), one row each.
 """
 from __future__ import annotations
 
@@ -66,7 +67,10 @@ def peer_cdist_argmin(x, codebook):
     return torch.cat([torch.cdist(x[s:s + rows], codebook).argmin(dim=1) for s in range(0, x.shape[0], rows)])
 
 
-def contenders(device, d):
+SWEEP_TILES = [(64, 64, 8), (64, 64, 4), (32, 64, 4), (32, 32, 4), (64, 32, 4), (16, 64, 4), (128, 32, 8)]
+
+
+def contenders(device, d, sweep=False):
     out = {"peer cdist+argmin": peer_cdist_argmin, "nfgen auto": lambda x, c: vq_assign(x, c)}
     if device.type == "cpu" and _ext.has_op("vq_assign"):
         out["nfgen cpp brute"] = lambda x, c: vq_assign(x, c, backend="cpp", method="brute")
@@ -76,6 +80,12 @@ def contenders(device, d):
         out["nfgen triton brute"] = lambda x, c: vq_assign(x, c, backend="triton", method="brute")
         if d == 1:
             out["nfgen torch sorted"] = lambda x, c: vq_assign(x, c, backend="triton", method="sorted")
+        if sweep:
+            from nfkernels.vq_triton import vq_assign_triton
+
+            for bm, bk, nw in SWEEP_TILES:
+                out[f"triton {bm}x{bk}/{nw}w"] = \
+                    lambda x, c, bm=bm, bk=bk, nw=nw: vq_assign_triton(x, c, block_m=bm, block_k=bk, num_warps=nw)[0]
     return out
 
 
@@ -92,7 +102,7 @@ def time_call(fn, device, repeats):
     return sorted(times)[len(times) // 2], mem.peak
 
 
-def bench_assign(device, M, repeats):
+def bench_assign(device, M, repeats, sweep=False):
     rows = []
     for d in (1, 4, 8):
         for K in (256, 4096):
@@ -101,7 +111,7 @@ def bench_assign(device, M, repeats):
             codebook = torch.randn(K, d, generator=g).to(device)
             expect = vq_assign(x[:4096], codebook, backend="torch")
             peer_rate = None
-            for name, fn in contenders(device, d).items():
+            for name, fn in contenders(device, d, sweep).items():
                 agree = (fn(x[:4096], codebook) == expect).double().mean().item()
                 assert agree > 0.999 or name.startswith("peer"), (name, agree)  # fp32 near-ties may flip
                 sec, peak = time_call(lambda: fn(x, codebook), device, repeats)
@@ -145,6 +155,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="M / 10 and fewer fields")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sweep", action="store_true", help="CUDA: also time the Triton kernel's other tile shapes")
     ap.add_argument("--out", default=None, help="write every row as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -154,7 +165,7 @@ def main(argv=None):
         M, n_fields = M // 10, 1_000
     name = device_name(device)
     print(f"device: {name}; M = {M:.0e}" + (" (CPU: 10^7 is too slow here)" if device.type == "cpu" else ""))
-    rows = bench_assign(device, M, args.repeats)
+    rows = bench_assign(device, M, args.repeats, args.sweep)
     rows += bench_tokenize(device, n_fields, max(1, args.repeats - 2))
     if args.out:
         write_result(args.out, {**environment("benchmarks.bench_vq", device), "rows": rows})

@@ -84,6 +84,26 @@ def test_many_tiles_large_k(backend):
     assert idx[5] == 1000
 
 
+@pytest.mark.parametrize("block_k", [16, 32])
+def test_triton_ties_across_tiles_and_slots(block_k):
+    """The Triton kernel keeps a best per (row, tile column) and reduces at the end: equal codes in other
+    tiles, in the same or another column slot, must still resolve to the lowest index; NaN rows give 0, inf."""
+    if not _available("triton"):
+        pytest.skip("triton not available")
+    from nfkernels.vq_triton import vq_assign_triton
+
+    g = torch.Generator().manual_seed(2)
+    codebook = torch.randn(70, 3, generator=g)
+    codebook[[20, 36, 53, 69]] = codebook[5].clone()  # lowest copy at 5, later copies in other tiles and slots
+    codebook[[3, 19]] = codebook[40].clone()  # the lowest copy sits in an earlier tile than the original
+    x = torch.cat([codebook[[53, 36, 40, 19]], torch.randn(45, 3, generator=g), torch.full((1, 3), float("nan"))])
+    idx, dist = vq_assign_triton(x, codebook, block_m=16, block_k=block_k)
+    assert idx[:4].tolist() == [5, 5, 3, 3]
+    assert torch.equal(idx[:-1], vq_assign_reference(x[:-1], codebook))
+    assert idx[-1] == 0 and dist[-1] == float("inf")
+    _check_nearest(x[:-1], codebook, idx[:-1], dist[:-1])
+
+
 @pytest.mark.parametrize("d", [1, 4])
 def test_real_mnist_pixels(data_root, d):
     # MNIST pixels have huge exact-tie populations (zeros, 1.0) and a codebook drawn from the data holds
