@@ -14,6 +14,8 @@ contender, float32 on CPU. Every contender samples with temperature 1 from the 2
               batch 1024), as `nfgen generate` does, so the one-off setup (cache, graph capture) is amortised
               the way it is in a real run; its time includes that setup.
 Batches {1, 64, 1024} on CUDA, 16 on CPU. --quick (CPU): 2 layers, 4 heads, width 128, L = 127.
+--n-kv-head K times the same model with grouped-query attention (K key/value heads; every contender uses
+them, the eager ones by expanding K/V to all heads as a plain implementation would).
 Times are medians over --repeats; "x recompute" / "x eager-kv" are nfgen's tokens/s over theirs.
 
     python -m benchmarks.bench_generate [--device cuda] [--quick] [--out benchmarks/results/sample-<device>.json]
@@ -82,7 +84,8 @@ def recompute(model: GPT, vocab: Vocab, batch: int, length: int, device, budget_
 def eager_kv(model: GPT, vocab: Vocab, batch: int, length: int, device):
     """The textbook KV-cache loop: torch.cat onto per-layer caches, softmax + multinomial."""
     g = torch.Generator(device=device).manual_seed(0)
-    tr, nh = model.transformer, model.config.n_head
+    tr, c = model.transformer, model.config
+    kv_width = c.n_kv_head * c.head_dim
 
     def forward(idx, past, pos0):
         B, T = idx.shape
@@ -90,11 +93,14 @@ def eager_kv(model: GPT, vocab: Vocab, batch: int, length: int, device):
         new_past = []
         for block, kv in zip(tr.h, past):
             a = block.attn
-            q, k, v = a.c_attn(block.ln_1(x)).split(x.shape[-1], dim=2)
-            q, k, v = (t.view(B, T, nh, -1).transpose(1, 2) for t in (q, k, v))
+            q, k, v = a.c_attn(block.ln_1(x)).split([c.n_embd, kv_width, kv_width], dim=2)
+            q = q.view(B, T, c.n_head, -1).transpose(1, 2)
+            k, v = (t.view(B, T, c.n_kv_head, -1).transpose(1, 2) for t in (k, v))
             if kv is not None:
                 k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
             new_past.append((k, v))
+            groups = c.n_head // c.n_kv_head
+            k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v)) if groups > 1 else (k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=kv is None)
             x = x + a.c_proj(y.transpose(1, 2).reshape(B, T, -1))
             x = x + block.mlp(block.ln_2(x))
@@ -123,6 +129,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="small model and L = 127 (CPU)")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,64,1024 CUDA; 16 CPU)")
+    ap.add_argument("--n-kv-head", type=int, default=0, help="key/value heads (0: as many as query heads)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--recompute-budget", type=float, default=120.0,
                     help="seconds a full recompute run may take before it is estimated instead")
@@ -135,13 +142,15 @@ def main(argv=None):
         cfg_kw, length = dict(n_layer=2, n_head=4, n_embd=128), 127
     else:
         cfg_kw, length = dict(), 1185
+    cfg_kw["n_kv_head"] = args.n_kv_head
     vocab = Vocab(N_CODES, N_CLASSES)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab.size, block_size=length + 1, **cfg_kw)).to(device).eval()
     if on_cuda:
         model = model.to(torch.bfloat16)
     c = model.config
-    print(f"model: {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, {model.num_params() / 1e6:.1f}M params, "
+    print(f"model: {c.n_layer} layers, {c.n_head} heads ({c.n_kv_head} key/value), width {c.n_embd}, "
+          f"{model.num_params() / 1e6:.1f}M params, "
           f"L = {length} ({length + 2}-token sequences), {device}")
 
     rows = []

@@ -25,11 +25,11 @@ for part in "$@"; do
         stamp "bench_$b"
         timeout 300 python3 -m benchmarks.bench_$b --device cuda --out "$OUT/$b-$dev.json" 2>&1 | tee "$OUT/bench_$b.log" | tail -30
       done ;;
-    bench-*)
+    bench-*)  # BENCH_ARGS: extra options (e.g. --sweep, --n-kv-head 2); BENCH_SUFFIX: added to the result's name
       b=${part#bench-}
-      stamp "bench_$b"
-      timeout "${BENCH_TIMEOUT:-240}" python3 -m benchmarks.bench_$b --device cuda ${BENCH_ARGS:-} --out "$OUT/$b-$dev.json" \
-        2>&1 | tee "$OUT/bench_$b.log" | tail -40 ;;
+      stamp "bench_$b ${BENCH_ARGS:-}"
+      timeout "${BENCH_TIMEOUT:-240}" python3 -m benchmarks.bench_$b --device cuda ${BENCH_ARGS:-} \
+        --out "$OUT/$b-$dev${BENCH_SUFFIX:-}.json" 2>&1 | tee "$OUT/bench_$b${BENCH_SUFFIX:-}.log" | tail -40 ;;
     test)
       stamp tests
       timeout 500 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -40 ;;

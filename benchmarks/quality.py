@@ -103,6 +103,7 @@ class QualityConfig:
     classifier_epochs: int = 3
     alt_model: dict = field(default_factory=lambda: dict(n_layer=4, n_head=4, n_embd=192))  # the model-size row
     alt_fit: dict = field(default_factory=lambda: dict(steps=300))  # the fit-recipe row (FitConfig overrides)
+    alt_kv_head: int = 0  # the grouped-query-attention row: the main GPT with this many key/value heads (0: none)
     # TrainConfig overrides for every ablation row that trains its own GPT (not the sampling rows, which reuse
     # the main model); when set, a "baseline" row trains the main recipe with them too, so each ablation is
     # compared at the same (shorter) budget. Empty: ablations train like the main row.
@@ -124,7 +125,7 @@ CONFIGS = {
         fit=dict(hidden=8, steps=40, chunk=256), tokenize=dict(codebook_size=64, iters=4),
         train=dict(n_layer=1, n_head=2, n_embd=32, steps=8, batch_size=8, lr=3e-3, warmup=2, eval_every=8,
                    checkpoint_every=10_000),
-        classifier_epochs=1, alt_model=dict(n_layer=1, n_head=2, n_embd=16), alt_fit=dict(steps=60),
+        classifier_epochs=1, alt_model=dict(n_layer=1, n_head=2, n_embd=16), alt_fit=dict(steps=60), alt_kv_head=1,
         sampling_sweep={"t0.8": dict(temperature=0.8), "cfg2": dict(cfg_scale=2.0)},
         nefgpt_n_generated=8, nefgpt_n_references=6,
         note="smoke test only: tiny SIREN, few fields, a few GPT steps"),
@@ -147,14 +148,15 @@ CONFIGS = {
     # top-k 10. Before centring, T 0.8 / top-k 3 was the best of an H100 sweep; centred codes are ~4x finer
     # (position entropy 5.1 instead of 3.8 nats, tokenize_quality), so top-k 10 keeps a similar share of each
     # position's codes: a guess the sweep checks. Ablations that train their own GPT do so for 1000 steps,
-    # beside a baseline row of the main recipe at 1000 steps; the model-size row tries a 25M GPT.
+    # beside a baseline row of the main recipe at 1000 steps; the model-size rows try a 25M GPT and 2 key/value
+    # heads (a 4x smaller KV cache: faster decoding, issue 5).
     "full": QualityConfig(
         fit=dict(steps=200, lr=1e-3),
         train=dict(n_layer=6, n_head=8, n_embd=384, steps=4000, batch_size=64, lr=6e-4, warmup=200, dropout=0.1,
                    eval_every=500, checkpoint_every=1000),
         sample=dict(temperature=0.8, top_k=10),
         alt_model=dict(n_layer=8, n_head=8, n_embd=512),
-        alt_fit=dict(steps=100, lr=1e-3),
+        alt_fit=dict(steps=100, lr=1e-3), alt_kv_head=2,
         ablation_train=dict(steps=1000, warmup=100),
         sampling_sweep={"T1": dict(temperature=1.0, top_k=0), "T0.9": dict(temperature=0.9, top_k=0),
                         "T0.8": dict(temperature=0.8, top_k=0), "T0.8-topk3": dict(top_k=3),
@@ -185,6 +187,8 @@ def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[
             rows[f"codebook:{other_k}"] = main.but(tokenize={"codebook_size": other_k})
     size = "x".join(str(cfg.alt_model.get(k, "")) for k in ("n_layer", "n_embd"))
     rows[f"model:{size}"] = main.but(train=cfg.alt_model)
+    if cfg.alt_kv_head:
+        rows[f"model:kv{cfg.alt_kv_head}"] = main.but(train={"n_kv_head": cfg.alt_kv_head})
     if cfg.ablation_train:
         rows = {name: r.but(train=cfg.ablation_train) for name, r in rows.items()}
         rows = {"baseline:main": main.but(train=cfg.ablation_train), **rows}

@@ -69,7 +69,7 @@ def default_batch_size(model: GPT, length: int, device: torch.device, guided: bo
         return 64
     c = model.config
     free, _ = torch.cuda.mem_get_info(device)
-    per_row = c.n_layer * 2 * (length + 1) * c.n_embd * 2 + 64 * c.n_embd * 4 + 8 * c.vocab_size * 4
+    per_row = c.n_layer * 2 * (length + 1) * c.n_kv_head * c.head_dim * 2 + 64 * c.n_embd * 4 + 8 * c.vocab_size * 4
     rows = int(0.5 * free // per_row) // (2 if guided else 1)
     return max(1, min(1024, rows // 64 * 64 if rows >= 64 else rows))
 

@@ -1,8 +1,10 @@
 """A decoder-only GPT over token sequences [SOS, CLASS, t_1 … t_L], nanoGPT-style, with a static KV cache.
 
-Pre-LayerNorm blocks, learned positions, attention through F.scaled_dot_product_attention. Training uses
+Pre-LayerNorm blocks, learned positions, attention through F.scaled_dot_product_attention, optionally with
+fewer key/value heads than query heads (grouped-query attention, `n_kv_head`): at large batch a decode step
+is bound by reading the KV cache, which shrinks by n_head / n_kv_head. Training uses
 `forward` (causal over the whole sequence). Generation uses `setup_kv_cache` once and then `forward_cached`:
-keys and values go into preallocated [B, heads, T_max, head_dim] buffers written in place, so a decode
+keys and values go into preallocated [B, kv heads, T_max, head_dim] buffers written in place, so a decode
 step has fixed shapes and can be captured in a CUDA graph. The embedding and output weights are not tied,
 so every parameter is its own tensor in the state dict (safetensors refuses shared storage).
 """
@@ -27,6 +29,7 @@ class GPTConfig:
     n_layer: int = 6
     n_head: int = 8
     n_embd: int = 384
+    n_kv_head: int = 0  # key/value heads, a divisor of n_head (grouped-query attention); 0: n_head
     dropout: float = 0.0
     bias: bool = False
 
@@ -35,6 +38,13 @@ class GPTConfig:
             raise ValueError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
         if min(self.vocab_size, self.block_size, self.n_layer, self.n_head) < 1:
             raise ValueError(f"invalid GPTConfig {self}")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head {self.n_kv_head} must divide n_head {self.n_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
 
 
 class KVCache(nn.Module):
@@ -52,27 +62,45 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, H, T, d] over a cache k, v [B, H_kv, S, d] with mask [T, S] → [B, H, T, d].
+
+    Query head h reads KV head h // (H / H_kv). The G = H / H_kv query heads of a KV head are folded into
+    its query rows, so each KV head is read once rather than expanded G times.
+    """
+    B, H, T, d = q.shape
+    groups = H // k.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], groups * T, d), k, v, attn_mask=mask.repeat(groups, 1))
+    return y.view(B, H, T, d)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.n_head, self.n_kv_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.dropout
+        self.kv_width = cfg.n_kv_head * cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * self.kv_width, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, input_pos=None, mask=None, kv_len=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.c_attn(x).split([C, self.kv_width, self.kv_width], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
         if input_pos is None:
+            if self.n_kv_head != self.n_head:  # training: expanded K/V keep every SDPA backend (flash) usable
+                k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=True)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
             if kv_len is not None:  # attend over the filled prefix only (eager decoding)
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+            y = cached_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -144,14 +172,14 @@ class GPT(nn.Module):
         return logits, loss
 
     def setup_kv_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> None:
-        """Preallocate a [batch_size, heads, max_len, head_dim] key and value cache in every layer."""
+        """Preallocate a [batch_size, kv heads, max_len, head_dim] key and value cache in every layer."""
         if max_len > self.config.block_size:
             raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
         p = self.lm_head.weight
         device, dtype = device or p.device, dtype or p.dtype
-        head_dim = self.config.n_embd // self.config.n_head
+        c = self.config
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, head_dim, device, dtype)
+            block.attn.kv_cache = KVCache(batch_size, c.n_kv_head, max_len, c.head_dim, device, dtype)
         self.cache_max_len = max_len
 
     def forward_cached(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:

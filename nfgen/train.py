@@ -36,6 +36,7 @@ class TrainConfig:
     n_layer: int = 6
     n_head: int = 8
     n_embd: int = 384
+    n_kv_head: int = 0  # key/value heads (grouped-query attention, faster decoding); 0: n_head
     dropout: float = 0.0
     steps: int = 5000
     batch_size: int = 32
@@ -61,6 +62,8 @@ class TrainConfig:
             (self.batch_size >= 1, "--batch-size must be ≥ 1"),
             (self.lr > 0, "--lr must be > 0"),
             (self.n_embd % self.n_head == 0, f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}"),
+            (self.n_kv_head >= 0 and self.n_head % (self.n_kv_head or self.n_head) == 0,
+             f"--n-kv-head {self.n_kv_head} must divide --n-head {self.n_head} (0: as many as --n-head)"),
             (0.0 <= self.class_dropout <= 1.0, "--class-dropout must be in [0, 1]"),
             (0.0 <= self.val_fraction < 1.0, "--val-fraction must be in [0, 1)"),
             (0 <= self.warmup, "--warmup must be ≥ 0"),
@@ -122,7 +125,9 @@ def _state_tensors(model: GPT, opt: torch.optim.Optimizer, gen: torch.Generator)
 def _restore(path: Path, model: GPT, opt: torch.optim.Optimizer, gen: torch.Generator, cfg: TrainConfig, device):
     tensors, meta = load_artifact(path, "train_state", "start without --resume")
     old = meta.get("train_config", {})
-    diff = {k: (old.get(k), v) for k, v in asdict(cfg).items() if k not in _RESUME_FREE and old.get(k) != v}
+    known = asdict(TrainConfig())  # an option newer than the checkpoint had its default then
+    diff = {k: (old.get(k, known[k]), v) for k, v in asdict(cfg).items()
+            if k not in _RESUME_FREE and old.get(k, known[k]) != v}
     if diff:
         listed = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in diff.items())
         raise NfgenError(f"--resume with different options than the original run ({listed}); "
@@ -188,7 +193,7 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
 
     torch.manual_seed(cfg.seed)
     gcfg = GPTConfig(vocab_size=vocab.size, block_size=seq_len - 1, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_embd=cfg.n_embd, dropout=cfg.dropout)
+                     n_embd=cfg.n_embd, n_kv_head=cfg.n_kv_head, dropout=cfg.dropout)
     model = GPT(gcfg).to(device)
     opt = _optimizer(model, cfg)
     gen = make_generator(cfg.seed + 1)

@@ -27,9 +27,13 @@ def test_forward_loss_ignores_minus_one():
     torch.testing.assert_close(loss, want)
 
 
+HEADS = [dict(n_head=3), dict(n_head=3, n_kv_head=1), dict(n_head=4, n_kv_head=2)]  # MHA, MQA, GQA
+
+
+@pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("prefill", [1, 2, 7])
-def test_forward_cached_matches_forward(prefill):
-    m = small_model()
+def test_forward_cached_matches_forward(prefill, heads):
+    m = small_model(**heads)
     idx = torch.randint(0, 23, (5, 19))
     with torch.no_grad():
         full, _ = m(idx)
@@ -42,9 +46,10 @@ def test_forward_cached_matches_forward(prefill):
             torch.testing.assert_close(torch.cat(got, dim=1), full, **TOL)
 
 
-def test_greedy_cached_decoding_equals_full_recompute():
+@pytest.mark.parametrize("heads", HEADS)
+def test_greedy_cached_decoding_equals_full_recompute(heads):
     """nanoGPT's generate (recompute the whole prefix, argmax) vs one-token steps through the cache."""
-    m = small_model(seed=3, vocab_size=31, block_size=40)
+    m = small_model(seed=3, vocab_size=31, block_size=40, **heads)
     prompt = torch.randint(0, 31, (4, 2))
     steps = 38
     with torch.no_grad():
@@ -59,6 +64,35 @@ def test_greedy_cached_decoding_equals_full_recompute():
             pos = torch.tensor([2 + i])
             cached.append(m.forward_cached(cached[-1][:, None], pos)[:, -1].argmax(-1))
     assert torch.equal(torch.stack(cached, 1), seq[:, 2:])
+
+
+def test_grouped_query_attention_is_attention_with_shared_kv_heads():
+    """A GQA model equals the plain multi-head model whose K/V projections repeat each KV head's rows for
+    the query heads that share it (head h reads KV head h // groups), in training and cached decoding."""
+    gqa = small_model(seed=2, n_head=4, n_kv_head=2)
+    mha = small_model(seed=9, n_head=4)
+    state = dict(gqa.state_dict())
+    d, groups = 6, 2
+    for i in range(2):
+        key = f"transformer.h.{i}.attn.c_attn"
+        for part in ("weight", "bias"):
+            w = state[f"{key}.{part}"]
+            q, k, v = w[:24], w[24:36], w[36:48]
+            k, v = (t.reshape(2, d, *t.shape[1:]).repeat_interleave(groups, 0).reshape(24, *t.shape[1:])
+                    for t in (k, v))
+            state[f"{key}.{part}"] = torch.cat([q, k, v])
+    mha.load_state_dict(state)
+    assert gqa.transformer.h[0].attn.c_attn.weight.shape == (48, 24)  # 24 query + 2 × 12 key/value rows
+    idx = torch.randint(0, 23, (3, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(idx)[0], mha(idx)[0], **TOL)
+        gqa.setup_kv_cache(3, 19)
+        assert gqa.transformer.h[0].attn.kv_cache.k.shape == (3, 2, 19, 6)
+        got = torch.cat([gqa.forward_cached(idx[:, :4], torch.arange(4))] +
+                        [gqa.forward_cached(idx[:, t:t + 1], torch.tensor([t])) for t in range(4, 19)], dim=1)
+        torch.testing.assert_close(got, mha(idx)[0], **TOL)
+    with pytest.raises(ValueError, match="n_kv_head"):
+        GPTConfig(vocab_size=10, block_size=5, n_head=4, n_kv_head=3, n_embd=16)
 
 
 def test_cache_dtype_and_errors():
@@ -77,14 +111,24 @@ def test_cache_dtype_and_errors():
         GPTConfig(vocab_size=10, block_size=5, n_head=3, n_embd=16)
 
 
-def test_save_load_roundtrip(tmp_path):
-    m = small_model()
+@pytest.mark.parametrize("heads", HEADS)
+def test_save_load_roundtrip(tmp_path, heads):
+    m = small_model(**heads)
     save_model(tmp_path / "model.safetensors", m, {"n_codes": 20, "n_classes": 1, "tokens_per_field": 17})
     loaded, meta = load_model(tmp_path / "model.safetensors")
     assert meta["config"]["n_embd"] == 24 and meta["n_codes"] == 20
+    assert loaded.config.n_kv_head == heads.get("n_kv_head", heads["n_head"])
     idx = torch.randint(0, 23, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx)[0], m(idx)[0], atol=0, rtol=0)
+
+
+def test_checkpoint_from_before_grouped_attention_loads(tmp_path):
+    m = small_model()
+    config = {"vocab_size": 23, "block_size": 19, "n_layer": 2, "n_head": 3, "n_embd": 24, "bias": True}
+    save_artifact(tmp_path / "old.safetensors", "model", dict(m.state_dict()), {"config": config})  # no n_kv_head
+    loaded, _ = load_model(tmp_path / "old.safetensors")
+    assert loaded.config.n_kv_head == 3
 
 
 def test_load_rejects_bad_files(tmp_path):

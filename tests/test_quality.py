@@ -81,6 +81,7 @@ def test_ablation_rows_follow_the_main_recipe():
     short = CONFIGS["full"].ablation_train["steps"]
     assert rows["baseline:main"].train["steps"] == short and rows["vq:group3"].train["steps"] == short
     assert rows["model:8x512"].train["n_embd"] == 512 and rows["model:8x512"].train["steps"] == short
+    assert rows["model:kv2"].train == {"n_kv_head": 2, **CONFIGS["full"].ablation_train}
     assert rows["fit:steps100,lr0.001"].fit == {"steps": 100, "lr": 1e-3}
     assert all(not r.train for n, r in rows.items() if n.startswith("sampling:"))
     assert "baseline:main" not in ablation_recipes(CONFIGS["tiny"], Recipe(), 105)
@@ -140,7 +141,7 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     common = ["--config", "tiny", "--seeds", "2", "--device", "cpu", "--run-dir", str(tmp_path / "run"),
               "--data-root", str(data_root)]
     assert quality.main(common + ["--results", str(results), "--only", "main,nefgpt,ablations",
-                                  "--ablations", "fit,order:canonical,vq:group3,sampling:cfg2"]) == 0
+                                  "--ablations", "fit,order:canonical,vq:group3,model:kv1,sampling:cfg2"]) == 0
     out = capsys.readouterr().out
     r = json.loads(results.read_text())
     for key in ("device", "torch", "triton", "commit", "command", "config", "seconds", "goals", "psnr", "protocol"):
@@ -158,7 +159,8 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     for row in r["rows"]["reconstruction"].values():
         assert all(_finite(row["metrics"][f"cond_{m}"]["mean"]) for m in ("mmd", "cov", "1nna"))
     assert all(_finite(v) for p in r["psnr"].values() for v in p.values())
-    assert set(r["rows"]["ablations"]) == {"fit:steps60", "order:canonical", "vq:group3", "sampling:cfg2"}
+    assert set(r["rows"]["ablations"]) == {"fit:steps60", "order:canonical", "vq:group3", "model:kv1",
+                                           "sampling:cfg2"}
     assert r["rows"]["ablations"]["fit:steps60"]["fields_psnr"] > r["rows"]["main"]["fields_psnr"]  # 60 vs 40 steps
     assert r["rows"]["ablations"]["order:canonical"]["canonical"]["max_abs_render_delta"] < 1e-4
     for row in r["rows"]["ablations"].values():

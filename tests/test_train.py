@@ -32,11 +32,13 @@ def test_lr_schedule():
     assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(109, cfg) == pytest.approx(0.1, abs=1e-3)
 
 
-def test_train_learns_and_writes_loadable_model(tokens_file, tmp_path):
+@pytest.mark.parametrize("n_kv_head", [0, 1])
+def test_train_learns_and_writes_loadable_model(tokens_file, tmp_path, n_kv_head):
     run = tmp_path / "run"
-    summary = train(tokens_file, run, small(steps=40))
+    summary = train(tokens_file, run, small(steps=40, n_kv_head=n_kv_head))
     assert (run / "model.safetensors").is_file() and (run / "train_state.safetensors").is_file()
     model, meta = load_model(run / "model.safetensors")
+    assert model.config.n_kv_head == (n_kv_head or 2)
     assert meta["n_codes"] == 16 and meta["n_classes"] == 2 and meta["tokens_per_field"] == SPEC.num_params
     assert meta["history"][-1]["train_loss"] < meta["history"][0]["train_loss"] * 0.7
     assert summary["val_loss"] is not None and summary["n_val"] == 6
@@ -79,3 +81,5 @@ def test_bad_inputs(tokens_file, tmp_path):
         train(tmp_path / "missing.safetensors", tmp_path / "r", small())
     with pytest.raises(NfgenError, match="divisible"):
         train(tokens_file, tmp_path / "r", small(n_embd=30, n_head=4))
+    with pytest.raises(NfgenError, match="--n-kv-head 3 must divide --n-head 2"):
+        train(tokens_file, tmp_path / "r", small(n_kv_head=3))
