@@ -1,18 +1,23 @@
 """The tokenize stage: learn VQ codebooks over SIREN weights, turn every field into L code tokens.
 
-A field's flat weights [P] are centred on the dataset's mean field (each weight minus its mean over the
-training fields), (optionally) divided by a per-tensor scale, cut into P/group vectors of `group` consecutive
+A field's flat weights [P] are (optionally) centred on the dataset's mean field (each weight minus its mean
+over the training fields) and (optionally) divided by a per-tensor scale, cut into P/group vectors of `group` consecutive
 weights, and each vector is quantised by `levels` residual codebooks of `codebook_size` codes: level j
 quantises what levels < j left over. Token ids: level j uses j*K … (j+1)*K-1, and a vector's r tokens are
 consecutive, so a field is L = (P / group) * levels tokens in [0, levels * K). The sequence framing (SOS,
 class) is nfgen.vocab's.
 
-Centring (--center mean, the default) is what makes scalar VQ work on fields fitted from a shared template:
-the raw weights spread over the template's whole init range (rms 0.08) while a field moves each weight by
-only ~0.015 from it, so codes spent on the raw range resolve the part that differs between fields coarsely.
+Centring (--center mean) keeps almost all of a field through scalar VQ. Fields fitted from a shared template
+have raw weights spread over the template's whole init range (rms 0.08), but they differ from their mean by
+only 0.014-0.016 rms, so codes spent on the raw range resolve the part that differs between fields coarsely.
 Measured on 1000 MNIST fields (K = 256, `python -m benchmarks.tokenize_quality`, results in
 benchmarks/results/tokenize-quality-cpu.json), de-tokenized PSNR rises from 33.1 to 37.6 dB (fit 100 steps
 at lr 1e-3; fitted 37.7 dB) and from 34.0 to 50.4 dB (fit 200 steps at 1.5e-3; fitted 56.9 dB).
+It is not the default because a GPT models the raw codes better. At the demo's size (same fields and GPT,
+`python -m benchmarks.demo_tokenizers`, benchmarks/results/demo-tokenizers-cpu.json), classifier accuracy
+of the samples is 0.535 with raw codes, 0.10 with centred codes (K = 256) and 0.165 with centred codes
+(K = 64, whose per-position entropy matches the raw codes'). The full-size GPU run measures it again
+(the quality ablation rows vq:center-mean).
 
 Per-tensor normalisation (--normalize layer) is an option: the first layer's weights are ~30x larger
 than the later layers', so a shared codebook spends most codes on layer 0. Measured, that is the right
@@ -48,7 +53,7 @@ class TokenizerConfig:
     # (group 3: 14.1 vs 11.9), so "none" is the default: layer 0 is pre-multiplied by omega0, its errors cost
     # the most.
     normalize: str = "none"
-    center: str = "mean"  # "mean": quantise each weight's offset from its mean over the fields; "none": raw
+    center: str = "none"  # "mean": quantise each weight's offset from its mean over the fields; "none": raw
     iters: int = 30  # Lloyd iterations per level
     sample: int = 1_000_000  # vectors k-means learns from (0 = all)
     seed: int = 0
