@@ -24,7 +24,7 @@ With raw codes a higher lr fits tighter but costs VQ PSNR:
     200    1.5e-3  constant    57.0 / 46.5      34.0 / 30.6   <- default: ≥ 40 dB fits with margin, near-best VQ
     300    1.5e-3  constant    70.9 / 53.2      33.8 / 31.0
 
-With the tokenizer's mean-centring (its default now) the de-tokenized PSNR follows the fit instead: on 1000
+With the tokenizer's mean-centring (`--center mean`) the de-tokenized PSNR follows the fit instead: on 1000
 images, fits of 100 steps at 1e-3 / 200 at 1e-3 / 200 at 1.5e-3 / 300 at 3e-3 give 37.7 / 48.5 / 56.9 / 66.2 dB
 fitted and 37.6 / 46.8 / 50.4 / 50.9 dB de-tokenized (`python -m benchmarks.tokenize_quality`,
 benchmarks/results/tokenize-quality-cpu.json). The default stays at 200 steps, 1.5e-3.

@@ -71,9 +71,10 @@ def test_mean_std_and_aggregate():
 
 def test_ablation_rows_follow_the_main_recipe():
     rows = ablation_recipes(CONFIGS["full"], Recipe(), 1185)
-    assert {"vq:group3", "vq:group5", "vq:residual2", "vq:center-none", "codebook:64", "codebook:1024",
+    assert {"vq:group3", "vq:group5", "vq:residual2", "vq:center-mean", "codebook:64", "codebook:1024",
             "init:independent", "order:canonical", "order:independent+canonical"} <= rows.keys()
-    assert "codebook:256" not in rows and rows["vq:center-none"].tokenize == {"center": "none"}
+    assert "codebook:256" not in rows and rows["vq:center-mean"].tokenize == {"center": "mean"}
+    assert rows["vq:center-mean-topk10"].sample["top_k"] == 10
     assert "vq:group2" not in rows and "vq:group4" not in rows  # they do not divide 1185
     assert rows["vq:group3"].tokenize["group"] == 3 and rows["order:canonical"].canonical
     # The full config trains ablation GPTs for fewer steps, beside a baseline of the main recipe at that budget;
@@ -82,7 +83,7 @@ def test_ablation_rows_follow_the_main_recipe():
     assert rows["baseline:main"].train["steps"] == short and rows["vq:group3"].train["steps"] == short
     assert rows["model:8x512"].train["n_embd"] == 512 and rows["model:8x512"].train["steps"] == short
     assert rows["model:kv2"].train == {"n_kv_head": 2, **CONFIGS["full"].ablation_train}
-    assert rows["fit:steps100,lr0.001"].fit == {"steps": 100, "lr": 1e-3}
+    assert rows["fit:steps200,lr0.0015"].fit == {"steps": 200, "lr": 1.5e-3}
     assert all(not r.train for n, r in rows.items() if n.startswith("sampling:"))
     assert "baseline:main" not in ablation_recipes(CONFIGS["tiny"], Recipe(), 105)
     # Relative to the main recipe: a main that already uses 1024 codes is compared with 256.
@@ -91,7 +92,8 @@ def test_ablation_rows_follow_the_main_recipe():
     with pytest.raises(quality.NfgenError, match="unknown ablation"):
         quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq,bogus")
     assert set(quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq")) == {"vq:group3", "vq:group5",
-                                                                                 "vq:residual2", "vq:center-none"}
+                                                                                 "vq:residual2", "vq:center-mean",
+                                                                                 "vq:center-mean-topk10"}
 
 
 def _stat(mean, oracle):
