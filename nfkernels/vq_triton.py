@@ -46,6 +46,19 @@ def _vq_assign_kernel(x_ptr, codes_t_ptr, idx_ptr, dist_ptr, M, K,
     tl.store(dist_ptr + rows, best, mask=row_ok)
 
 
+def default_tiles(d: int, K: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) for vectors of d values and K codes.
+
+    Three [BLOCK_M, BLOCK_K] tiles (distances, slot minima, slot indices) live in registers, and each
+    distance also holds its d codebook values: 16 tile elements a thread for d <= 2 and 8 above keep the
+    sm_90 build free of spills for d = 1-16 (`python -m benchmarks.ptxas_vq`; 64x64 with 4 warps spills
+    from d = 8).
+    """
+    wide = d <= 2
+    block_k = max(16, min(64 if wide else 32, triton.next_power_of_2(K)))
+    return (64, block_k, 8) if wide else (32, block_k, 4)
+
+
 def vq_assign_triton(x: torch.Tensor, codebook: torch.Tensor, *, block_m: int | None = None,
                      block_k: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, d], codebook [K, d] (float32, same device, 1 <= d <= 16) → (int64 [M], float32 [M]).
@@ -60,13 +73,8 @@ def vq_assign_triton(x: torch.Tensor, codebook: torch.Tensor, *, block_m: int | 
     dist = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return idx, dist
-    # Three [BLOCK_M, BLOCK_K] tiles (distances, slot minima, slot indices) live in registers, and each
-    # distance also holds its D codebook values: 16 tile elements a thread for d <= 2, 8 above, keeps
-    # sm_90 at 39-207 registers for d = 1-16 with no spills (ptxas; 64x64 with 4 warps spills from d = 8).
-    wide = d <= 2
-    block_m = block_m or (64 if wide else 32)
-    block_k = block_k or max(16, min(64 if wide else 32, triton.next_power_of_2(K)))
-    num_warps = num_warps or (8 if wide and block_m * block_k >= 4096 else 4)
+    tiles = default_tiles(d, K)
+    block_m, block_k, num_warps = block_m or tiles[0], block_k or tiles[1], num_warps or tiles[2]
     grid = (triton.cdiv(M, block_m),)
     _vq_assign_kernel[grid](x, codes_t, idx, dist, M, K, D=d, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
     return idx, dist

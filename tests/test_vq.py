@@ -104,6 +104,21 @@ def test_triton_ties_across_tiles_and_slots(block_k):
     _check_nearest(x[:-1], codebook, idx[:-1], dist[:-1])
 
 
+@pytest.mark.parametrize("d", [1, 8, 16])
+def test_triton_default_tiles_do_not_spill_on_sm90(d):
+    """The default tiles compile for an H100 without register spills (ptxas via triton.compile, no GPU)."""
+    if not _ext.HAS_TRITON:
+        pytest.skip("triton not available")
+    from benchmarks.ptxas_vq import resource_usage
+    from nfkernels.vq_triton import default_tiles
+
+    try:
+        use = resource_usage(d, *default_tiles(d, 4096), arch=90)
+    except (IndexError, OSError, RuntimeError) as exc:  # no bundled ptxas/cuobjdump on this platform
+        pytest.skip(f"cannot compile for sm_90 here: {exc}")
+    assert use["stack_bytes"] == 0 and 0 < use["registers"] <= 255, use
+
+
 @pytest.mark.parametrize("d", [1, 4])
 def test_real_mnist_pixels(data_root, d):
     # MNIST pixels have huge exact-tie populations (zeros, 1.0) and a codebook drawn from the data holds

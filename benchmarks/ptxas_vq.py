@@ -1,0 +1,59 @@
+"""Registers and spills of the Triton VQ kernel compiled for sm_90 (H100), no GPU needed.
+
+Compiles `_vq_assign_kernel` with `triton.compile` for a CUDA target and reads the cubin's resource usage
+with the cuobjdump that ships with Triton: for each d, the default tiles (`default_tiles`) and, with --all,
+the tile shapes `bench_vq --sweep` times. Spills (STACK > 0) cost local-memory traffic in the inner loop.
+
+    python -m benchmarks.ptxas_vq [--all] [--arch 90]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from benchmarks.bench_vq import SWEEP_TILES
+from nfkernels.vq_triton import _vq_assign_kernel, default_tiles
+
+SIGNATURE = {"x_ptr": "*fp32", "codes_t_ptr": "*fp32", "idx_ptr": "*i64", "dist_ptr": "*fp32", "M": "i32", "K": "i32",
+             "D": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
+
+
+def resource_usage(d: int, block_m: int, block_k: int, num_warps: int, arch: int) -> dict:
+    kernel_fn = _vq_assign_kernel
+    if not hasattr(kernel_fn, "cache_key"):  # under TRITON_INTERPRET=1 (the tests) @jit made an interpreter wrapper
+        kernel_fn = triton.runtime.jit.JITFunction(kernel_fn.fn)
+    src = ASTSource(kernel_fn, SIGNATURE, constexprs={"D": d, "BLOCK_M": block_m, "BLOCK_K": block_k})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    cuobjdump = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))[0]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(item.split(":") for item in next(ln for ln in out.splitlines() if "REG:" in ln).split())
+    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--all", action="store_true", help="also the tile shapes of bench_vq --sweep")
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90: H100)")
+    args = ap.parse_args(argv)
+    for d in (1, 2, 4, 8, 16):
+        shapes = [default_tiles(d, 4096)] + (SWEEP_TILES if args.all else [])
+        for i, (bm, bk, nw) in enumerate(shapes):
+            use = resource_usage(d, bm, bk, nw, args.arch)
+            tag = "default" if i == 0 else "sweep"
+            print(f"d={d:2d} {bm:3d}x{bk:<3d} {nw} warps ({tag:7s}): {use['registers']:3d} registers, "
+                  f"{use['stack_bytes']:4d} B stack{'  (spills)' if use['stack_bytes'] else ''}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
