@@ -16,7 +16,9 @@ contender, float32 on CPU. Every contender samples with temperature 1 from the 2
 Batches {1, 64, 1024} on CUDA, 16 on CPU. --quick (CPU): 2 layers, 4 heads, width 128, L = 127.
 --n-kv-head K times the same model with grouped-query attention (K key/value heads; every contender uses
 them, the eager ones by expanding K/V to all heads as a plain implementation would).
-Times are medians over --repeats; "x recompute" / "x eager-kv" are nfgen's tokens/s over theirs.
+Times are medians over --repeats; "x recompute" / "x eager-kv" are nfgen's tokens/s over theirs. nfgen rows
+also give the KV-cache bytes its decode steps read per second (every layer's K and V over the attended
+slots: the whole 128-slot bucket on CUDA, the filled prefix on CPU), the bound of large-batch decoding.
 
     python -m benchmarks.bench_generate [--device cuda] [--quick] [--out benchmarks/results/sample-<device>.json]
 """
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._env import environment, write_result
-from nfgen.generate import SampleConfig, generate_tokens
+from nfgen.generate import GRAPH_BUCKET, SampleConfig, generate_tokens
 from nfgen.model import GPT, GPTConfig
 from nfgen.vocab import Vocab
 from nfkernels.sampling import sample_next_reference
@@ -118,6 +120,17 @@ def eager_kv(model: GPT, vocab: Vocab, batch: int, length: int, device):
     return torch.cat(out, dim=1)
 
 
+def kv_bytes_per_field(model: GPT, length: int, device) -> int:
+    """KV-cache bytes nfgen's decode steps read for one field (what `Decoder.run` attends over)."""
+    c, max_len = model.config, length + 1
+    slots = 0
+    for i in range(1, length):  # step i attends to kv_len = i + 2 filled slots
+        kv_len = i + 2
+        slots += min(max_len, -(-kv_len // GRAPH_BUCKET) * GRAPH_BUCKET) if device.type == "cuda" else kv_len
+    elem = next(model.parameters()).element_size()
+    return c.n_layer * 2 * c.n_kv_head * c.head_dim * elem * slots
+
+
 def nfgen_generate(model: GPT, vocab: Vocab, batch: int, length: int, device, n_batches: int = 1):
     """`n_batches` batches in one call, as `nfgen generate` runs: setup (cache, graph capture) is amortised."""
     classes = torch.arange(batch * n_batches) % vocab.n_classes
@@ -178,9 +191,13 @@ def main(argv=None):
             row = {"method": method, "batch": batch, "fields": fields, "length": length, "seconds": sec,
                    "seconds_all": times, "tokens_per_s": fields * length / sec, "fields_per_s": fields / sec,
                    "estimated": estimated}
+            if method == "nfgen":
+                row["kv_read_gb_per_s"] = kv_bytes_per_field(model, length, device) * row["fields_per_s"] / 1e9
             results[method] = row
             rows.append(row)
             note = "estimated" if estimated else ""
+            if method == "nfgen":
+                note = f"KV-cache reads {row['kv_read_gb_per_s']:.1f} GB/s"
             print(f"{method:<11}{batch:>6}{sec:>10.3f}{row['tokens_per_s']:>12.0f}{row['fields_per_s']:>10.2f}  {note}",
                   flush=True)
         ours = results["nfgen"]["tokens_per_s"]
