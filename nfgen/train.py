@@ -16,6 +16,7 @@ another K. Rank 0 writes the checkpoints.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -73,7 +74,8 @@ class TrainConfig:
                 raise NfgenError(msg)
 
 
-# Options that may differ between a run and its resumption: they do not change what is computed.
+# Options that may differ between a run and its resumption. None changes the batches or the init; --steps
+# (raised to extend a finished run) also stretches the cosine lr schedule from the resumed step on.
 _RESUME_FREE = {"steps", "eval_every", "checkpoint_every", "device", "quiet", "compile"}
 
 
@@ -122,8 +124,17 @@ def _state_tensors(model: GPT, opt: torch.optim.Optimizer, gen: torch.Generator)
     return out
 
 
-def _restore(path: Path, model: GPT, opt: torch.optim.Optimizer, gen: torch.Generator, cfg: TrainConfig, device):
+def data_fingerprint(seqs: torch.Tensor) -> str:
+    """A hash of the training sequences (codes and class tokens): a resume must see the same data."""
+    return hashlib.sha256(seqs.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:32]
+
+
+def _restore(path: Path, model: GPT, opt: torch.optim.Optimizer, gen: torch.Generator, cfg: TrainConfig, device,
+             data: str):
     tensors, meta = load_artifact(path, "train_state", "start without --resume")
+    if meta.get("data", data) != data:  # states written before the fingerprint existed are not checked
+        raise NfgenError(f"--resume with other training data than the original run ({meta.get('tokens_path')}); "
+                         "pass its --tokens or start a new run directory")
     old = meta.get("train_config", {})
     known = asdict(TrainConfig())  # an option newer than the checkpoint had its default then
     diff = {k: (old.get(k, known[k]), v) for k, v in asdict(cfg).items()
@@ -132,7 +143,11 @@ def _restore(path: Path, model: GPT, opt: torch.optim.Optimizer, gen: torch.Gene
         listed = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in diff.items())
         raise NfgenError(f"--resume with different options than the original run ({listed}); "
                          "rerun with the original options or start a new run directory")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as exc:  # an older state without the data fingerprint, resumed on another vocabulary
+        raise NfgenError(f"{path} does not fit this model ({str(exc).splitlines()[-1].strip()}); pass the original "
+                         "run's --tokens or start a new run directory") from None
     sd = opt.state_dict()
     state = {}
     for key, v in tensors.items():
@@ -180,6 +195,7 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
         raise NfgenError(f"{tokens_path} has labels outside [0, {n_classes}); re-tokenize a labelled fields file")
     seqs = make_sequences(ts.tokens.long(), ts.labels.long(), vocab)
     n, seq_len = seqs.shape
+    data = data_fingerprint(seqs)
 
     split_gen = make_generator(cfg.seed)
     perm = torch.randperm(n, generator=split_gen)
@@ -187,8 +203,8 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
     val_seqs, train_seqs = seqs[perm[:n_val]], seqs[perm[n_val:]]
     bs = min(cfg.batch_size, train_seqs.shape[0])
     if bs % world:
-        raise NfgenError(f"--batch-size {bs} (the global batch) does not split evenly over {world} processes; "
-                         f"pass a multiple of {world}")
+        fix = f"resume with a number of processes that divides {bs}" if resume else f"pass a multiple of {world}"
+        raise NfgenError(f"--batch-size {bs} (the global batch) does not split evenly over {world} processes; {fix}")
     mine = slice(rank * (bs // world), (rank + 1) * (bs // world))  # this rank's part of the global batch
 
     torch.manual_seed(cfg.seed)
@@ -200,7 +216,7 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
     step, history = 0, []
     state_path = run_dir / "train_state.safetensors"
     if resume:
-        step, history = _restore(state_path, model, opt, gen, cfg, device)
+        step, history = _restore(state_path, model, opt, gen, cfg, device, data)
         if step >= cfg.steps:
             raise NfgenError(f"the run in {run_dir} already finished {step} steps; pass a larger --steps to continue")
 
@@ -219,7 +235,8 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
     fwd = torch.compile(ddp) if cfg.compile else ddp
     meta_base = {"config": asdict(gcfg), "n_codes": vocab.n_codes, "n_classes": n_classes,
                  "tokens_per_field": seq_len - 2, "train_config": asdict(cfg), "tokens_path": str(tokens_path),
-                 "tokenizer": ts.meta.get("tokenizer"), "spec": ts.spec.to_dict(), "image_shape": list(ts.image_shape)}
+                 "data": data, "tokenizer": ts.meta.get("tokenizer"), "spec": ts.spec.to_dict(),
+                 "image_shape": list(ts.image_shape)}
 
     def checkpoint(steps_done: int, final: bool):
         if not distributed.is_main():

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from nfgen.io import NfgenError
+from nfgen.io import NfgenError, load_artifact, save_artifact
 from nfgen.model import load_model
+from nfgen.tokenizer import TokenizerConfig, TokenSet, WeightTokenizer, load_tokens, save_tokens
 from nfgen.train import TrainConfig, batch_from, lr_at, make_sequences, train
 from nfgen.vocab import Vocab
 from nfkernels import SirenSpec
@@ -83,3 +84,49 @@ def test_bad_inputs(tokens_file, tmp_path):
         train(tokens_file, tmp_path / "r", small(n_embd=30, n_head=4))
     with pytest.raises(NfgenError, match="--n-kv-head 3 must divide --n-head 2"):
         train(tokens_file, tmp_path / "r", small(n_kv_head=3))
+
+
+def _older_state(run, *drop):
+    """Rewrite run's train state as a version of nfgen before the `drop`ped options (and the data fingerprint)."""
+    path = run / "train_state.safetensors"
+    tensors, meta = load_artifact(path, "train_state")
+    for name in drop:
+        del meta["train_config"][name]
+    del meta["data"]
+    save_artifact(path, "train_state", tensors, meta)
+
+
+def test_resume_of_an_older_state_takes_its_missing_options_as_defaults(tokens_file, tmp_path, monkeypatch,
+                                                                        die_at_step):
+    straight = tmp_path / "straight"
+    train(tokens_file, straight, small(steps=6, checkpoint_every=3))
+    run = tmp_path / "run"
+    die_at_step(5)
+    with pytest.raises(KeyboardInterrupt):
+        train(tokens_file, run, small(steps=6, checkpoint_every=3))
+    monkeypatch.undo()
+    _older_state(run, "n_kv_head")  # written before --n-kv-head existed: it had the default, 0 (= n_head)
+    # A genuinely different value is still refused, naming the option and the default it had.
+    with pytest.raises(NfgenError, match=r"different options than the original run \(n_kv_head: 0 → 1\); rerun"):
+        train(tokens_file, run, small(steps=6, checkpoint_every=3, n_kv_head=1), resume=True)
+    # The default resumes onto the uninterrupted run exactly.
+    train(tokens_file, run, small(steps=6, checkpoint_every=3), resume=True)
+    history = [load_model(r / "model.safetensors")[1]["history"] for r in (run, straight)]
+    assert history[0] == history[1] and len(history[0]) == 6
+
+
+def test_resume_refuses_other_training_data(tokens_file, tmp_path):
+    ts = load_tokens(tokens_file)
+    other = tmp_path / "other.safetensors"  # same vocabulary and length, other sequences
+    save_tokens(other, TokenSet(ts.tokens.flip(1), ts.labels, ts.tokenizer, ts.spec, ts.image_shape, ts.meta))
+    run = tmp_path / "run"
+    train(tokens_file, run, small(steps=3))
+    with pytest.raises(NfgenError, match="--resume with other training data than the original run"):
+        train(other, run, small(steps=6), resume=True)
+    # A state from before the fingerprint: another vocabulary is still caught, as a clear error.
+    _older_state(run)
+    weights = ts.tokenizer.decode(ts.tokens)
+    tok8 = WeightTokenizer.fit(weights, ts.spec, TokenizerConfig(codebook_size=8, iters=2, quiet=True))
+    save_tokens(other, TokenSet(tok8.encode(weights), ts.labels, tok8, ts.spec, ts.image_shape, ts.meta))
+    with pytest.raises(NfgenError, match="does not fit this model .*size mismatch.*pass the original run's --tokens"):
+        train(other, run, small(steps=6), resume=True)
