@@ -159,3 +159,51 @@ def test_bad_device(cli, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device exists here")
     assert_clean_error(cli("train", "--run", str(tmp_path), "--device", "cuda"), "no CUDA GPU")
+
+
+# --- resuming: every refusal is one line and exit 2; a world-size change is allowed for fit, handled for train
+
+def test_fit_resume_errors_and_world_size_change(cli, tmp_path, data_root, monkeypatch):
+    import nfgen.distributed as dist
+    from nfgen.fields import FitConfig, run_fit, shard_path
+
+    out = tmp_path / "fields.safetensors"
+    fit = ["fit", "--run", str(tmp_path), "--out", str(out), "--split", "mnist:test[:12]", "--hidden", "16",
+           "--hidden-layers", "1", "--chunk", "4", "--device", "cpu", "--quiet"]
+    # Rank 0 of 2 fits shards 0 and 2; rank 1 never ran, so the merge finds shard 1 missing.
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    assert_clean_error(cli(*fit, "--steps", "40"), "shard 1 of 3 is missing")
+    monkeypatch.undo()
+    assert shard_path(out, 0).is_file() and shard_path(out, 2).is_file() and not out.exists()
+    assert_clean_error(cli(*fit, "--steps", "30"), "shards of an unfinished fit with other inputs (steps: 40 → 30)")
+    # The same command in one process finishes shard 1 alone: the file of an uninterrupted one-process run.
+    proc = cli(*fit, "--steps", "40")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["shards_fitted"] == [1], proc.stderr
+    run_fit("mnist:test[:12]", tmp_path / "ref.safetensors", FitConfig(hidden=16, hidden_layers=1, chunk=4,
+                                                                       steps=40, device="cpu", quiet=True))
+    a, b = load_fields(out), load_fields(tmp_path / "ref.safetensors")
+    assert torch.equal(a.weights, b.weights) and torch.equal(a.psnr, b.psnr)
+
+
+def test_train_resume_errors(cli, tmp_path, tokens_file, monkeypatch):
+    import nfgen.distributed as dist
+
+    run = tmp_path / "run"
+    train = ["train", "--run", str(run), "--tokens", str(tokens_file), "--n-layer", "1", "--n-head", "2",
+             "--n-embd", "16", "--batch-size", "8", "--device", "cpu", "--quiet"]
+    assert cli(*train, "--steps", "3").returncode == 0
+    assert_clean_error(cli(*train, "--steps", "6", "--lr", "0.01", "--resume"),
+                       "--resume with different options than the original run (lr: 0.0006 → 0.01)")
+    other = tmp_path / "other.safetensors"
+    tensors, meta = load_artifact(tokens_file, "tokens")
+    tensors["tokens"] = tensors["tokens"].flip(1)
+    save_artifact(other, "tokens", tensors, meta)
+    assert_clean_error(cli(*train[:4], str(other), *train[5:], "--steps", "6", "--resume"),
+                       "--resume with other training data than the original run")
+    assert_clean_error(cli(*train[:2], str(tmp_path / "elsewhere"), *train[3:], "--resume"),
+                       "train_state file not found")
+    # Another world size resumes (tests/test_distributed.py) unless the global batch cannot split over it.
+    monkeypatch.setattr(dist, "world_size", lambda: 3)
+    assert_clean_error(cli(*train, "--steps", "6", "--resume"),
+                       "does not split evenly over 3 processes; resume with a number of processes that divides 8")
