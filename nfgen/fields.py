@@ -385,8 +385,12 @@ def _merge_shards(out_path, n: int, chunk: int, fingerprint: str):
     for i in range(math.ceil(n / chunk)):
         path = shard_path(out_path, i)
         if not path.is_file():
+            # Every rank has passed the barrier with its shards written, so under torchrun a missing one most
+            # likely sits where rank 0 cannot see it: on another machine's disk.
+            shared = "; with several machines, put --out on a filesystem they all share" \
+                if distributed.world_size() > 1 else ""
             raise NfgenError(f"shard {i} of {math.ceil(n / chunk)} is missing from {shard_dir(out_path)}; "
-                             "rerun the same fit command to refit it")
+                             f"rerun the same fit command to refit it{shared}")
         tensors, meta = load_artifact(path, "fields_shard", "rerun the same fit command")
         lo, hi = i * chunk, min(n, (i + 1) * chunk)
         if meta.get("fingerprint") != fingerprint or (meta.get("lo"), meta.get("hi")) != (lo, hi):

@@ -173,7 +173,8 @@ def test_fit_resume_errors_and_world_size_change(cli, tmp_path, data_root, monke
     # Rank 0 of 2 fits shards 0 and 2; rank 1 never ran, so the merge finds shard 1 missing.
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     monkeypatch.setattr(dist, "rank", lambda: 0)
-    assert_clean_error(cli(*fit, "--steps", "40"), "shard 1 of 3 is missing")
+    assert_clean_error(cli(*fit, "--steps", "40"), "shard 1 of 3 is missing from")
+    assert "; with several machines, put --out on a filesystem they all share" in cli(*fit, "--steps", "40").stderr
     monkeypatch.undo()
     assert shard_path(out, 0).is_file() and shard_path(out, 2).is_file() and not out.exists()
     assert_clean_error(cli(*fit, "--steps", "30"), "shards of an unfinished fit with other inputs (steps: 40 → 30)")
