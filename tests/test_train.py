@@ -12,6 +12,16 @@ from nfkernels import SirenSpec
 SPEC = SirenSpec(hidden=4, hidden_layers=1)  # 2→4→1: 17 weights, so sequences stay short
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a busy 2-core machine two spinning OpenMP threads
+    made test_train_learns_and_writes_loadable_model take 6-36 s (seen) instead of about 3 s."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def small(**kw):
     base = dict(n_layer=2, n_head=2, n_embd=32, steps=12, batch_size=8, lr=3e-3, warmup=2, eval_every=1,
                 checkpoint_every=5, val_fraction=0.1, device="cpu", quiet=True)
