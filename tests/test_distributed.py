@@ -142,6 +142,27 @@ def test_sigkilled_fit_resumes_onto_the_same_file(tmp_path, data_root):
     assert not shard_dir(out).exists()
 
 
+def test_a_shard_appears_whole_or_not_at_all(reference_fields, tmp_path, data_root):
+    from nfgen.io import atomic_write
+
+    # atomic_write: the name appears only when the block finishes; a failed block leaves nothing behind.
+    target = tmp_path / "x.bin"
+    with atomic_write(target) as tmp:
+        tmp.write_bytes(b"half")
+        assert not target.exists()
+    with pytest.raises(RuntimeError), atomic_write(tmp_path / "y.bin") as tmp:
+        raise RuntimeError("killed mid-write")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+    # A SIGKILL mid-write skips that clean-up: a torn temporary file stays in the shard folder. The rerun
+    # neither trusts nor trips over it, fits every shard and removes the folder with it.
+    out = tmp_path / "fields.safetensors"
+    shard_dir(out).mkdir()
+    (shard_dir(out) / ".shard-1.safetensors.k1ll3d.tmp").write_bytes(reference_fields.read_bytes()[:300])
+    assert run_fit(SPLIT, out, FitConfig(**FIT), data_root=data_root)["shards_fitted"] == [0, 1, 2]
+    assert_same_fields(out, reference_fields)
+    assert not shard_dir(out).exists()
+
+
 def test_merge_refuses_missing_or_foreign_shards(tmp_path, data_root, monkeypatch):
     import nfgen.fields as fields_mod
 
