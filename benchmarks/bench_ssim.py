@@ -9,11 +9,12 @@ image of x against every image of y, x = MNIST test[:N], y = MNIST test[-M:] (ra
   matmul-batched   the same with the separable filter as batched matmuls, Gh @ (x*y) @ Gw^T (a stronger peer)
   skimage          structural_similarity on a sample of pairs, extrapolated (CPU only)
   nfgen[...]       nfkernels.pairwise_ssim (cpp on CPU, triton on CUDA) and the fused nearest-neighbour
-                   reduction ssim_nearest (no N x M matrix)
+                   reduction ssim_nearest (no N x M matrix); on CUDA also both Triton kernels (tile, gemm)
+                   at each precision, and with --sweep the GEMM kernel's tile choices
 Slow peers run a subset of rows and are extrapolated to N x M; their rows say so. Times are medians over
 repeats; "nfgen x" is nfgen's pairs/s over the row's.
 
-    python -m benchmarks.bench_ssim [--device cuda] [--quick] [--out benchmarks/results/ssim-<device>.json]
+    python -m benchmarks.bench_ssim [--device cuda] [--quick] [--sweep] [--out benchmarks/results/ssim-<device>.json]
 """
 from __future__ import annotations
 
@@ -115,6 +116,9 @@ def skimage_pairs(x, y, pairs):
 # ---------------------------------------------------------------------------------------------------------------
 # Harness
 
+# the CUDA-only nfgen rows besides the default backend: (kernel, precision) of nfkernels.ssim_triton
+TRITON_VARIANTS = [("tile", "tf32x3"), ("gemm", "fp16x3"), ("gemm", "tf32x3")]
+
 
 def sync(device):
     if device.type == "cuda":
@@ -164,13 +168,17 @@ def bench_size(n, m, device, repeats, quick):
     sec, ts = timed(lambda: pairwise_ssim(x, y, backend=nf_backend), device, repeats)
     add(f"nfgen pairwise_ssim[{nf_backend}]", sec, pairs, ts)
     if on_cuda:
-        from nfkernels.ssim_triton import pairwise_ssim_triton
+        from nfkernels.ssim_triton import pairwise_ssim_triton, ssim_nearest_triton
 
         xp, yp = x.unsqueeze(1), y.unsqueeze(1)
-        sec, ts = timed(lambda: pairwise_ssim_triton(xp, yp, precision="tf32x3"), device, repeats)
-        add("nfgen pairwise_ssim[triton, tf32x3]", sec, pairs, ts)
+        for kernel, precision in TRITON_VARIANTS:
+            sec, ts = timed(lambda: pairwise_ssim_triton(xp, yp, kernel=kernel, precision=precision), device, repeats)
+            add(f"nfgen pairwise_ssim[triton-{kernel}, {precision}]", sec, pairs, ts)
     sec, ts = timed(lambda: ssim_nearest(x, y, backend=nf_backend), device, repeats)
     add(f"nfgen ssim_nearest[{nf_backend}] (fused reduction)", sec, pairs, ts)
+    if on_cuda:
+        sec, ts = timed(lambda: ssim_nearest_triton(xp, yp, kernel="gemm"), device, repeats)
+        add("nfgen ssim_nearest[triton-gemm, fp16x3] (fused reduction)", sec, pairs, ts)
 
     # peers, on as many rows as the budget allows
     peer_rows = min(n, 16 if not on_cuda else (200 if quick else 1000))
@@ -204,13 +212,45 @@ def bench_size(n, m, device, repeats, quick):
     tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False  # an fp32 yardstick
     err = {"nfgen": (pairwise_ssim(x[:k], y, backend=nf_backend) - conv2d_batched(x, y, k)).abs().max().item()}
     if on_cuda:
-        err["nfgen_tf32x3"] = (pairwise_ssim_triton(xp[:k], yp, precision="tf32x3")
-                               - conv2d_batched(x, y, k)).abs().max().item()
+        for kernel, precision in TRITON_VARIANTS:
+            err[f"triton-{kernel} {precision}"] = (pairwise_ssim_triton(xp[:k], yp, kernel=kernel, precision=precision)
+                                                   - conv2d_batched(x, y, k)).abs().max().item()
     torch.backends.cudnn.allow_tf32 = tf32
     nf = rows[0]["pairs_per_s"]
     for r in rows:
         r["nfgen_x"] = nf / r["pairs_per_s"]
     return rows, err
+
+
+def summary(rows) -> str:
+    """The fastest nfgen contender that writes the whole matrix, against each peer of the same run."""
+    best = max((r for r in rows if r["contender"].startswith("nfgen pairwise_ssim")), key=lambda r: r["pairs_per_s"])
+    peers = [r for r in rows if not r["contender"].startswith("nfgen")]
+    return f"fastest nfgen: {best['contender']}: " + ", ".join(
+        f"{best['pairs_per_s'] / r['pairs_per_s']:.1f}x {r['contender'].split(' (')[0]}" for r in peers)
+
+
+def sweep_gemm_tiles(n, device, repeats):
+    """Time the GEMM kernel's (BN, BM, num_warps, num_stages) choices at N = M = n (CUDA): rows for the JSON."""
+    from nfkernels.ssim_gemm_triton import pairwise_ssim_gemm
+
+    x, y = load_images(n, n, device)
+    xp, yp = x.unsqueeze(1), y.unsqueeze(1)
+    rows = []
+    for precision, configs in (("fp16x3", [(128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+                                           (128, 128, 8, 1), (128, 64, 4, 2), (32, 64, 4, 3)]),
+                               ("tf32x3", [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)])):
+        for tiles in configs:
+            try:
+                sec, ts = timed(lambda: pairwise_ssim_gemm(xp, yp, precision=precision, tiles=tiles), device, repeats)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: a row that says so
+                rows.append({"sweep": "gemm", "precision": precision, "tiles": tiles, "error": str(exc)[:200]})
+                print(f"gemm {precision} tiles {tiles}: failed ({str(exc).splitlines()[0][:100]})")
+                continue
+            rows.append({"sweep": "gemm", "precision": precision, "tiles": tiles, "n": n, "m": n, "seconds": sec,
+                         "pairs_per_s": n * n / sec, "repeat_seconds": ts})
+            print(f"gemm {precision} tiles (BN, BM, warps, stages) {tiles}: {sec:.4f} s, {n * n / sec:.4g} pairs/s")
+    return rows
 
 
 def main(argv=None):
@@ -219,6 +259,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke test)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", help="write the rows as JSON here")
+    ap.add_argument("--sweep", action="store_true", help="also time the GEMM kernel's tile choices (CUDA)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -236,7 +277,10 @@ def main(argv=None):
             print(f"{r['contender']:<48} {n:>6} {r['seconds']:>10.3f} {r['pairs_per_s']:>12.4g} {r['nfgen_x']:>8.1f}  "
                   f"{r['note']}")
         print(f"max |SSIM - conv2d-batched fp32| at N={n}: " + ", ".join(f"{k} {v:.2e}" for k, v in err.items()))
+        print(summary(rows))
         all_rows += rows
+    if args.sweep and device.type == "cuda":
+        all_rows += sweep_gemm_tiles(sizes[-1], device, repeats)
     if args.out:
         write_result(args.out, {"benchmark": "pairwise_ssim", **environment("benchmarks.bench_ssim", device),
                                 "max_abs_diff_vs_conv2d": errors, "rows": all_rows})

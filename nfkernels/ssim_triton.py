@@ -24,6 +24,9 @@ import triton.language as tl
 from nfkernels.ssim import C1, C2, gaussian_window, image_stats
 
 PRECISION = "ieee"
+# "tile" (this file's kernel) or "gemm" (ssim_gemm_triton: one tensor-core GEMM per output pixel). The GEMM
+# kernel should win on the H100 by its FLOP count, but stays opt-in until bench_ssim has measured it there.
+KERNEL = "tile"
 _TILE_ELEMS = 4096  # BN * BM * BH * BW products held by one program
 
 
@@ -154,18 +157,28 @@ def _launch(xp: torch.Tensor, yp: torch.Tensor, *, reduce: bool, exclude_self: b
     return (best, arg) if reduce else out
 
 
-def pairwise_ssim_triton(xp: torch.Tensor, yp: torch.Tensor, *, precision: str = PRECISION) -> torch.Tensor:
-    """[N, C, H, W], [M, C, H, W] → float32 [N, M]."""
-    return _launch(xp, yp, reduce=False, precision=precision)
+def pairwise_ssim_triton(xp: torch.Tensor, yp: torch.Tensor, *, kernel: str | None = None,
+                         precision: str | None = None) -> torch.Tensor:
+    """[N, C, H, W], [M, C, H, W] → float32 [N, M]. ``kernel`` / ``precision``: None for the defaults."""
+    if (kernel or KERNEL) == "gemm":
+        from nfkernels.ssim_gemm_triton import pairwise_ssim_gemm
+
+        return pairwise_ssim_gemm(xp, yp, precision=precision or "fp16x3")
+    return _launch(xp, yp, reduce=False, precision=precision or PRECISION)
 
 
 def ssim_nearest_triton(xp: torch.Tensor, yp: torch.Tensor, *, exclude_self: bool = False,
-                        precision: str = PRECISION) -> tuple[torch.Tensor, torch.Tensor]:
+                        kernel: str | None = None, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each x its most similar y: (float32 [N], int64 [N]); ties to the lowest index, -1 if none."""
     if xp.shape[0] == 0 or yp.shape[0] == 0:
         return (torch.full((xp.shape[0],), float("-inf"), device=xp.device),
                 torch.full((xp.shape[0],), -1, dtype=torch.long, device=xp.device))
-    best, arg = _launch(xp, yp, reduce=True, exclude_self=exclude_self, precision=precision)
-    split = best.argmax(dim=1, keepdim=True)  # splits are in y order: the first maximum has the lowest index
+    if (kernel or KERNEL) == "gemm":
+        from nfkernels.ssim_gemm_triton import launch_gemm
+
+        best, arg = launch_gemm(xp, yp, reduce=True, exclude_self=exclude_self, precision=precision or "fp16x3")
+    else:
+        best, arg = _launch(xp, yp, reduce=True, exclude_self=exclude_self, precision=precision or PRECISION)
+    split = best.argmax(dim=1, keepdim=True)  # partials are in y order: the first maximum has the lowest index
     value, index = best.gather(1, split).squeeze(1), arg.gather(1, split).squeeze(1)
     return value, torch.where(torch.isinf(value), torch.full_like(index, -1), index)

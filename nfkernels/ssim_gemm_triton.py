@@ -1,0 +1,218 @@
+"""Triton pairwise SSIM as one small GEMM per output pixel, on tensor cores at about fp32 accuracy.
+
+The cross term of a pair at output pixel p is a dot product over the pixel's 11 x 11 window,
+cross[i, j, p] = sum_q w[q] x_i[p + q] y_j[p + q]. With each image's windows laid out once as rows
+("im2col": patches[p, image, 0:121], padded to 128), a tile of BN x images against BM y images is, for
+every p, the matrix product (w * Xp) @ Yp^T of [BN, 128] by [128, BM], followed at once by the SSIM
+formula on the [BN, BM] result (the per-image mean and variance maps are computed once, outside) and a
+running sum over p. That is 121 multiply-adds per pair and pixel instead of the separable filter's 22,
+but as dense tensor-core GEMMs with large tiles rather than the tile kernel's 4 pairs per program
+(ssim_triton.py). The lead measures which wins (benchmarks/bench_ssim.py).
+
+Precision. The cross term needs fp32 accuracy: in flat regions the SSIM map's slope in it is 2 / C2 ≈ 2200,
+so tf32's 2^-11 relative error alone would cost 1e-2. ``precision``:
+  "fp16x3"  each operand split into fp16 hi + lo parts, lo scaled by 2^12 so it stays normal; three fp16
+            tensor-core dots (hi·hi + hi·lo + lo·hi, fp32 accumulate) keep about 22 bits — the fp16 rate
+            is twice tf32's, so this is the fastest candidate. Needs |image values| <= 256.
+  "tf32x3"  fp32 operands, Triton's three-pass tf32 dot.
+  "ieee"    fp32 operands, plain fp32 FMAs (slow; for comparison).
+
+The patches take 128 values per image, channel and output pixel (4 bytes each in every mode): 166 KB for a
+28x28 image, so large sets are processed in chunks that fit ``chunk_bytes``.
+
+Import only when nfkernels._ext.HAS_TRITON; on CPU tensors it runs under TRITON_INTERPRET=1 (tests).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from nfkernels.ssim import C1, C2, gaussian_window, image_stats
+
+PRECISIONS = ("fp16x3", "tf32x3", "ieee")
+LO_SCALE = 4096.0  # 2^12: lifts the fp16 residuals out of the subnormal range
+A_SCALE = 16.0  # 2^4: the weighted windows (w <= 0.071) nearer fp16's normal range; undone exactly at the end
+FP16X3_MAX_ABS = 256.0
+KP = 128  # 11 * 11 = 121 window values, padded
+
+
+@triton.jit
+def _ssim_gemm_kernel(ah_ptr, al_ptr, bh_ptr, bl_ptr, xmu_ptr, xvar_ptr, ymu_ptr, yvar_ptr,
+                      out_ptr, out_stride, best_ptr, arg_ptr,
+                      N, M, P, row0, col0, m_step, splits, c1, c2, inv_scale, lo_inv,
+                      KP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr,
+                      PRECISION: tl.constexpr, REDUCE: tl.constexpr, EXCLUDE_SELF: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < N
+    n64 = n.to(tl.int64)
+    k = tl.arange(0, KP)
+    best = tl.full((BN,), float("-inf"), tl.float32)
+    arg = tl.zeros((BN,), tl.int64)
+    m_start = pid_m * m_step
+    m_end = tl.minimum(M, m_start + m_step)
+    for m0 in range(m_start, m_end, BM):
+        m = m0 + tl.arange(0, BM)
+        m_ok = m < m_end
+        m64 = m.to(tl.int64)
+        # pointers to pixel 0's windows and statistics, advanced one pixel (N or M rows) per step
+        a_off = n64[:, None] * KP + k[None, :]
+        b_off = m64[:, None] * KP + k[None, :]
+        xmu, xvar, ymu, yvar = xmu_ptr + n64, xvar_ptr + n64, ymu_ptr + m64, yvar_ptr + m64
+        total = tl.zeros((BN, BM), tl.float32)
+        for _ in range(P):
+            a_hi = tl.load(ah_ptr + a_off, mask=n_ok[:, None], other=0.0)
+            b_hi = tl.load(bh_ptr + b_off, mask=m_ok[:, None], other=0.0)
+            if SPLIT:
+                a_lo = tl.load(al_ptr + a_off, mask=n_ok[:, None], other=0.0)
+                b_lo = tl.load(bl_ptr + b_off, mask=m_ok[:, None], other=0.0)
+                acc = tl.dot(a_hi, tl.trans(b_lo))
+                acc = tl.dot(a_lo, tl.trans(b_hi), acc)
+                acc = tl.dot(a_hi, tl.trans(b_hi), acc * lo_inv)
+            else:
+                acc = tl.dot(a_hi, tl.trans(b_hi), input_precision=PRECISION)
+            cxy = acc * inv_scale
+            mx = tl.load(xmu, mask=n_ok, other=0.0)[:, None]
+            vx = tl.load(xvar, mask=n_ok, other=0.0)[:, None]
+            my = tl.load(ymu, mask=m_ok, other=0.0)[None, :]
+            vy = tl.load(yvar, mask=m_ok, other=0.0)[None, :]
+            mxy = mx * my
+            num = (2.0 * mxy + c1) * (2.0 * (cxy - mxy) + c2)
+            den = (mx * mx + my * my + c1) * (vx + vy + c2)
+            total += tl.fdiv(num, den)
+            a_off += N * KP
+            b_off += M * KP
+            xmu += N
+            xvar += N
+            ymu += M
+            yvar += M
+        sim = total / P
+        if REDUCE:
+            ok = m_ok[None, :] & n_ok[:, None]
+            if EXCLUDE_SELF:  # global indices: the launch may cover a chunk of x and of y
+                ok = ok & (n[:, None] + row0 != m[None, :] + col0)
+            sim = tl.where(ok, sim, float("-inf"))
+            tile_best = tl.max(sim, axis=1)
+            # lowest column attaining the tile maximum; strict > across tiles keeps the earlier index
+            tile_arg = tl.min(tl.where(sim == tile_best[:, None], m64[None, :] + col0, 2**62), axis=1)
+            better = tile_best > best
+            arg = tl.where(better, tile_arg, arg)
+            best = tl.where(better, tile_best, best)
+        else:
+            tl.store(out_ptr + n64[:, None] * out_stride + m64[None, :], sim, mask=n_ok[:, None] & m_ok[None, :])
+    if REDUCE:
+        tl.store(best_ptr + n64 * splits + pid_m, best, mask=n_ok)
+        tl.store(arg_ptr + n64 * splits + pid_m, arg, mask=n_ok)
+
+
+def _patches(planes: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, C, H, W] float32 → every output pixel's k x k window: [C * Ho * Wo, n, KP], zero-padded to KP."""
+    n, c, h, w = planes.shape
+    pixels = (h - k + 1) * (w - k + 1)
+    cols = F.unfold(planes.reshape(n * c, 1, h, w), k)  # [n * C, k * k, Ho * Wo]
+    out = planes.new_zeros(c, pixels, n, KP)
+    out[..., :k * k] = cols.view(n, c, k * k, pixels).permute(1, 3, 0, 2)
+    return out.view(c * pixels, n, KP)
+
+
+def _operands(planes: torch.Tensor, weight: torch.Tensor | None, split: bool):
+    """The GEMM operands of a set of images (the windows, times the 2-D Gaussian on the weighted side, split
+    into fp16 hi + scaled lo parts when ``split``) and its mean / variance maps as [P, n] rows."""
+    k = gaussian_window().numel()
+    cols = _patches(planes, k)
+    if weight is not None:
+        cols *= weight
+    mu, var = (t.float().permute(1, 2, 3, 0).reshape(-1, planes.shape[0]).contiguous() for t in image_stats(planes))
+    if not split:
+        return cols, None, mu, var
+    if weight is not None:
+        cols *= A_SCALE
+    hi = cols.half()
+    lo = ((cols - hi.float()) * LO_SCALE).half()
+    return hi, lo, mu, var
+
+
+def _tiles(device: torch.device, precision: str) -> tuple[int, int, int, int]:
+    """(BN, BM, num_warps, num_stages). Off the GPU (the interpreter) the smallest tiles tl.dot allows."""
+    if device.type != "cuda":
+        return 16, 16, 4, 1
+    if precision == "fp16x3":  # 4 fp16 operand tiles of [128 | 64, 128]: 96 KB a stage, two stages
+        return 128, 64, 8, 2
+    return 64, 64, 4, 2  # 2 fp32 tiles of [64, 128]: 64 KB a stage
+
+
+def launch_gemm(xp: torch.Tensor, yp: torch.Tensor, *, reduce: bool, exclude_self: bool = False,
+            precision: str = "fp16x3", chunk_bytes: int = 1 << 32, tiles: tuple[int, int, int, int] | None = None):
+    """xp [N, C, H, W], yp [M, C, H, W] → [N, M], or (best, arg) [N, splits] partials in y order (reduced by
+    ssim_triton.ssim_nearest_triton). ``tiles``: (BN, BM, num_warps, num_stages), for benchmark sweeps."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    x = xp.to(torch.float32).contiguous()
+    y = yp.to(torch.float32).contiguous()
+    if precision == "fp16x3" and max(x.abs().max().item() if x.numel() else 0.0,
+                                     y.abs().max().item() if y.numel() else 0.0) > FP16X3_MAX_ABS:
+        precision = "tf32x3"  # fp16's range; SSIM with data_range 1 expects images in [0, 1] anyway
+    split = precision == "fp16x3"
+    N, C, H, W = x.shape
+    M = y.shape[0]
+    dev = x.device
+    k = gaussian_window().numel()
+    weight = gaussian_window(dtype=torch.float32)
+    weight = F.pad((weight[:, None] * weight[None, :]).flatten(), (0, KP - k * k)).to(dev)
+    P = C * (H - k + 1) * (W - k + 1)
+    bn, bm, num_warps, num_stages = tiles or _tiles(dev, precision)
+    per_image = P * KP * 4
+    x_rows = max(bn, (chunk_bytes // 2 // per_image) // bn * bn)
+    y_rows = max(bm, (chunk_bytes // 2 // per_image) // bm * bm)
+    if reduce:
+        best_parts, arg_parts = [], []
+    else:
+        out = torch.empty(N, M, dtype=torch.float32, device=dev)
+    if N == 0 or M == 0:
+        return (torch.empty(N, 0, device=dev), torch.empty(N, 0, dtype=torch.long, device=dev)) if reduce else out
+    x_chunks = [(i, min(N, i + x_rows)) for i in range(0, N, x_rows)]
+    x_cache = _operands(x, weight, split) if len(x_chunks) == 1 else None
+    programs = 4 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    scale = 1.0 / A_SCALE if split else 1.0
+    for j0 in range(0, M, y_rows):
+        j1 = min(M, j0 + y_rows)
+        bh, bl, ymu, yvar = _operands(y[j0:j1], None, split)
+        mc = j1 - j0
+        row_best, row_arg = [], []
+        for i0, i1 in x_chunks:
+            ah, al, xmu, xvar = x_cache or _operands(x[i0:i1], weight, split)
+            nc = i1 - i0
+            n_blocks = triton.cdiv(nc, bn)
+            if reduce:
+                splits = max(1, min(triton.cdiv(mc, bm), triton.cdiv(programs, n_blocks)))
+                m_step = triton.cdiv(triton.cdiv(mc, splits), bm) * bm
+                splits = triton.cdiv(mc, m_step)
+                best = torch.empty(nc, splits, dtype=torch.float32, device=dev)
+                arg = torch.empty(nc, splits, dtype=torch.int64, device=dev)
+                target, stride = best, 0
+            else:
+                splits, m_step = triton.cdiv(mc, bm), bm
+                target, stride = out[i0:, j0:], M
+                best = arg = target  # unused
+            _ssim_gemm_kernel[(n_blocks, splits)](
+                ah, al if split else ah, bh, bl if split else bh, xmu, xvar, ymu, yvar, target, stride, best, arg,
+                nc, mc, P, i0, j0, m_step, splits, C1, C2, scale, 1.0 / LO_SCALE,
+                KP=KP, BN=bn, BM=bm, SPLIT=split, PRECISION="ieee" if split else precision, REDUCE=reduce,
+                EXCLUDE_SELF=exclude_self, num_warps=num_warps, num_stages=num_stages)
+            if reduce:
+                row_best.append(best)
+                row_arg.append(arg)
+        if reduce:
+            best_parts.append(torch.cat(row_best))
+            arg_parts.append(torch.cat(row_arg))
+    if reduce:
+        return torch.cat(best_parts, dim=1), torch.cat(arg_parts, dim=1)
+    return out
+
+
+def pairwise_ssim_gemm(xp: torch.Tensor, yp: torch.Tensor, *, precision: str = "fp16x3", **kw) -> torch.Tensor:
+    """[N, C, H, W], [M, C, H, W] → float32 [N, M]."""
+    return launch_gemm(xp, yp, reduce=False, precision=precision, **kw)
