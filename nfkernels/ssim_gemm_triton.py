@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from nfkernels.ssim import C1, C2, gaussian_window, image_stats
+from nfkernels.ssim_triton import running_nearest
 
 PRECISIONS = ("fp16x3", "tf32x3", "ieee")
 LO_SCALE = 4096.0  # 2^12: lifts the fp16 residuals out of the subnormal range
@@ -94,13 +95,7 @@ def _ssim_gemm_kernel(ah_ptr, al_ptr, bh_ptr, bl_ptr, xmu_ptr, xvar_ptr, ymu_ptr
             ok = m_ok[None, :] & n_ok[:, None]
             if EXCLUDE_SELF:  # global indices: the launch may cover a chunk of x and of y
                 ok = ok & (n[:, None] + row0 != m[None, :] + col0)
-            sim = tl.where(ok, sim, float("-inf"))
-            tile_best = tl.max(sim, axis=1)
-            # lowest column attaining the tile maximum; strict > across tiles keeps the earlier index
-            tile_arg = tl.min(tl.where(sim == tile_best[:, None], m64[None, :] + col0, 2**62), axis=1)
-            better = tile_best > best
-            arg = tl.where(better, tile_arg, arg)
-            best = tl.where(better, tile_best, best)
+            best, arg = running_nearest(sim, ok, m64 + col0, best, arg)
         else:
             tl.store(out_ptr + n64[:, None] * out_stride + m64[None, :], sim, mask=n_ok[:, None] & m_ok[None, :])
     if REDUCE:

@@ -31,6 +31,17 @@ _TILE_ELEMS = 4096  # BN * BM * BH * BW products held by one program
 
 
 @triton.jit
+def running_nearest(sim, ok, cols, best, arg):
+    """Fold a [BN, BM] tile of similarities into each row's running (max, argmax) over columns `cols`: pairs
+    not `ok` never win; ties go to the lowest column in the tile, and strict > across tiles keeps the earlier."""
+    sim = tl.where(ok, sim, float("-inf"))
+    tile_best = tl.max(sim, axis=1)
+    tile_arg = tl.min(tl.where(sim == tile_best[:, None], cols[None, :], 2**62), axis=1)
+    better = tile_best > best
+    return tl.where(better, tile_best, best), tl.where(better, tile_arg, arg)
+
+
+@triton.jit
 def _ssim_tile_kernel(x_ptr, y_ptr, xmu_ptr, xvar_ptr, ymu_ptr, yvar_ptr, win_ptr, out_ptr, best_ptr, arg_ptr,
                       N, M, m_step, splits, c1, c2,
                       C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, K: tl.constexpr,
@@ -95,13 +106,7 @@ def _ssim_tile_kernel(x_ptr, y_ptr, xmu_ptr, xvar_ptr, ymu_ptr, yvar_ptr, win_pt
             ok = m_ok[None, :] & n_ok[:, None]
             if EXCLUDE_SELF:
                 ok = ok & (n[:, None] != m[None, :])
-            sim = tl.where(ok, sim, float("-inf"))
-            tile_best = tl.max(sim, axis=1)
-            # lowest column attaining the tile maximum; strict > across tiles keeps the earlier index
-            tile_arg = tl.min(tl.where(sim == tile_best[:, None], m64[None, :], 2**62), axis=1)
-            better = tile_best > best
-            arg = tl.where(better, tile_arg, arg)
-            best = tl.where(better, tile_best, best)
+            best, arg = running_nearest(sim, ok, m64, best, arg)
         else:
             tl.store(out_ptr + n64[:, None] * M + m64[None, :], sim, mask=n_ok[:, None] & m_ok[None, :])
     if REDUCE:
