@@ -5,6 +5,7 @@ dispatching function with a ``backend=`` override ("auto", "torch", "cpp", "cuda
 This package does not depend on nfgen.
 """
 from nfkernels._ext import BACKENDS, HAS_EXT, HAS_TRITON
+from nfkernels.decode_attention import decode_attention, decode_attention_reference
 from nfkernels.sampling import sample_next, sample_next_reference
 from nfkernels.siren import (SirenSpec, coord_grid, siren_fit_steps, siren_fit_steps_reference, siren_forward,
                              siren_forward_reference, siren_init)
@@ -17,5 +18,6 @@ __all__ = [
     "siren_fit_steps", "siren_fit_steps_reference",
     "vq_assign", "vq_assign_reference", "kmeans",
     "sample_next", "sample_next_reference",
+    "decode_attention", "decode_attention_reference",
     "pairwise_ssim", "pairwise_ssim_reference", "ssim_nearest", "ssim_nearest_both",
 ]
