@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                     ("seed", "sampling seed"), ("batch-size", "sequences sampled at once (default: from free memory)"),
                     ("backend", "sampling backend: auto, torch, cpp or triton")]:
         _opt(p, name, SampleConfig, h, type_=int if name == "batch-size" else None)
+    _opt(p, "attention", SampleConfig, "decode-step attention: sdpa, or triton (a split-K kernel that reads only "
+         "the filled KV cache, one CUDA graph)", choices=("sdpa", "triton"))
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", help="MMD / COV / 1-NNA, memorisation and classifier score, with the real-data oracle")

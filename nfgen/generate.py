@@ -5,8 +5,11 @@ steps. With classifier-free guidance (cfg_scale != 1) every field's conditional 
 together in one 2B batch and `sample_next` mixes their logits. The decode step keeps all its state in
 device tensors (current token, position, step, per-step seeds), so on CUDA it is captured once in CUDA
 graphs and replayed L-1 times with no host sync; on CPU the same step runs eagerly, attending only to the
-filled prefix. Per-step seeds come from one generator seeded with `seed`: batch b (fields [b·B, (b+1)·B))
-decodes with its b-th draw of L seeds, so a fixed seed and batch size give the same tokens.
+filled prefix. Attention in a decode step is SDPA by default (one graph per GRAPH_BUCKET slots of attended
+length, masked); `attention="triton"` uses nfkernels.decode_attention instead, which reads the filled
+length from the position tensor: one graph for all steps, and no slot past the filled prefix is read.
+Per-step seeds come from one generator seeded with `seed`: batch b (fields [b·B, (b+1)·B)) decodes with
+its b-th draw of L seeds, so a fixed seed and batch size give the same tokens.
 
 Under `torchrun --nproc-per-node K -m nfgen generate …` the batches are split into K contiguous runs
 (`shard_range` over batch indices); each rank skips the seed draws of the batches before its own, decodes
@@ -27,9 +30,9 @@ import torch
 from nfgen import distributed
 from nfgen.common import make_generator, pick_device, progress
 from nfgen.io import NfgenError
-from nfgen.model import GPT, load_model
+from nfgen.model import ATTENTION, GPT, load_model
 from nfgen.vocab import Vocab
-from nfkernels._ext import BACKENDS
+from nfkernels._ext import BACKENDS, HAS_TRITON, resolve_backend
 from nfkernels.sampling import draw_seed, sample_next
 
 GRID_COLUMNS = 20  # samples.png shows at most this many samples per class (the fields file has them all)
@@ -45,6 +48,7 @@ class SampleConfig:
     seed: int = 0
     batch_size: int | None = None  # fields per batch; None: 64 on CPU, from free memory on CUDA
     backend: str = "auto"  # sampling op backend
+    attention: str = "sdpa"  # decode-step attention: sdpa (a graph per 128-slot bucket) or triton (one graph)
     cuda_graph: bool = True  # capture the decode step in CUDA graphs (CUDA only)
     quiet: bool = False
 
@@ -57,6 +61,7 @@ class SampleConfig:
             (self.cfg_scale == self.cfg_scale and abs(self.cfg_scale) < float("inf"), "--cfg-scale must be finite"),
             (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}"),
             (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
+            (self.attention in ATTENTION, f"--attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -100,8 +105,9 @@ class Decoder:
                 self.allowed = allowed.to(device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # static_shapes: decode with the graphs' fixed shapes (attention over a whole bucket, masked) even
-        # without capturing; lets CPU tests check exactly what the graphs compute
-        self.static_shapes = static_shapes
+        # without capturing; lets CPU tests check exactly what the graphs compute. The Triton attention has
+        # one fixed-shape step only (it reads the filled length from self.pos), so it always takes it.
+        self.static_shapes = static_shapes or cfg.attention == "triton"
         if device.type == "cuda" and cfg.cuda_graph and length >= 2:
             self._capture()
             self.static_shapes = True
@@ -117,7 +123,7 @@ class Decoder:
 
     def _decode_step(self, kv_len: int | None) -> None:
         """Feed self.tok at self.pos, sample token number self.step, advance. Device tensors only."""
-        logits = self.model.forward_cached(self.tok, self.pos, kv_len=kv_len)[:, -1]
+        logits = self.model.forward_cached(self.tok, self.pos, kv_len=kv_len, attention=self.cfg.attention)[:, -1]
         allowed = None if self.allowed is None else self.allowed.index_select(0, self.step)
         nxt = self._sample(logits, self.seeds.index_select(0, self.step), allowed)
         self.out.index_copy_(1, self.step, nxt[:, None])
@@ -126,6 +132,8 @@ class Decoder:
         self.step.add_(1)
 
     def _buckets(self) -> list[int]:
+        if self.cfg.attention == "triton":  # one bucket, one graph: the kernel stops at pos + 1 by itself
+            return [self.max_len]
         return sorted({min(self.max_len, b) for b in range(GRAPH_BUCKET, self.max_len + GRAPH_BUCKET, GRAPH_BUCKET)})
 
     def _capture(self) -> None:
@@ -199,6 +207,11 @@ def generate_tokens(model: GPT, vocab: Vocab, classes: torch.Tensor, length: int
         raise NfgenError(f"class ids must be in [-1, {vocab.n_classes}), got {classes.min()}..{classes.max()}")
     if token_ranges is not None and tuple(token_ranges.shape) != (length, 2):
         raise ValueError(f"token_ranges must be [{length}, 2], got {tuple(token_ranges.shape)}")
+    if cfg.attention == "triton":
+        try:
+            resolve_backend("triton", device, "decode_attention", cpp=False, cuda=False, triton=HAS_TRITON)
+        except ValueError as exc:
+            raise NfgenError(f"--attention triton: {exc}; use --attention sdpa") from None
     class_tokens = torch.where(classes < 0, vocab.no_class, vocab.n_codes + 2 + classes).to(device)
     model = model.to(device).eval()
     if device.type == "cuda" and next(model.parameters()).dtype == torch.float32 and torch.cuda.is_bf16_supported():

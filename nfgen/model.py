@@ -5,7 +5,8 @@ fewer key/value heads than query heads (grouped-query attention, `n_kv_head`): a
 is bound by reading the KV cache, which shrinks by n_head / n_kv_head. Training uses
 `forward` (causal over the whole sequence). Generation uses `setup_kv_cache` once and then `forward_cached`:
 keys and values go into preallocated [B, kv heads, T_max, head_dim] buffers written in place, so a decode
-step has fixed shapes and can be captured in a CUDA graph. The embedding and output weights are not tied,
+step has fixed shapes and can be captured in a CUDA graph (optionally with a Triton decode-attention kernel,
+nfkernels.decode_attention, that reads only the filled slots). The embedding and output weights are not tied,
 so every parameter is its own tensor in the state dict (safetensors refuses shared storage).
 """
 from __future__ import annotations
@@ -18,6 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nfgen.io import NfgenError, check_finite, load_artifact, save_artifact
+from nfkernels.decode_attention import decode_attention
+
+ATTENTION = ("sdpa", "triton")  # how forward_cached attends in a decode step (see there)
 
 
 @dataclass
@@ -100,7 +104,10 @@ class CausalSelfAttention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)
             if kv_len is not None:  # attend over the filled prefix only (eager decoding)
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-            y = cached_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
+            if mask is None:  # a decode step through the Triton kernel: it reads slots 0 … input_pos only
+                y = decode_attention(q, k, v, input_pos + 1, backend="triton")
+            else:
+                y = cached_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -182,18 +189,28 @@ class GPT(nn.Module):
             block.attn.kv_cache = KVCache(batch_size, c.n_kv_head, max_len, c.head_dim, device, dtype)
         self.cache_max_len = max_len
 
-    def forward_cached(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+    def forward_cached(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None,
+                       attention: str = "sdpa") -> torch.Tensor:
         """idx [B, T] at positions input_pos [T] (device LongTensor) → logits [B, T, V], through the cache.
 
         Works for prefill (T > 1) and decode (T = 1). Token t attends to cached positions <= input_pos[t].
         `kv_len` (a Python int, optional) limits attention to the first kv_len cache slots — cheaper in an
         eager loop; leave it None for fixed shapes (CUDA graphs). Every position < kv_len that a query may
         see must already be written.
+        `attention`: "sdpa" masks F.scaled_dot_product_attention by position over the (first kv_len) slots.
+        "triton" sends a decode step (T = 1) to nfkernels.decode_attention, which reads exactly the
+        input_pos + 1 slots 0 … input_pos, counted on the device: one fixed-shape step then serves every
+        position (one CUDA graph) without reading the rest of the cache. Prefill (T > 1) always uses sdpa.
         """
         if self.cache_max_len == 0:
             raise RuntimeError("call setup_kv_cache before forward_cached")
-        n_keys = self.cache_max_len if kv_len is None else kv_len
-        mask = torch.arange(n_keys, device=idx.device)[None, :] <= input_pos[:, None]  # [T, n_keys]
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+        if attention == "triton" and idx.shape[1] == 1:
+            mask = None  # CausalSelfAttention: no mask means decode_attention over input_pos + 1 slots
+        else:
+            n_keys = self.cache_max_len if kv_len is None else kv_len
+            mask = torch.arange(n_keys, device=idx.device)[None, :] <= input_pos[:, None]  # [T, n_keys]
         x = self.transformer.wte(idx) + self.transformer.wpe(input_pos)
         for block in self.transformer.h:
             x = block(x, input_pos, mask, kv_len)
