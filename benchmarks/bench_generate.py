@@ -13,12 +13,16 @@ contender, float32 on CPU. Every contender samples with temperature 1 from the 2
               CUDA), decode steps replayed from CUDA graphs on CUDA. It samples 4 batches per call (2 at
               batch 1024), as `nfgen generate` does, so the one-off setup (cache, graph capture) is amortised
               the way it is in a real run; its time includes that setup.
+  nfgen-triton  (CUDA only) the same with SampleConfig(attention="triton"): decode-step attention through
+              the split-K Triton kernel nfkernels.decode_attention, one CUDA graph for all steps, reading
+              exactly the filled KV-cache slots.
 Batches {1, 64, 1024} on CUDA, 16 on CPU. --quick (CPU): 2 layers, 4 heads, width 128, L = 127.
 --n-kv-head K times the same model with grouped-query attention (K key/value heads; every contender uses
 them, the eager ones by expanding K/V to all heads as a plain implementation would).
 Times are medians over --repeats; "x recompute" / "x eager-kv" are nfgen's tokens/s over theirs. nfgen rows
 also give the KV-cache bytes its decode steps read per second (every layer's K and V over the attended
-slots: the whole 128-slot bucket on CUDA, the filled prefix on CPU), the bound of large-batch decoding.
+slots: the whole 128-slot bucket on CUDA, the filled prefix on CPU and for nfgen-triton), the bound of
+large-batch decoding.
 
     python -m benchmarks.bench_generate [--device cuda] [--quick] [--out benchmarks/results/sample-<device>.json]
 """
@@ -120,21 +124,25 @@ def eager_kv(model: GPT, vocab: Vocab, batch: int, length: int, device):
     return torch.cat(out, dim=1)
 
 
-def kv_bytes_per_field(model: GPT, length: int, device) -> int:
-    """KV-cache bytes nfgen's decode steps read for one field (what `Decoder.run` attends over)."""
+def kv_bytes_per_field(model: GPT, length: int, device, attention: str = "sdpa") -> int:
+    """KV-cache bytes nfgen's decode steps read for one field (what `Decoder.run` attends over): the whole
+    bucket with SDPA's CUDA graphs, exactly the filled slots on CPU and with the Triton kernel."""
     c, max_len = model.config, length + 1
+    bucketed = device.type == "cuda" and attention == "sdpa"
     slots = 0
     for i in range(1, length):  # step i attends to kv_len = i + 2 filled slots
         kv_len = i + 2
-        slots += min(max_len, -(-kv_len // GRAPH_BUCKET) * GRAPH_BUCKET) if device.type == "cuda" else kv_len
+        slots += min(max_len, -(-kv_len // GRAPH_BUCKET) * GRAPH_BUCKET) if bucketed else kv_len
     elem = next(model.parameters()).element_size()
     return c.n_layer * 2 * c.n_kv_head * c.head_dim * elem * slots
 
 
-def nfgen_generate(model: GPT, vocab: Vocab, batch: int, length: int, device, n_batches: int = 1):
+def nfgen_generate(model: GPT, vocab: Vocab, batch: int, length: int, device, n_batches: int = 1,
+                   attention: str = "sdpa"):
     """`n_batches` batches in one call, as `nfgen generate` runs: setup (cache, graph capture) is amortised."""
     classes = torch.arange(batch * n_batches) % vocab.n_classes
-    return generate_tokens(model, vocab, classes, length, SampleConfig(batch_size=batch, quiet=True), device)
+    cfg = SampleConfig(batch_size=batch, attention=attention, quiet=True)
+    return generate_tokens(model, vocab, classes, length, cfg, device)
 
 
 def main(argv=None):
@@ -167,12 +175,13 @@ def main(argv=None):
           f"L = {length} ({length + 2}-token sequences), {device}")
 
     rows = []
-    header = f"{'method':<11}{'batch':>6}{'seconds':>10}{'tokens/s':>12}{'fields/s':>10}  note"
+    header = f"{'method':<13}{'batch':>6}{'seconds':>10}{'tokens/s':>12}{'fields/s':>10}  note"
     print(header)
     for batch in batches:
         n_batches = 2 if batch >= 1024 else 4  # nfgen runs several batches per call, like `nfgen generate`
         results = {}
-        for method in ("recompute", "eager-kv", "nfgen"):
+        for method in ("recompute", "eager-kv", "nfgen") + (("nfgen-triton",) if on_cuda else ()):
+            attention = "triton" if method == "nfgen-triton" else "sdpa"
             times, estimated = [], False
             for r in range(args.repeats):
                 if method == "recompute":
@@ -181,30 +190,36 @@ def main(argv=None):
                     t = timed(lambda: eager_kv(model, vocab, batch, length, device), device)
                 else:
                     if r == 0:  # warm-up: Triton compilation
-                        nfgen_generate(model, vocab, batch, min(length, 8), device)
-                    t = timed(lambda: nfgen_generate(model, vocab, batch, length, device, n_batches), device)
+                        nfgen_generate(model, vocab, batch, min(length, 8), device, attention=attention)
+                    t = timed(lambda: nfgen_generate(model, vocab, batch, length, device, n_batches, attention),
+                              device)
                 times.append(t)
                 if t > 60:  # one slow repeat is enough
                     break
             sec = statistics.median(times)
-            fields = batch * n_batches if method == "nfgen" else batch
+            is_nfgen = method.startswith("nfgen")
+            fields = batch * n_batches if is_nfgen else batch
             row = {"method": method, "batch": batch, "fields": fields, "length": length, "seconds": sec,
                    "seconds_all": times, "tokens_per_s": fields * length / sec, "fields_per_s": fields / sec,
                    "estimated": estimated}
-            if method == "nfgen":
-                row["kv_read_gb_per_s"] = kv_bytes_per_field(model, length, device) * row["fields_per_s"] / 1e9
+            if is_nfgen:
+                row["kv_read_gb_per_s"] = (kv_bytes_per_field(model, length, device, attention)
+                                           * row["fields_per_s"] / 1e9)
             results[method] = row
             rows.append(row)
             note = "estimated" if estimated else ""
-            if method == "nfgen":
+            if is_nfgen:
                 note = f"KV-cache reads {row['kv_read_gb_per_s']:.1f} GB/s"
-            print(f"{method:<11}{batch:>6}{sec:>10.3f}{row['tokens_per_s']:>12.0f}{row['fields_per_s']:>10.2f}  {note}",
+            print(f"{method:<13}{batch:>6}{sec:>10.3f}{row['tokens_per_s']:>12.0f}{row['fields_per_s']:>10.2f}  {note}",
                   flush=True)
         ours = results["nfgen"]["tokens_per_s"]
         for peer in ("recompute", "eager-kv"):
             results["nfgen"][f"x_{peer}"] = ours / results[peer]["tokens_per_s"]
         print(f"  nfgen x recompute {results['nfgen']['x_recompute']:.1f}, "
               f"x eager-kv {results['nfgen']['x_eager-kv']:.2f}  (batch {batch})")
+        if "nfgen-triton" in results:
+            results["nfgen-triton"]["x_nfgen"] = results["nfgen-triton"]["tokens_per_s"] / ours
+            print(f"  nfgen-triton x nfgen {results['nfgen-triton']['x_nfgen']:.2f}  (batch {batch})")
 
     if args.out:
         write_result(args.out, {**environment("benchmarks.bench_generate", device),
