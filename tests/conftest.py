@@ -26,6 +26,17 @@ def data_root() -> Path:
     return Path(os.environ["NFGEN_DATA"])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread (as torchrun gives each rank): the tiny models are dominated by per-op overhead,
+    and on a busy 2-core machine two spinning OpenMP threads made them several times slower (seen in
+    test_train: 6-36 s against ~3 s). Modules use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -22,14 +22,7 @@ needs_triton = pytest.mark.skipif(not (HAS_TRITON and (ON_CUDA or triton_interpr
 NAN = float("nan")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as in test_train: the models are tiny, and on a busy 2-core machine two OpenMP
-    threads made the 11-step greedy decode here take 3.7 s instead of 1.7 s (seen)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inputs(B, H, H_kv, d, S_max, kv_len, dtype=torch.float32, seed=0):

@@ -25,14 +25,7 @@ SPLIT = "mnist:test[:12]"
 FIT = dict(hidden=16, hidden_layers=1, steps=40, chunk=4, device="cpu", quiet=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread in this process too, as torchrun gives each rank: on a busy 2-core machine two
-    spinning OpenMP threads make the tiny in-process runs many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit_args(cfg: dict) -> list[str]:

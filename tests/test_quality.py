@@ -125,15 +125,6 @@ def test_goals_pass_and_fail_from_the_numbers():
     assert {g["status"] for g in skipped} == {"SKIP"}
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny models are dominated by per-op overhead; a second OpenMP thread only adds contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 

@@ -12,14 +12,7 @@ from nfkernels import SirenSpec
 SPEC = SirenSpec(hidden=4, hidden_layers=1)  # 2→4→1: 17 weights, so sequences stay short
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine two spinning OpenMP threads
-    made test_train_learns_and_writes_loadable_model take 6-36 s (seen) instead of about 3 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(**kw):
