@@ -21,7 +21,7 @@ dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lo
 for part in "$@"; do
   case "$part" in
     bench)
-      for b in fit vq ssim generate; do  # bench-fit adds --sweep via BENCH_ARGS
+      for b in fit vq ssim generate decode_attention; do  # bench-<name> takes --sweep via BENCH_ARGS
         stamp "bench_$b"
         timeout 300 python3 -m benchmarks.bench_$b --device cuda --out "$OUT/$b-$dev.json" 2>&1 | tee "$OUT/bench_$b.log" | tail -30
       done ;;
