@@ -42,7 +42,7 @@ KP = 128  # 11 * 11 = 121 window values, padded
 @triton.jit
 def _ssim_gemm_kernel(ah_ptr, al_ptr, bh_ptr, bl_ptr, xmu_ptr, xvar_ptr, ymu_ptr, yvar_ptr,
                       out_ptr, out_stride, best_ptr, arg_ptr,
-                      N, M, P, row0, col0, m_step, splits, c1, c2, inv_scale, lo_inv,
+                      N, M, NP, MP, P, row0, col0, m_step, splits, c1, c2, inv_scale, lo_inv,
                       KP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr,
                       PRECISION: tl.constexpr, REDUCE: tl.constexpr, EXCLUDE_SELF: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -51,6 +51,8 @@ def _ssim_gemm_kernel(ah_ptr, al_ptr, bh_ptr, bl_ptr, xmu_ptr, xvar_ptr, ymu_ptr
     n_ok = n < N
     n64 = n.to(tl.int64)
     k = tl.arange(0, KP)
+    tile_a = tl.arange(0, BN)[:, None] * KP + k[None, :]
+    tile_b = tl.arange(0, BM)[:, None] * KP + k[None, :]
     best = tl.full((BN,), float("-inf"), tl.float32)
     arg = tl.zeros((BN,), tl.int64)
     m_start = pid_m * m_step
@@ -59,37 +61,33 @@ def _ssim_gemm_kernel(ah_ptr, al_ptr, bh_ptr, bl_ptr, xmu_ptr, xvar_ptr, ymu_ptr
         m = m0 + tl.arange(0, BM)
         m_ok = m < m_end
         m64 = m.to(tl.int64)
-        # pointers to pixel 0's windows and statistics, advanced one pixel (N or M rows) per step
-        a_off = n64[:, None] * KP + k[None, :]
-        b_off = m64[:, None] * KP + k[None, :]
-        xmu, xvar, ymu, yvar = xmu_ptr + n64, xvar_ptr + n64, ymu_ptr + m64, yvar_ptr + m64
         total = tl.zeros((BN, BM), tl.float32)
-        for _ in range(P):
-            a_hi = tl.load(ah_ptr + a_off, mask=n_ok[:, None], other=0.0)
-            b_hi = tl.load(bh_ptr + b_off, mask=m_ok[:, None], other=0.0)
+        for p in range(P):
+            # one pixel's windows: rows p * NP + n of the [P * NP, KP] patches (NP: N padded with zero images to
+            # a whole number of tiles, so no load needs a mask). A scalar base plus compile-time-constant
+            # offsets: offsets built from n or m (runtime values), or masks on them, stayed live as [BN, KP]
+            # tensors across the loop (sm_90 compile: 255 registers and 1-2 KB of spills).
+            a_row = (p * NP + pid_n * BN) * KP  # int32: launch_gemm keeps each operand below 2^31 elements
+            b_row = (p * MP + m0) * KP
+            a_hi = tl.load(ah_ptr + a_row + tile_a)
+            b_hi = tl.load(bh_ptr + b_row + tile_b)
             if SPLIT:
-                a_lo = tl.load(al_ptr + a_off, mask=n_ok[:, None], other=0.0)
-                b_lo = tl.load(bl_ptr + b_off, mask=m_ok[:, None], other=0.0)
+                a_lo = tl.load(al_ptr + a_row + tile_a)
+                b_lo = tl.load(bl_ptr + b_row + tile_b)
                 acc = tl.dot(a_hi, tl.trans(b_lo))
                 acc = tl.dot(a_lo, tl.trans(b_hi), acc)
                 acc = tl.dot(a_hi, tl.trans(b_hi), acc * lo_inv)
             else:
                 acc = tl.dot(a_hi, tl.trans(b_hi), input_precision=PRECISION)
             cxy = acc * inv_scale
-            mx = tl.load(xmu, mask=n_ok, other=0.0)[:, None]
-            vx = tl.load(xvar, mask=n_ok, other=0.0)[:, None]
-            my = tl.load(ymu, mask=m_ok, other=0.0)[None, :]
-            vy = tl.load(yvar, mask=m_ok, other=0.0)[None, :]
+            mx = tl.load(xmu_ptr + p * NP + n)[:, None]
+            vx = tl.load(xvar_ptr + p * NP + n)[:, None]
+            my = tl.load(ymu_ptr + p * MP + m)[None, :]
+            vy = tl.load(yvar_ptr + p * MP + m)[None, :]
             mxy = mx * my
             num = (2.0 * mxy + c1) * (2.0 * (cxy - mxy) + c2)
             den = (mx * mx + my * my + c1) * (vx + vy + c2)
             total += tl.fdiv(num, den)
-            a_off += N * KP
-            b_off += M * KP
-            xmu += N
-            xvar += N
-            ymu += M
-            yvar += M
         sim = total / P
         if REDUCE:
             ok = m_ok[None, :] & n_ok[:, None]
@@ -113,10 +111,12 @@ def _patches(planes: torch.Tensor, k: int) -> torch.Tensor:
     return out.view(c * pixels, n, KP)
 
 
-def _operands(planes: torch.Tensor, weight: torch.Tensor | None, split: bool):
+def _operands(planes: torch.Tensor, weight: torch.Tensor | None, split: bool, tile: int):
     """The GEMM operands of a set of images (the windows, times the 2-D Gaussian on the weighted side, split
-    into fp16 hi + scaled lo parts when ``split``) and its mean / variance maps as [P, n] rows."""
+    into fp16 hi + scaled lo parts when ``split``) and its mean / variance maps as [P, n] rows, with n padded
+    by zero images to a multiple of ``tile`` (the kernel loads whole tiles, unmasked)."""
     k = gaussian_window().numel()
+    planes = F.pad(planes, (0, 0, 0, 0, 0, 0, 0, -planes.shape[0] % tile))
     cols = _patches(planes, k)
     if weight is not None:
         cols *= weight
@@ -130,13 +130,15 @@ def _operands(planes: torch.Tensor, weight: torch.Tensor | None, split: bool):
     return hi, lo, mu, var
 
 
-def _tiles(device: torch.device, precision: str) -> tuple[int, int, int, int]:
-    """(BN, BM, num_warps, num_stages). Off the GPU (the interpreter) the smallest tiles tl.dot allows."""
+def _tiles(device: torch.device) -> tuple[int, int, int, int]:
+    """(BN, BM, num_warps, num_stages). Off the GPU (the interpreter) the smallest tiles tl.dot allows.
+
+    On CUDA: 64 x 32 pairs, 4 warps, 2 stages. Compiled for sm_90 (no GPU here) that is the largest tile whose
+    fp16x3 kernel does not spill (223 registers; 64 x 64 and 128 x 64 spill about 100 B at 255), and tf32x3
+    spills 88-168 B even there. Not yet timed: `bench_ssim --sweep` times the others."""
     if device.type != "cuda":
         return 16, 16, 4, 1
-    if precision == "fp16x3":  # 4 fp16 operand tiles of [128 | 64, 128]: 96 KB a stage, two stages
-        return 128, 64, 8, 2
-    return 64, 64, 4, 2  # 2 fp32 tiles of [64, 128]: 64 KB a stage
+    return 64, 32, 4, 2
 
 
 def launch_gemm(xp: torch.Tensor, yp: torch.Tensor, *, reduce: bool, exclude_self: bool = False,
@@ -151,6 +153,7 @@ def launch_gemm(xp: torch.Tensor, yp: torch.Tensor, *, reduce: bool, exclude_sel
                                      y.abs().max().item() if y.numel() else 0.0) > FP16X3_MAX_ABS:
         precision = "tf32x3"  # fp16's range; SSIM with data_range 1 expects images in [0, 1] anyway
     split = precision == "fp16x3"
+    chunk_bytes = min(chunk_bytes, 1 << 32)  # each operand < 2^31 elements: the kernel's offsets are int32
     N, C, H, W = x.shape
     M = y.shape[0]
     dev = x.device
@@ -158,7 +161,7 @@ def launch_gemm(xp: torch.Tensor, yp: torch.Tensor, *, reduce: bool, exclude_sel
     weight = gaussian_window(dtype=torch.float32)
     weight = F.pad((weight[:, None] * weight[None, :]).flatten(), (0, KP - k * k)).to(dev)
     P = C * (H - k + 1) * (W - k + 1)
-    bn, bm, num_warps, num_stages = tiles or _tiles(dev, precision)
+    bn, bm, num_warps, num_stages = tiles or _tiles(dev)
     per_image = P * KP * 4
     x_rows = max(bn, (chunk_bytes // 2 // per_image) // bn * bn)
     y_rows = max(bm, (chunk_bytes // 2 // per_image) // bm * bm)
@@ -169,16 +172,16 @@ def launch_gemm(xp: torch.Tensor, yp: torch.Tensor, *, reduce: bool, exclude_sel
     if N == 0 or M == 0:
         return (torch.empty(N, 0, device=dev), torch.empty(N, 0, dtype=torch.long, device=dev)) if reduce else out
     x_chunks = [(i, min(N, i + x_rows)) for i in range(0, N, x_rows)]
-    x_cache = _operands(x, weight, split) if len(x_chunks) == 1 else None
+    x_cache = _operands(x, weight, split, bn) if len(x_chunks) == 1 else None
     programs = 4 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
     scale = 1.0 / A_SCALE if split else 1.0
     for j0 in range(0, M, y_rows):
         j1 = min(M, j0 + y_rows)
-        bh, bl, ymu, yvar = _operands(y[j0:j1], None, split)
+        bh, bl, ymu, yvar = _operands(y[j0:j1], None, split, bm)
         mc = j1 - j0
         row_best, row_arg = [], []
         for i0, i1 in x_chunks:
-            ah, al, xmu, xvar = x_cache or _operands(x[i0:i1], weight, split)
+            ah, al, xmu, xvar = x_cache or _operands(x[i0:i1], weight, split, bn)
             nc = i1 - i0
             n_blocks = triton.cdiv(nc, bn)
             if reduce:
@@ -194,7 +197,7 @@ def launch_gemm(xp: torch.Tensor, yp: torch.Tensor, *, reduce: bool, exclude_sel
                 best = arg = target  # unused
             _ssim_gemm_kernel[(n_blocks, splits)](
                 ah, al if split else ah, bh, bl if split else bh, xmu, xvar, ymu, yvar, target, stride, best, arg,
-                nc, mc, P, i0, j0, m_step, splits, C1, C2, scale, 1.0 / LO_SCALE,
+                nc, mc, ah.shape[1], bh.shape[1], P, i0, j0, m_step, splits, C1, C2, scale, 1.0 / LO_SCALE,
                 KP=KP, BN=bn, BM=bm, SPLIT=split, PRECISION="ieee" if split else precision, REDUCE=reduce,
                 EXCLUDE_SELF=exclude_self, num_warps=num_warps, num_stages=num_stages)
             if reduce:
