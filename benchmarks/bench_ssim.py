@@ -117,6 +117,10 @@ def skimage_pairs(x, y, pairs):
 # Harness
 
 # the CUDA-only nfgen rows besides the default backend: (kernel, precision) of nfkernels.ssim_triton
+# the GEMM kernel's (BN, BM, num_warps, num_stages) that --sweep times, per precision; the first is the default
+GEMM_SWEEP = (("fp16x3", [(64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2),
+                          (128, 32, 8, 2), (64, 32, 8, 2)]),
+              ("tf32x3", [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)]))
 TRITON_VARIANTS = [("tile", "tf32x3"), ("gemm", "fp16x3"), ("gemm", "tf32x3")]
 
 
@@ -237,9 +241,7 @@ def sweep_gemm_tiles(n, device, repeats):
     x, y = load_images(n, n, device)
     xp, yp = x.unsqueeze(1), y.unsqueeze(1)
     rows = []
-    for precision, configs in (("fp16x3", [(64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2),
-                                           (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)]),
-                               ("tf32x3", [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)])):
+    for precision, configs in GEMM_SWEEP:
         for tiles in configs:
             try:
                 sec, ts = timed(lambda: pairwise_ssim_gemm(xp, yp, precision=precision, tiles=tiles), device, repeats)

@@ -9,15 +9,8 @@ the tile shapes `bench_vq --sweep` times. Spills (STACK > 0) cost local-memory t
 from __future__ import annotations
 
 import argparse
-import glob
-import os
-import subprocess
-import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
+from benchmarks._ptxas import cubin_usage
 from benchmarks.bench_vq import SWEEP_TILES
 from nfkernels.vq_triton import _vq_assign_kernel, default_tiles
 
@@ -26,18 +19,8 @@ SIGNATURE = {"x_ptr": "*fp32", "codes_t_ptr": "*fp32", "idx_ptr": "*i64", "dist_
 
 
 def resource_usage(d: int, block_m: int, block_k: int, num_warps: int, arch: int) -> dict:
-    kernel_fn = _vq_assign_kernel
-    if not hasattr(kernel_fn, "cache_key"):  # under TRITON_INTERPRET=1 (the tests) @jit made an interpreter wrapper
-        kernel_fn = triton.runtime.jit.JITFunction(kernel_fn.fn)
-    src = ASTSource(kernel_fn, SIGNATURE, constexprs={"D": d, "BLOCK_M": block_m, "BLOCK_K": block_k})
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    cuobjdump = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))[0]
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    fields = dict(item.split(":") for item in next(ln for ln in out.splitlines() if "REG:" in ln).split())
-    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"])}
+    return cubin_usage(_vq_assign_kernel, SIGNATURE, {"D": d, "BLOCK_M": block_m, "BLOCK_K": block_k}, arch,
+                       num_warps=num_warps)
 
 
 def main(argv=None) -> int:

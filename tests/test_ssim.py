@@ -4,6 +4,12 @@ Tolerances: the float64 reference vs skimage (float64) < 1e-7 (the reference ret
 backend (fp32 accumulation) vs skimage < 1e-5, the pinned requirement. Fused reductions are compared with
 reductions of the same backend's full matrix: values to 1e-6, indices exactly wherever the best is unique.
 """
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -243,3 +249,24 @@ def test_gemm_chunks_and_fallback():
     assert (big.cpu() - pairwise_ssim_reference(x[:3, 0] * 300, y[:3, 0] * 300).cpu()).abs().max() < 1e-4
     with pytest.raises(ValueError, match="precision"):
         pairwise_ssim_gemm(x, y, precision="bf16")
+
+
+
+def test_gemm_default_tiles_do_not_spill_on_sm90():
+    """The GEMM kernel's default tiles (fp16x3, both modes) compile for an H100 without register spills (no GPU
+    needed). In a subprocess without TRITON_INTERPRET: under the interpreter its jit helper cannot be compiled."""
+    if not HAS_TRITON:
+        pytest.skip("triton not available")
+    from benchmarks._ptxas import has_tools
+
+    if not has_tools():
+        pytest.skip("this Triton ships no ptxas/cuobjdump")
+    code = ("import json, torch; from benchmarks.ptxas_ssim import resource_usage; "
+            "from nfkernels.ssim_gemm_triton import _tiles; "
+            "print(json.dumps([resource_usage('fp16x3', _tiles(torch.device('cuda')), r, 90) for r in (False, True)]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    for use in json.loads(out.stdout.strip().splitlines()[-1]):
+        assert use["stack_bytes"] == 0 and 0 < use["registers"] <= 255, use

@@ -109,13 +109,9 @@ def test_triton_default_tiles_do_not_spill_on_sm90(d):
     """The default tiles compile for an H100 without register spills (ptxas via triton.compile, no GPU)."""
     if not _ext.HAS_TRITON:
         pytest.skip("triton not available")
-    import glob
-    import os
+    from benchmarks._ptxas import has_tools
 
-    import triton
-
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
-    if not (glob.glob(os.path.join(tools, "ptxas*")) and glob.glob(os.path.join(tools, "cuobjdump*"))):
+    if not has_tools():
         pytest.skip("this Triton ships no ptxas/cuobjdump")
     from benchmarks.ptxas_vq import resource_usage
     from nfkernels.vq_triton import default_tiles
