@@ -173,6 +173,11 @@ def main(argv=None):
     print(f"model: {c.n_layer} layers, {c.n_head} heads ({c.n_kv_head} key/value), width {c.n_embd}, "
           f"{model.num_params() / 1e6:.1f}M params, "
           f"L = {length} ({length + 2}-token sequences), {device}")
+    # KV-cache bytes one field's decode steps read, in bf16 as on CUDA: SDPA's 128-slot buckets vs filled slots
+    bf16_model = GPT(GPTConfig(**vars(c))).to(torch.bfloat16)
+    kv_gb = {a: kv_bytes_per_field(bf16_model, length, torch.device("cuda"), a) / 1e9 for a in ("sdpa", "triton")}
+    print(f"KV cache read per field (bf16): {kv_gb['sdpa']:.2f} GB with sdpa's buckets, "
+          f"{kv_gb['triton']:.2f} GB with the triton kernel (filled slots only)")
 
     rows = []
     header = f"{'method':<13}{'batch':>6}{'seconds':>10}{'tokens/s':>12}{'fields/s':>10}  note"
@@ -223,7 +228,8 @@ def main(argv=None):
 
     if args.out:
         write_result(args.out, {**environment("benchmarks.bench_generate", device),
-                                "model": {**cfg_kw, "config": vars(c), "params": model.num_params(), "length": length},
+                                "model": {**cfg_kw, "config": vars(c), "params": model.num_params(), "length": length,
+                                          "kv_gb_per_field_bf16": kv_gb},
                                 "rows": rows})
 
 
