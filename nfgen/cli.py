@@ -1,4 +1,4 @@
-"""The command line: ``python -m nfgen {fit,tokenize,train,generate,evaluate,classifier,demo}``.
+"""The command line: ``python -m nfgen {template,fit,tokenize,train,generate,evaluate,classifier,demo}``.
 
 Every command works inside a run directory (``--run``, default ``runs/default``): it reads the artifacts
 the earlier stages left there unless told otherwise, writes its own there, and saves its resolved
@@ -78,10 +78,24 @@ def cmd_fit(args) -> dict:
     from nfgen.fields import FitConfig, run_fit
 
     run = Path(args.run)
-    cfg = _config(FitConfig, args, quiet=args.quiet)
+    # Like every stage, fit picks up what an earlier stage left in the run: `nfgen template`'s template.
+    implicit = run / "template.safetensors"
+    template = args.template or (str(implicit) if implicit.is_file() and (args.init or "shared") == "shared" else None)
+    cfg = _config(FitConfig, args, quiet=args.quiet, template=template)
     out = _path(args.out, run, "fields.safetensors")
     summary = run_fit(args.split, out, cfg, data_root=args.data_root, download=args.download)
     _save_config(run, "fit", args, recipe=cfg, out=str(out))
+    return summary
+
+
+def cmd_template(args) -> dict:
+    from nfgen.template import TemplateConfig, run_template
+
+    run = Path(args.run)
+    cfg = _config(TemplateConfig, args, quiet=args.quiet)
+    out = _path(args.out, run, "template.safetensors")
+    summary = run_template(args.split, out, cfg, data_root=args.data_root, download=args.download)
+    _save_config(run, "template", args, recipe=cfg, out=str(out))
     return summary
 
 
@@ -158,6 +172,7 @@ def cmd_demo(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from nfgen.fields import FitConfig
     from nfgen.generate import SampleConfig
+    from nfgen.template import TemplateConfig
     from nfgen.tokenizer import TokenizerConfig
     from nfgen.train import TrainConfig
 
@@ -165,6 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with a transformer: fit → tokenize → train → generate → evaluate.")
     parser.add_argument("--version", action="version", version=f"nfgen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("template", help="meta-learn the shared init that `fit --template` starts every field from")
+    _common(p, data=True)
+    p.add_argument("--split", default="mnist:test[:8000]", help="images to learn from (default: mnist:test[:8000])")
+    p.add_argument("--out", default=None, help="template file (default: RUN/template.safetensors)")
+    for name, h in [("hidden", "hidden width"), ("hidden-layers", "number of sine layers"),
+                    ("omega0", "ω0 of every sine layer"), ("outer", "Reptile iterations"),
+                    ("batch", "images per iteration"), ("inner-steps", "Adam steps from the template per iteration"),
+                    ("lr", "inner Adam learning rate (use the fit's)"),
+                    ("meta-lr", "step toward the batch's mean fit, annealed to 0"),
+                    ("seed", "seed of the start and batches"),
+                    ("backend", "auto, torch, cpp or triton"), ("device", "auto, cpu or cuda")]:
+        _opt(p, name, TemplateConfig, h)
+    p.set_defaults(func=cmd_template)
 
     p = sub.add_parser("fit", help="fit one SIREN per image, thousands at once")
     _common(p, data=True)

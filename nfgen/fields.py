@@ -348,6 +348,9 @@ def fit_fingerprint(split, cfg: FitConfig) -> str:
                         sort_keys=True, default=str).encode())
     h.update(split.indices.numpy().astype("<i8").tobytes())
     h.update(split.images.float().contiguous().numpy().tobytes())
+    if cfg.template is not None:  # the template's weights, not just its path: a rewritten file is another fit
+        spec = spec_for_images(tuple(split.images.shape[1:]), cfg.hidden, cfg.hidden_layers, cfg.omega0)
+        h.update(template_weights(cfg, spec).numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -448,7 +451,7 @@ def run_fit(split_spec: str, out_path, cfg: FitConfig, data_root=None, download:
     distributed.barrier()
     wall = time.perf_counter() - t0
     summary = {"split": split.spec, "n_fields": n, "rank": rank, "world_size": world, "n_shards": n_shards,
-               "shards_fitted": fitted, "wall_seconds": round(wall, 3), "out": str(out_path)}
+               "shards_fitted": fitted, "wall_seconds": round(wall, 3), "out": str(out_path), "template": cfg.template}
     if distributed.is_main():
         summary.update(_write_merged(split, out_path, cfg, fingerprint))
     distributed.barrier()  # nobody returns before the fields file exists

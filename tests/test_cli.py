@@ -85,7 +85,7 @@ def assert_clean_error(proc, pattern):
 def test_help(cli):
     proc = cli("--help")
     assert proc.returncode == 0 and "fit" in proc.stdout and "evaluate" in proc.stdout
-    for command in ("fit", "tokenize", "train", "generate", "evaluate", "classifier", "demo"):
+    for command in ("template", "fit", "tokenize", "train", "generate", "evaluate", "classifier", "demo"):
         proc = cli(command, "--help")
         assert proc.returncode == 0 and "--run" in proc.stdout, command
 
