@@ -1,11 +1,14 @@
-"""Which tokenizer a small GPT models best: the demo's pipeline once per tokenizer, on the same fields.
+"""Which tokenizer and template a small GPT models best: the demo's pipeline once per variant.
 
-Fits the demo's fields and classifier once (`nfgen.demo`'s sizes: 2000 MNIST digits, a 2→16→16→1 SIREN,
-a 3-layer GPT trained for 1000 steps of 16, T 0.8 / top-k 3), then for each tokenizer variant tokenizes,
-trains, generates and evaluates exactly as the demo does. Reports de-tokenized PSNR, the GPT's losses and
-the class-conditional sample metrics. About 8 minutes per variant on a 2-core CPU.
+Trains the demo's classifier once and fits the demo's fields once per template (`nfgen.demo`'s sizes: 2000
+MNIST digits, a 2→16→16→1 SIREN, a 3-layer GPT trained for 1000 steps of 16, T 0.8 / top-k 3): "random" is
+the fit's seeded shared draw, "meta" a template learned by `nfgen template` on the same 2000 digits. Then for
+each template × tokenizer it tokenizes, trains, generates and evaluates exactly as the demo does. Reports
+fitted and de-tokenized PSNR, the GPT's losses and the class-conditional sample metrics. 7-20 minutes per
+variant on a 2-core CPU.
 
-    python -m benchmarks.demo_tokenizers --variants none:256,mean:256,mean:64 --results FILE
+    python -m benchmarks.demo_tokenizers --templates random --variants none:256,mean:256,mean:64 --results FILE
+    python -m benchmarks.demo_tokenizers --templates random,meta --variants none:256 --results FILE
 """
 from __future__ import annotations
 
@@ -19,29 +22,46 @@ from nfgen.classifier import run_classifier
 from nfgen.fields import FitConfig, run_fit
 from nfgen.generate import SampleConfig, run_generate
 from nfgen.metrics import run_evaluate
+from nfgen.template import TemplateConfig, run_template
 from nfgen.tokenizer import TokenizerConfig, run_tokenize
 from nfgen.train import TrainConfig, train
+
+# The meta template for the demo's SIREN: inner fits at the demo's lr.
+TEMPLATE = dict(hidden=demo.FIT["hidden"], lr=demo.FIT["lr"], outer=200, batch=256, inner_steps=20)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="none:256,mean:256,mean:64", help="tokenizers center:K, comma-separated")
+    ap.add_argument("--templates", default="random", help="shared inits, comma-separated: random (the seeded draw) "
+                    "and/or meta (nfgen template with TEMPLATE's options)")
     ap.add_argument("--run-dir", default="runs/demo-tokenizers")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--results", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     root = Path(args.run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    classifier, fields = root / "classifier.safetensors", root / "fields.safetensors"
+    classifier = root / "classifier.safetensors"
     if not classifier.exists():
         run_classifier(demo.CLASSIFIER_SPLIT, demo.HELDOUT_SPLIT, classifier, epochs=None, seed=0, device="cpu",
                        data_root=args.data_root, quiet=True)
-    if not fields.exists():
-        run_fit(demo.TRAIN_SPLIT, fields, FitConfig(**demo.FIT, device="cpu", quiet=True), data_root=args.data_root)
     rows = []
-    for variant in args.variants.split(","):
+    for template, variant in [(t, v) for t in args.templates.split(",") for v in args.variants.split(",")]:
+        if template not in ("random", "meta"):
+            raise SystemExit(f"unknown template {template!r}; use random or meta")
+        # the random template keeps the names of the runs before templates existed
+        fields = root / ("fields.safetensors" if template == "random" else f"fields-{template}.safetensors")
+        if not fields.exists():
+            fit_cfg = FitConfig(**demo.FIT, device="cpu", quiet=True)
+            if template == "meta":
+                fit_cfg.template = str(root / "template.safetensors")
+                if not Path(fit_cfg.template).exists():
+                    run_template(demo.TRAIN_SPLIT, fit_cfg.template, TemplateConfig(**TEMPLATE, quiet=True),
+                                 data_root=args.data_root)
+            run_fit(demo.TRAIN_SPLIT, fields, fit_cfg, data_root=args.data_root)
         center, k = variant.split(":")
-        run, t0 = root / f"{center}{k}", time.perf_counter()
+        name = f"{center}{k}" if template == "random" else f"{template}-{center}{k}"
+        run, t0 = root / name, time.perf_counter()
         tok = run_tokenize(fields, run / "tokens.safetensors", TokenizerConfig(center=center, codebook_size=int(k)),
                            data_root=args.data_root, device="cpu", quiet=True)
         trained = train(run / "tokens.safetensors", run, TrainConfig(**demo.TRAIN, device="cpu", quiet=True))
@@ -51,7 +71,7 @@ def main(argv=None) -> int:
                                train_split=demo.TRAIN_SPLIT, classifier_path=classifier, data_root=args.data_root,
                                device="cpu", seed=0, quiet=True)
         cond = metrics["groups"]["conditional_all"]
-        row = {"variant": variant, "detok_psnr": tok["detok_psnr"], "fields_psnr": tok["fields_psnr"],
+        row = {"variant": variant, "template": template, "detok_psnr": tok["detok_psnr"], "fields_psnr": tok["fields_psnr"],
                "train_loss": trained.get("train_loss"), "val_loss": trained.get("val_loss"),
                "accuracy": metrics["classifier"]["accuracy"]["samples"],
                "accuracy_oracle": metrics["classifier"]["accuracy"]["oracle"],
@@ -59,13 +79,13 @@ def main(argv=None) -> int:
                **{f"{m}_oracle": cond[m]["oracle"] for m in ("mmd", "cov", "1nna")},
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
-        print(f"{variant:>10}: detok {row['detok_psnr']:.2f} dB, val loss {row['val_loss']:.3f}, accuracy "
-              f"{row['accuracy']:.3f}, MMD {row['mmd']:.3f}, COV {row['cov']:.3f}, 1-NNA {row['1nna']:.3f} "
-              f"({row['seconds']:.0f} s)", flush=True)
+        print(f"{template:>6} {variant:>8}: fit {row['fields_psnr']:.2f} dB, detok {row['detok_psnr']:.2f} dB, "
+              f"val loss {row['val_loss']:.3f}, accuracy {row['accuracy']:.3f}, MMD {row['mmd']:.3f}, "
+              f"COV {row['cov']:.3f}, 1-NNA {row['1nna']:.3f} ({row['seconds']:.0f} s)", flush=True)
     if args.results:
         write_result(args.results, {**environment("benchmarks.demo_tokenizers", "cpu"), "demo": {
             "train_split": demo.TRAIN_SPLIT, "ref_split": demo.REF_SPLIT, "fit": demo.FIT, "train": demo.TRAIN,
-            "sample": demo.SAMPLE, "per_class": demo.PER_CLASS}, "rows": rows})
+            "sample": demo.SAMPLE, "per_class": demo.PER_CLASS, "template": TEMPLATE}, "rows": rows})
     return 0
 
 

@@ -61,6 +61,7 @@ from nfgen.generate import SampleConfig, generate_tokens
 from nfgen.io import NfgenError, write_json
 from nfgen.metrics import distance_metrics, evaluate, memorisation, save_nearest_grid
 from nfgen.model import load_model
+from nfgen.template import TemplateConfig, run_template
 from nfgen.tokenizer import TokenizerConfig, load_tokens, run_tokenize
 from nfgen.train import TrainConfig, train
 from nfgen.vocab import Vocab
@@ -77,10 +78,13 @@ NEFGPT_METRICS = ("mmd", "cov", "1nna", "accuracy", "memorised")
 # ----------------------------------------------------------------------------- configs
 
 
+INITS = ("meta", "shared", "independent")
+
+
 @dataclass
 class Recipe:
     """What one row changes relative to the config's defaults (dicts override the stage configs)."""
-    init: str = "shared"
+    init: str = "shared"  # one of INITS
     canonical: bool = False
     fit: dict = field(default_factory=dict)
     tokenize: dict = field(default_factory=dict)
@@ -104,6 +108,11 @@ class QualityConfig:
     alt_model: dict = field(default_factory=lambda: dict(n_layer=4, n_head=4, n_embd=192))  # the model-size row
     alt_fit: dict = field(default_factory=lambda: dict(steps=300))  # the fit-recipe row (FitConfig overrides)
     alt_kv_head: int = 0  # the grouped-query-attention row: the main GPT with this many key/value heads (0: none)
+    # The main rows' init: "shared" (the seeded random draw), "independent", or "meta" (a template learned by
+    # nfgen.template on the training split, with `template`'s TemplateConfig overrides; architecture, lr and
+    # seed follow the fit's). The other two are ablation rows.
+    main_init: str = "shared"
+    template: dict = field(default_factory=dict)
     # TrainConfig overrides for every ablation row that trains its own GPT (not the sampling rows, which reuse
     # the main model); when set, a "baseline" row trains the main recipe with them too, so each ablation is
     # compared at the same (shorter) budget. Empty: ablations train like the main row.
@@ -127,7 +136,7 @@ CONFIGS = {
                    checkpoint_every=10_000),
         classifier_epochs=1, alt_model=dict(n_layer=1, n_head=2, n_embd=16), alt_fit=dict(steps=60), alt_kv_head=1,
         sampling_sweep={"t0.8": dict(temperature=0.8), "cfg2": dict(cfg_scale=2.0)},
-        nefgpt_n_generated=8, nefgpt_n_references=6,
+        template=dict(outer=3, batch=32, inner_steps=5), nefgpt_n_generated=8, nefgpt_n_references=6,
         note="smoke test only: tiny SIREN, few fields, a few GPT steps"),
     # The 2-core CPU run (≤ 30 min): default SIREN, 2000 training fields, 200 references, the demo's model
     # size. 1187-token sequences make CPU training (~2 s a step of 8) and decoding (~0.3-0.5 s a field) the
@@ -168,11 +177,14 @@ CONFIGS = {
 def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[str, Recipe]:
     """Each ablation row as a change of the main recipe; names are "<group>:<variant>"."""
     tok = {**asdict(TokenizerConfig()), **cfg.tokenize, **main.tokenize}
-    other_init = "independent" if main.init == "shared" else "shared"
-    rows = {"fit:" + ",".join(f"{k}{v}" for k, v in cfg.alt_fit.items()): main.but(fit=cfg.alt_fit),
-            f"init:{other_init}": main.but(init=other_init),
-            f"order:{'none' if main.canonical else 'canonical'}": main.but(canonical=not main.canonical),
-            f"order:{other_init}+canonical": main.but(init=other_init, canonical=True)}
+    rows = {"fit:" + ",".join(f"{k}{v}" for k, v in cfg.alt_fit.items()): main.but(fit=cfg.alt_fit)}
+    for init in INITS:
+        if init != main.init:
+            rows[f"init:{init}"] = main.but(init=init)
+    # canonical order matters most where neurons are not aligned by a shared start: independent init
+    unaligned = "independent" if main.init != "independent" else "shared"
+    rows[f"order:{'none' if main.canonical else 'canonical'}"] = main.but(canonical=not main.canonical)
+    rows[f"order:{unaligned}+canonical"] = main.but(init=unaligned, canonical=True)
     for d in (2, 3, 4, 5):  # the grouped VQ sizes that divide P (issue 8 asks for 2 and 4; P = 1185 takes 3 and 5)
         if num_params % d == 0 and d != tok["group"]:
             rows[f"vq:group{d}"] = main.but(tokenize={"group": d})
@@ -351,14 +363,34 @@ class Harness:
         return self._classifier
 
     def fit_config(self, recipe: Recipe) -> FitConfig:
-        return FitConfig(**{**self.cfg.fit, **recipe.fit, "init": recipe.init}, device=str(self.device),
-                         quiet=self.quiet)
+        if recipe.init not in INITS:
+            raise NfgenError(f"unknown init {recipe.init!r}; use one of {', '.join(INITS)}")
+        cfg = FitConfig(**{**self.cfg.fit, **recipe.fit}, device=str(self.device), quiet=self.quiet)
+        cfg.init = "independent" if recipe.init == "independent" else "shared"
+        if recipe.init == "meta":
+            cfg.template = str(self.template(cfg))
+        return cfg
+
+    def template(self, fit_cfg: FitConfig) -> Path:
+        """The meta-learned template for this fit recipe, learned on the training split only."""
+        tmpl_cfg = TemplateConfig(**{"hidden": fit_cfg.hidden, "hidden_layers": fit_cfg.hidden_layers,
+                                     "omega0": fit_cfg.omega0, "lr": fit_cfg.lr, "seed": fit_cfg.seed,
+                                     "backend": fit_cfg.backend, **self.cfg.template},
+                                  device=str(self.device), quiet=self.quiet)
+        key = {"split": self.cfg.train_split,
+               "template": {k: v for k, v in asdict(tmpl_cfg).items() if k not in ("quiet", "device")}}
+        path = self.run_dir / f"template-{key_id(key)}.safetensors"
+        self.summaries[path.name] = self._build("template", path, key, lambda: run_template(
+            self.cfg.train_split, path, tmpl_cfg, data_root=self.data_root))
+        return path
 
     def fields(self, recipe: Recipe, split: str = "train") -> Path:
         """The fields file of the training (or held-out) split under the recipe's init and neuron order."""
         spec = self.cfg.train_split if split == "train" else self.cfg.heldout_split
         fit_cfg = self.fit_config(recipe)
         key = {"split": spec, "fit": {k: v for k, v in asdict(fit_cfg).items() if k != "quiet"}}
+        if fit_cfg.template is not None:  # the template file's name already hashes its recipe
+            key["template_key"] = self._sidecar_key(Path(fit_cfg.template))
         variant = f"-fit{key_id(recipe.fit)}" if recipe.fit else ""
         path = self.run_dir / f"fields-{split}-{recipe.init}{variant}.safetensors"
         self.summaries[path.name] = self._build(f"fit_{split}", path, key, lambda: run_fit(
@@ -683,7 +715,7 @@ def run(args) -> dict:
     png_path = results_path.with_name(results_path.stem + "-samples.png")
     t_start = time.perf_counter()
     h = Harness(cfg, run_dir, dev, data_root=args.data_root, fresh=args.fresh, quiet=not args.verbose)
-    main = Recipe()
+    main = Recipe(init=cfg.main_init)
     ablations = choose_ablations(cfg, main, h.num_params(), args.ablations) if "ablations" in only else {}
     results = {
         "config_name": args.config, "config": asdict(cfg), **environment("benchmarks.quality", dev),

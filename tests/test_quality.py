@@ -72,7 +72,8 @@ def test_mean_std_and_aggregate():
 def test_ablation_rows_follow_the_main_recipe():
     rows = ablation_recipes(CONFIGS["full"], Recipe(), 1185)
     assert {"vq:group3", "vq:group5", "vq:residual2", "vq:center-mean", "codebook:64", "codebook:1024",
-            "init:independent", "order:canonical", "order:independent+canonical"} <= rows.keys()
+            "init:independent", "init:meta", "order:canonical", "order:independent+canonical"} <= rows.keys()
+    assert rows["init:meta"].init == "meta" and "init:shared" not in rows
     assert "codebook:256" not in rows and rows["vq:center-mean"].tokenize == {"center": "mean"}
     assert rows["vq:center-mean-topk10"].sample["top_k"] == 10
     assert "vq:group2" not in rows and "vq:group4" not in rows  # they do not divide 1185
@@ -86,6 +87,10 @@ def test_ablation_rows_follow_the_main_recipe():
     assert rows["fit:steps200,lr0.0015"].fit == {"steps": 200, "lr": 1.5e-3}
     assert all(not r.train for n, r in rows.items() if n.startswith("sampling:"))
     assert "baseline:main" not in ablation_recipes(CONFIGS["tiny"], Recipe(), 105)
+    # a meta-template main compares with both other inits
+    rows = ablation_recipes(CONFIGS["full"], Recipe(init="meta"), 1185)
+    assert {"init:shared", "init:independent", "order:independent+canonical"} <= rows.keys()
+    assert "init:meta" not in rows and rows["vq:group3"].init == "meta"
     # Relative to the main recipe: a main that already uses 1024 codes is compared with 256.
     rows = ablation_recipes(replace(CONFIGS["full"], tokenize={"codebook_size": 1024}), Recipe(), 1185)
     assert "codebook:256" in rows and "codebook:1024" not in rows
@@ -134,7 +139,8 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     common = ["--config", "tiny", "--seeds", "2", "--device", "cpu", "--run-dir", str(tmp_path / "run"),
               "--data-root", str(data_root)]
     assert quality.main(common + ["--results", str(results), "--only", "main,nefgpt,ablations",
-                                  "--ablations", "fit,order:canonical,vq:group3,model:kv1,sampling:cfg2"]) == 0
+                                  "--ablations", "fit,init:meta,order:canonical,vq:group3,model:kv1,"
+                                  "sampling:cfg2"]) == 0
     out = capsys.readouterr().out
     r = json.loads(results.read_text())
     for key in ("device", "torch", "triton", "commit", "command", "config", "seconds", "goals", "psnr", "protocol"):
@@ -152,8 +158,12 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     for row in r["rows"]["reconstruction"].values():
         assert all(_finite(row["metrics"][f"cond_{m}"]["mean"]) for m in ("mmd", "cov", "1nna"))
     assert all(_finite(v) for p in r["psnr"].values() for v in p.values())
-    assert set(r["rows"]["ablations"]) == {"fit:steps60", "order:canonical", "vq:group3", "model:kv1",
-                                           "sampling:cfg2"}
+    assert set(r["rows"]["ablations"]) == {"fit:steps60", "init:meta", "order:canonical", "vq:group3",
+                                           "model:kv1", "sampling:cfg2"}
+    # the meta row fits from a template learned on the training split, which is an artifact of its own
+    template = [k for k in r["summaries"] if k.startswith("template-")]
+    assert len(template) == 1 and r["summaries"][template[0]]["split"] == "mnist:test[:120]"
+    assert _finite(r["seconds"]["template"])
     assert r["rows"]["ablations"]["fit:steps60"]["fields_psnr"] > r["rows"]["main"]["fields_psnr"]  # 60 vs 40 steps
     assert r["rows"]["ablations"]["order:canonical"]["canonical"]["max_abs_render_delta"] < 1e-4
     for row in r["rows"]["ablations"].values():
