@@ -66,7 +66,7 @@ class FitConfig:
     lr_final_ratio: float = 1.0  # cosine decay from lr to lr * lr_final_ratio; 1.0 (default) is a constant lr
     chunk: int = 1024  # fields fitted together
     init: str = "shared"  # "shared": every field starts from one template; "independent": own draw each
-    template: str | None = None  # "PATH" or "PATH:INDEX" of a fields file whose field starts every fit
+    template: str | None = None  # "PATH[:INDEX]" of a fields file (`nfgen template`'s) whose field starts every fit
     seed: int = 0
     target_psnr: float | None = None  # freeze a field once it reaches this PSNR (dB)
     steps_per_call: int = 25  # fused steps per siren_fit_steps call (progress and early stop run between)
