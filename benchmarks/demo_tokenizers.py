@@ -71,7 +71,8 @@ def main(argv=None) -> int:
                                train_split=demo.TRAIN_SPLIT, classifier_path=classifier, data_root=args.data_root,
                                device="cpu", seed=0, quiet=True)
         cond = metrics["groups"]["conditional_all"]
-        row = {"variant": variant, "template": template, "detok_psnr": tok["detok_psnr"], "fields_psnr": tok["fields_psnr"],
+        row = {"variant": variant, "template": template, "detok_psnr": tok["detok_psnr"],
+               "fields_psnr": tok["fields_psnr"],
                "train_loss": trained.get("train_loss"), "val_loss": trained.get("val_loss"),
                "accuracy": metrics["classifier"]["accuracy"]["samples"],
                "accuracy_oracle": metrics["classifier"]["accuracy"]["oracle"],
