@@ -20,6 +20,7 @@ import argparse
 import math
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -71,7 +72,7 @@ def make_template(kind: str, images: torch.Tensor, fit: FitConfig, tmpl: Templat
         return None, 0.0
     if kind == "mean":
         mean_image = images.float().mean(0, keepdim=True)
-        theta = fit_fields(mean_image, FitConfig(**{**fit.__dict__, "steps": MEAN_FIT_STEPS})).weights
+        theta = fit_fields(mean_image, replace(fit, steps=MEAN_FIT_STEPS)).weights
     elif kind == "meta":
         theta, _ = meta_template(images, tmpl)
     else:
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.templates.split(","):
             path, t_template = make_template(kind, images, fit, tmpl, Path(tmp))
-            cfg = FitConfig(**{**fit.__dict__, "template": None if path is None else str(path)})
+            cfg = replace(fit, template=None if path is None else str(path))
             result = fit_fields(images, cfg)
             offsets = result.weights - template_weights(cfg, result.spec)
             draws = class_gaussian_samples(result.weights, labels, per_class, seed=1)

@@ -8,13 +8,14 @@ its mistakes there render as speckle. Reptile (Nichol et al. 2018) moves the tem
 short fits from it, so every field starts from a "mean digit" and its offset is small and closer to a
 function of the image. Measured on 2000 MNIST fields, held-out images mnist:test[8000:8400], with a
 per-class Gaussian in weight space as a crude stand-in for the GPT (its samples rendered and scored
-against the held-out images), 100 fit steps at 1e-3:
+against the held-out images), 100 fit steps at 1e-3 (`python -m benchmarks.template_proxy`,
+benchmarks/results/template-proxy-cpu.json):
 
-    template                 fit PSNR mean/min   R²     Gaussian samples MMD / COV / 1-NNA
-    random draw (default)       37.8 / 28.8      0.25        0.359 / 0.43 / 0.998
-    field of the mean image     40.5 / 31.2      0.31        0.325 / 0.41 / 0.961
-    Reptile, 60 × 20 steps      39.6 / 35.0      0.42        0.307 / 0.46 / 0.905
-    (the same Gaussian on pixels)                            0.279 / 0.45 / 0.909
+    template                   fit PSNR mean/min   R²     Gaussian samples MMD / COV / 1-NNA
+    random draw (default)         37.8 / 28.8      0.25        0.359 / 0.43 / 0.998
+    field of the mean image       40.5 / 31.2      0.31        0.325 / 0.41 / 0.961
+    Reptile (TemplateConfig())    40.5 / 35.8      0.43        0.304 / 0.48 / 0.914
+    (the same Gaussian on pixels)                              0.279 / 0.45 / 0.909
 
 The GPT trained on random-template fields scores like that Gaussian (H100 run, T = 1: 0.330 / 0.44 /
 0.998, benchmarks/results/quality-h100-sampling.json), which is why its samples are noisy.
