@@ -18,6 +18,10 @@ Protocol (fixed; the sizes are the only thing the configs change)
   encoded with the tokenizer learned on the training fields). Mean ± std (ddof 1) over 3 generation seeds.
 - Reconstruction rows: the fitted training fields, and the same fields de-tokenized, evaluated like the samples
   (|Sr| per class, seeded choice): what a generator that reproduced the training fields exactly would get.
+- Reference generators without a GPT (nfgen.baselines): a Gaussian per class (sample mean and covariance) over
+  the main recipe's training weights, its draws rendered, and the same over the training images' pixels,
+  sampled and scored like the main rows (conditional and unconditional, the same seeds). A GPT that does not
+  beat the weight-space Gaussian has learned little beyond the weights' means and correlations.
 - NeF-GPT's protocol, for the direct comparison: digit 3 only, 256 generated (top-k 3, temperature 0.8)
   against 196 references rendered from *training* fields (a fixed seeded choice); its published numbers
   COV 0.2773, 1-NNA 0.84, MMD 0.2162, classifier accuracy 0.703 beside ours. Oracle: 256 other training
@@ -54,6 +58,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._env import environment
+from nfgen.baselines import gaussian_samples
 from nfgen.classifier import classify, load_classifier, run_classifier
 from nfgen.common import make_generator, pick_device
 from nfgen.data import load_split
@@ -513,6 +518,33 @@ class Harness:
             row["canonical"] = self.summaries[self.fields(recipe).name]
         return row, picture
 
+    def baseline_rows(self, recipe: Recipe, seeds: int) -> dict:
+        """The Gaussian reference generators (weights of the recipe's training fields; pixels), main protocol."""
+        fields = load_fields(self.fields(recipe))
+        refs = self.heldout.labels.sort().values
+        classes = torch.cat([refs, torch.full_like(refs, -1)])
+        pixels = self.train_split.images.reshape(len(self.train_split.labels), -1).float()
+        rows = {}
+        for name, x, labels in (("gaussian:weights", fields.weights, fields.labels),
+                                ("gaussian:pixels", pixels, self.train_split.labels)):
+            per_seed = []
+            for seed in range(seeds):
+                t0 = time.perf_counter()
+                draws = gaussian_samples(x, labels, classes, make_generator(seed))
+                if name == "gaussian:weights":
+                    images = render_fields(draws, fields.spec, fields.image_shape, device=self.device)
+                else:
+                    images = draws.clamp(0, 1).reshape(-1, *self.train_split.image_shape).to(self.device)
+                    draws = draws[:, :0]  # no weights: evaluate reads only the labels beside the images
+                self._lap("baselines", t0)
+                sub = replace(fields, weights=draws, labels=classes, psnr=torch.zeros(len(classes)),
+                              meta={"baseline": name})
+                per_seed.append(self.headline(self._evaluate(sub, images, seed)))
+            rows[name] = {"seeds": seeds, "metrics": aggregate(per_seed, HEADLINE),
+                          "note": "no GPT: " + ("the recipe's training weights" if name.endswith("weights")
+                                                else "the training images' pixels")}
+        return rows
+
     def reconstruction_rows(self, recipe: Recipe) -> dict:
         """Fitted and de-tokenized training fields (|Sr| per class, seeded) evaluated like samples; PSNRs."""
         fields = load_fields(self.fields(recipe))
@@ -666,11 +698,12 @@ def markdown_tables(results: dict) -> str:
         for label, name in (("MMD ↓", "mmd"), ("COV ↑", "cov"), ("1-NNA (→ 0.5)", "1nna"),
                             ("classifier accuracy ↑", "accuracy"), ("memorised ↓", "memorised")):
             lines.append(f"| {label} | {fmt(m[name])} | {NEFGPT['published'].get(name, '–')} | {fmt(m[name]['oracle'])} |")
-    abl = rows.get("ablations")
-    if abl:
-        lines += ["", "### Ablations (class-conditional, main protocol)", "",
+    for key, title in (("baselines", "Reference generators without a GPT"), ("ablations", "Ablations")):
+        if not rows.get(key):
+            continue
+        lines += ["", f"### {title} (class-conditional, main protocol)", "",
                   "| row | MMD ↓ | COV ↑ | 1-NNA | accuracy | memorised | de-tok. dB |", "|---|---|---|---|---|---|---|"]
-        for name, r in ([("main", main)] if main else []) + list(abl.items()):
+        for name, r in ([("main", main)] if main else []) + list(rows[key].items()):
             m = r["metrics"]
             detok = f"{r['detok_psnr']:.2f}" if r.get("detok_psnr") is not None else "–"
             lines.append(f"| {name} | {fmt(m['cond_mmd'])} | {fmt(m['cond_cov'])} | {fmt(m['cond_1nna'])} | "
@@ -734,6 +767,7 @@ def run(args) -> dict:
         results["rows"]["main"] = row
         recon = h.reconstruction_rows(main)
         results["rows"]["reconstruction"] = recon["rows"]
+        results["rows"]["baselines"] = h.baseline_rows(main, args.seeds)
         results["psnr"] = recon["psnr"]
         results["classifier"] = h.summaries.get("classifier")
         cond = labels >= 0

@@ -17,7 +17,6 @@ Reference rows: the same Gaussian on pixels, and real training images (the oracl
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 import time
 from dataclasses import replace
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._env import environment, write_result
+from nfgen.baselines import gaussian_samples
 from nfgen.common import make_generator
 from nfgen.data import load_split
 from nfgen.fields import FitConfig, fit_fields, render_fields, save_fields, spec_for_images, template_weights
@@ -51,18 +51,6 @@ def linear_r2(offsets: torch.Tensor, images: torch.Tensor, n_pc: int = PIXEL_PCS
     residual = (y[cut:] - z[cut:] @ a).pow(2).sum()
     total = (y[cut:] - y[:cut].mean(0)).pow(2).sum()
     return float(1 - residual / total)
-
-
-def class_gaussian_samples(x: torch.Tensor, labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
-    """per_class draws from each class's Gaussian (sample mean and covariance of the rows of x [N, D])."""
-    gen = make_generator(seed)
-    out = []
-    for c in labels.unique().tolist():
-        xc = x[labels == c].double()
-        centred = xc - xc.mean(0)
-        z = torch.randn(per_class, xc.shape[0], generator=gen, dtype=torch.float64) / math.sqrt(xc.shape[0] - 1)
-        out.append((xc.mean(0) + z @ centred).float())
-    return torch.cat(out)
 
 
 def make_template(kind: str, images: torch.Tensor, fit: FitConfig, tmpl: TemplateConfig, folder: Path):
@@ -105,7 +93,8 @@ def main(argv=None) -> int:
 
     rows = []
     oracle = torch.randperm(args.n, generator=make_generator(2))[:refs.shape[0]]
-    pixel = class_gaussian_samples(images.reshape(args.n, -1), labels, per_class, seed=1).reshape(-1, *shape)
+    classes = labels.unique().repeat_interleave(per_class)
+    pixel = gaussian_samples(images.reshape(args.n, -1), labels, classes, make_generator(1)).reshape(-1, *shape)
     for name, sample in (("oracle (real training images)", images[oracle]), ("Gaussian on pixels", pixel.clamp(0, 1))):
         rows.append({"template": name, **{f"gauss_{k}": v for k, v in distance_metrics(sample, refs).items()}})
         print(rows[-1], flush=True)
@@ -116,7 +105,7 @@ def main(argv=None) -> int:
             cfg = replace(fit, template=None if path is None else str(path))
             result = fit_fields(images, cfg)
             offsets = result.weights - template_weights(cfg, result.spec)
-            draws = class_gaussian_samples(result.weights, labels, per_class, seed=1)
+            draws = gaussian_samples(result.weights, labels, classes, make_generator(1))
             rendered = render_fields(draws, result.spec, shape)
             shown = min(per_class, 8)
             grids.append(rendered.reshape(-1, per_class, *shape)[:, :shown].reshape(-1, *shape))

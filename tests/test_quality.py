@@ -158,6 +158,13 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     for row in r["rows"]["reconstruction"].values():
         assert all(_finite(row["metrics"][f"cond_{m}"]["mean"]) for m in ("mmd", "cov", "1nna"))
     assert all(_finite(v) for p in r["psnr"].values() for v in p.values())
+    baselines = r["rows"]["baselines"]
+    assert set(baselines) == {"gaussian:weights", "gaussian:pixels"}
+    for row in baselines.values():
+        assert all(_finite(row["metrics"][name]["mean"]) for name in HEADLINE)
+        # the same protocol as the main row: same seeds, so the same oracle draws
+        assert row["metrics"]["cond_mmd"]["oracle_per_seed"] == main["cond_mmd"]["oracle_per_seed"]
+    assert "Reference generators without a GPT" in out
     assert set(r["rows"]["ablations"]) == {"fit:steps60", "init:meta", "order:canonical", "vq:group3",
                                            "model:kv1", "sampling:cfg2"}
     # the meta row fits from a template learned on the training split, which is an artifact of its own
