@@ -7,6 +7,9 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 export NFGEN_DATA=${NFGEN_DATA:-$PWD/.devdata}
 OUT=${OUT:-/tmp/nfgen-out}
+# quality's artifact cache lives outside the tree, which each call unpacks afresh: a later call on the same warm
+# machine (quality, then quality-ablations) reuses the template, fields, tokens and models keyed by their recipe
+RUNS=${RUNS:-/tmp/nfgen-runs}
 mkdir -p "$OUT"
 t0=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
@@ -35,15 +38,15 @@ for part in "$@"; do
       timeout 500 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
     quality)  # the main and NeF-GPT rows, then the sampling sweep on the same model (cached in the run dir)
       stamp quality
-      timeout "${QUALITY_TIMEOUT:-420}" python3 -m benchmarks.quality --config full --device cuda --run-dir runs/q \
+      timeout "${QUALITY_TIMEOUT:-420}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
         --results "$OUT/quality-$dev.json" 2>&1 | tee "$OUT/quality.log" | tail -60
       stamp quality-sampling
-      timeout "${SAMPLING_TIMEOUT:-150}" python3 -m benchmarks.quality --config full --device cuda --run-dir runs/q \
+      timeout "${SAMPLING_TIMEOUT:-150}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
         --only ablations --ablations sampling --seeds 1 --results "$OUT/quality-$dev-sampling.json" 2>&1 \
         | tee "$OUT/quality-sampling.log" | tail -30 ;;
     quality-ablations)  # ABLATIONS: the rows that train their own GPT (a comma list; see benchmarks/quality.py)
       stamp "quality-ablations ${ABLATIONS:=baseline,fit,init,order,vq,codebook,model}"
-      timeout "${QUALITY_TIMEOUT:-500}" python3 -m benchmarks.quality --config full --device cuda --run-dir runs/q \
+      timeout "${QUALITY_TIMEOUT:-500}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
         --only ablations --ablations "$ABLATIONS" --seeds 1 \
         --results "$OUT/quality-$dev-ablations-${ABLATIONS//,/+}.json" 2>&1 | tee "$OUT/quality-ablations.log" | tail -40 ;;
   esac
