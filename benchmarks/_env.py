@@ -23,15 +23,20 @@ def device_name(device: torch.device | str) -> str:
     return f"{model} ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
 
 
-def git_commit() -> str | None:
-    """HEAD of the checkout; NFGEN_COMMIT where the tree was copied without .git (the GPU machine)."""
+def git_commit(repo: str | None = None) -> str | None:
+    """HEAD of the checkout, "+dirty" when tracked files differ from it (the numbers are then not HEAD's);
+    NFGEN_COMMIT where the tree was copied without .git (the GPU machine)."""
     if os.environ.get("NFGEN_COMMIT"):
         return os.environ["NFGEN_COMMIT"]
+    here = repo or os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=here).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+    return head + ("+dirty" if dirty else "")
 
 
 def environment(module: str, device: torch.device | str) -> dict:
