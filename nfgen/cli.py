@@ -1,4 +1,4 @@
-"""The command line: ``python -m nfgen {template,fit,tokenize,train,generate,evaluate,classifier,demo}``.
+"""The command line: ``python -m nfgen {template,fit,tokenize,train,generate,baseline,evaluate,classifier,demo}``.
 
 Every command works inside a run directory (``--run``, default ``runs/default``): it reads the artifacts
 the earlier stages left there unless told otherwise, writes its own there, and saves its resolved
@@ -135,6 +135,20 @@ def cmd_generate(args) -> dict:
     return summary
 
 
+def cmd_baseline(args) -> dict:
+    from nfgen.baselines import run_baseline
+
+    run = Path(args.run)
+    out = _path(args.out, run, "baseline")
+    summary = run_baseline(_path(args.fields, run, "fields.safetensors"), out, per_class=args.per_class,
+                           unconditional=args.unconditional, seed=args.seed)
+    classifier = run / "classifier.safetensors"
+    summary["evaluate_with"] = f"nfgen evaluate --run {out}" + (f" --classifier {classifier}"
+                                                                 if classifier.is_file() else "")
+    _save_config(run, "baseline", args, out=str(out))
+    return summary
+
+
 def cmd_evaluate(args) -> dict:
     from nfgen.metrics import run_evaluate
 
@@ -253,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "attention", SampleConfig, "decode-step attention: sdpa, or triton (a split-K kernel that reads only "
          "the filled KV cache, one CUDA graph)", choices=("sdpa", "triton"))
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("baseline", help="sample a per-class Gaussian over the fitted weights: the no-GPT reference "
+                       "generator, for `evaluate --run RUN/baseline`")
+    _common(p)
+    p.add_argument("--fields", default=None, help="fitted fields (default: RUN/fields.safetensors)")
+    p.add_argument("--per-class", type=int, default=10, help="samples per class (default: 10)")
+    p.add_argument("--unconditional", type=int, default=0,
+                   help="samples of the Gaussian over every field (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/baseline)")
+    p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("evaluate", help="MMD / COV / 1-NNA, memorisation and classifier score, with the real-data oracle")
     _common(p, data=True)

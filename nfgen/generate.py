@@ -252,20 +252,49 @@ def _grid_rows(classes: torch.Tensor, n_classes: int, per_row: int) -> tuple[lis
     return order, labels
 
 
+def classes_to_sample(n_classes: int, per_class: int, unconditional: int) -> torch.Tensor:
+    """[per_class × class 0, …, per_class × class n-1, unconditional × -1]; refuses an empty request."""
+    if per_class < 0 or unconditional < 0 or per_class + unconditional == 0:
+        raise NfgenError("nothing to generate; pass --per-class N and/or --unconditional N with N ≥ 1")
+    return torch.cat([torch.arange(n_classes).repeat_interleave(per_class),
+                      torch.full((unconditional,), -1, dtype=torch.long)])
+
+
+def save_samples(out_dir, weights: torch.Tensor, classes: torch.Tensor, spec, image_shape, n_classes: int,
+                 meta: dict) -> tuple[Path, Path]:
+    """Write generated fields as OUT/samples.safetensors (a fields file, psnr zeros) and a grid OUT/samples.png
+    (a row per class, then one of unconditional samples) → their paths."""
+    from nfgen.fields import render_fields, save_fields
+    from nfgen.render import save_grid
+
+    out_dir = Path(out_dir)
+    fields_path, png_path = out_dir / "samples.safetensors", out_dir / "samples.png"
+    conditional = classes[classes >= 0]
+    per_class = int(torch.bincount(conditional).max()) if len(conditional) else 0
+    unconditional = len(classes) - len(conditional)
+    gen_meta = {"generated": True, "psnr": "placeholder zeros: generated fields have no target image", **meta,
+                "per_class": per_class, "unconditional": unconditional, "n_classes": n_classes}
+    save_fields(fields_path, weights, classes, torch.zeros(len(classes)), spec, image_shape, gen_meta)
+    per_row = min(GRID_COLUMNS, per_class or unconditional)
+    order, row_labels = _grid_rows(classes, n_classes, per_row)
+    images = render_fields(weights, spec, image_shape)
+    blank = torch.zeros_like(images[:1])
+    grid = torch.cat([images[i:i + 1] if i >= 0 else blank for i in order])
+    save_grid(grid, png_path, nrow=per_row, row_labels=row_labels)
+    return fields_path, png_path
+
+
 def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, unconditional: int = 0,
                  cfg: SampleConfig | None = None, device="auto") -> dict:
     """Sample fields with a trained model; write OUT/samples.safetensors (a fields file) and OUT/samples.png.
 
     Under torchrun the batches are split over the ranks and rank 0 writes the files."""
-    from nfgen.fields import render_fields, save_fields
-    from nfgen.render import save_grid
     from nfgen.tokenizer import load_tokens
 
     cfg = cfg or SampleConfig()
     cfg.validate()
     distributed.init_from_env()
-    if per_class < 0 or unconditional < 0 or per_class + unconditional == 0:
-        raise NfgenError("nothing to generate; pass --per-class N and/or --unconditional N with N ≥ 1")
+    classes_to_sample(1, per_class, unconditional)  # refuse an empty request before loading anything
     device = pick_device(device)
     out_dir = Path(out_dir)
     model, meta = load_model(model_path, device=device)
@@ -278,8 +307,7 @@ def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, uncon
                          f"tokens, {tokens_path} has {tok.n_codes} × {tok.tokens_per_field}; "
                          "use the tokens file the model was trained on")
     vocab = Vocab(tok.n_codes, n_classes)
-    classes = torch.cat([torch.arange(n_classes).repeat_interleave(per_class),
-                         torch.full((unconditional,), -1, dtype=torch.long)])
+    classes = classes_to_sample(n_classes, per_class, unconditional)
     t0 = time.perf_counter()
     tokens = generate_tokens(model, vocab, classes, tok.tokens_per_field, cfg, device, tok.token_ranges())
     if device.type == "cuda":
@@ -289,16 +317,8 @@ def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, uncon
     fields_path, png_path = out_dir / "samples.safetensors", out_dir / "samples.png"
     if distributed.is_main():  # every rank holds all the tokens; rank 0 writes
         weights = tok.decode(tokens).float().cpu()
-        gen_meta = {"generated": True, "psnr": "placeholder zeros: generated fields have no target image",
-                    "model": str(model_path), "tokens": str(tokens_path), "sampling": asdict(cfg),
-                    "per_class": per_class, "unconditional": unconditional, "n_classes": n_classes}
-        save_fields(fields_path, weights, classes, torch.zeros(n), ts.spec, ts.image_shape, gen_meta)
-        per_row = min(GRID_COLUMNS, per_class or unconditional)
-        order, row_labels = _grid_rows(classes, n_classes, per_row)
-        images = render_fields(weights, ts.spec, ts.image_shape)
-        blank = torch.zeros_like(images[:1])
-        grid = torch.cat([images[i:i + 1] if i >= 0 else blank for i in order])
-        save_grid(grid, png_path, nrow=per_row, row_labels=row_labels)
+        save_samples(out_dir, weights, classes, ts.spec, ts.image_shape, n_classes,
+                     {"model": str(model_path), "tokens": str(tokens_path), "sampling": asdict(cfg)})
     distributed.barrier()  # no rank returns before the samples exist
     return {"n_fields": n, "samples": str(fields_path), "png": str(png_path), "seconds": round(seconds, 3),
             "fields_per_s": round(n / seconds, 2), "tokens_per_s": round(n * tok.tokens_per_field / seconds, 1),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nfgen.cli import main
-from nfgen.fields import load_fields
+from nfgen.fields import load_fields, save_fields
 from nfgen.io import load_artifact, save_artifact
 
 TINY_FIT = ["--split", "mnist:test[:40]", "--hidden", "8", "--hidden-layers", "1", "--steps", "60", "--quiet"]
@@ -85,7 +85,7 @@ def assert_clean_error(proc, pattern):
 def test_help(cli):
     proc = cli("--help")
     assert proc.returncode == 0 and "fit" in proc.stdout and "evaluate" in proc.stdout
-    for command in ("template", "fit", "tokenize", "train", "generate", "evaluate", "classifier", "demo"):
+    for command in ("template", "fit", "tokenize", "train", "generate", "baseline", "evaluate", "classifier", "demo"):
         proc = cli(command, "--help")
         assert proc.returncode == 0 and "--run" in proc.stdout, command
 
@@ -208,3 +208,43 @@ def test_train_resume_errors(cli, tmp_path, tokens_file, monkeypatch):
     monkeypatch.setattr(dist, "world_size", lambda: 3)
     assert_clean_error(cli(*train, "--steps", "6", "--resume"),
                        "does not split evenly over 3 processes; resume with a number of processes that divides 8")
+
+
+def test_baseline_samples_then_evaluate(cli, run_dir, tmp_path):
+    fitted = load_fields(run_dir / "fields.safetensors")
+    # mnist:test[:40] has no 8: relabel so every class has 4 fields (the Gaussian's maths is test_baselines')
+    fields = tmp_path / "fields.safetensors"
+    save_fields(fields, fitted.weights, torch.arange(40) % 10, fitted.psnr, fitted.spec, fitted.image_shape, {})
+    out = tmp_path / "gauss"
+    proc = cli("baseline", "--run", str(run_dir), "--fields", str(fields), "--per-class", "3", "--unconditional", "2",
+               "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["evaluate_with"] == f"nfgen evaluate --run {out} --classifier {run_dir / 'classifier.safetensors'}"
+    samples = load_fields(out / "samples.safetensors")
+    assert samples.weights.shape == (32, 33) and samples.meta["generated"] and samples.meta["seed"] == 0
+    assert samples.labels.tolist() == [c for c in range(10) for _ in range(3)] + [-1, -1]
+    assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    again = tmp_path / "again"
+    assert cli("baseline", "--run", str(run_dir), "--fields", str(fields), "--per-class", "3", "--unconditional", "2",
+               "--out", str(again), "--quiet").returncode == 0
+    assert torch.equal(load_fields(again / "samples.safetensors").weights, samples.weights)  # seeded
+    gpt_metrics = (run_dir / "metrics.json").read_text()
+    proc = cli("evaluate", "--run", str(out), "--classifier", str(run_dir / "classifier.safetensors"),
+               "--ref-split", "mnist:test[8000:8060]", "--train-split", "mnist:test[:40]", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["groups"]["conditional_all"]["mmd"]["samples"] <= 1 and "classifier" in json.dumps(metrics)
+    assert (run_dir / "metrics.json").read_text() == gpt_metrics  # the GPT's metrics are left alone
+
+
+def test_baseline_bad_input(cli, run_dir, tmp_path):
+    out = tmp_path / "out"
+    assert_clean_error(cli("baseline", "--run", str(tmp_path), "--out", str(out)), "run `nfgen fit` first")
+    assert_clean_error(cli("baseline", "--run", str(run_dir), "--per-class", "0", "--out", str(out)),
+                       "nothing to generate")
+    assert_clean_error(cli("baseline", "--run", str(run_dir), "--fields", str(run_dir / "samples.safetensors"),
+                           "--out", str(out)), "holds generated fields")
+    # the fixture's 40 images hold no 8: its Gaussian cannot be formed
+    assert_clean_error(cli("baseline", "--run", str(run_dir), "--out", str(out)), "class 8 has 0 example(s)")
+    assert not out.exists()
