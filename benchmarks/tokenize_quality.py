@@ -8,18 +8,28 @@ GPT has to learn per token (biased low when K approaches the number of fields).
 
     python -m benchmarks.tokenize_quality                 # 1000 MNIST fields, CPU: ~5 min on 2 cores
     python -m benchmarks.tokenize_quality --n 128 --recipes 100:1e-3 --variants mean:256,none:256
+    python -m benchmarks.tokenize_quality --n 2000 --recipes 100:1e-3 --template meta   # fits from a Reptile template
+
+`--template` sets the shared init every fit starts from: the fit's seeded random draw (default), "mean" (a
+field fitted to the images' mean) or "meta" (`nfgen template` with its defaults and the first recipe's lr,
+learned on the same images; benchmarks.template_proxy's make_template).
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from benchmarks._env import environment, write_result
+from benchmarks.template_proxy import make_template
 from nfgen.common import pick_device
 from nfgen.data import load_split
 from nfgen.fields import FitConfig, fit_fields, psnr, render_fields
+from nfgen.template import TemplateConfig
 from nfgen.tokenizer import TokenizerConfig, WeightTokenizer
 
 RECIPES = "100:1e-3,200:1e-3,200:1.5e-3,300:3e-3"  # steps:lr
@@ -47,6 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=1000, help="number of MNIST test images when --split is not given")
     ap.add_argument("--recipes", default=RECIPES, help=f"fit recipes steps:lr, comma-separated ({RECIPES})")
     ap.add_argument("--variants", default=VARIANTS, help=f"tokenizers center:K[:group] ({VARIANTS})")
+    ap.add_argument("--template", default="random", choices=("random", "mean", "meta"),
+                    help="shared init of the fits (default: random, the fit's seeded draw)")
+    ap.add_argument("--outer", type=int, default=TemplateConfig.outer, help="Reptile iterations of --template meta")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--results", default=None, help="write the rows as JSON here")
@@ -57,14 +70,20 @@ def main(argv=None) -> int:
     images = load_split(split_spec, data_root=args.data_root).images
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     rows = []
+    recipes = [(int(steps), float(lr)) for steps, lr in (r.split(":") for r in args.recipes.split(","))]
+    base = FitConfig(steps=recipes[0][0], lr=recipes[0][1], device=str(device), quiet=True)
+    tmp = tempfile.TemporaryDirectory()
+    template, template_seconds = make_template(args.template, images.float(), base,
+                                               TemplateConfig(outer=args.outer, lr=base.lr, device=str(device),
+                                                              quiet=True), Path(tmp.name))
     print(f"{'fit':>12} {'fit dB':>7} {'Δrms':>7}  " + " ".join(f"{v:>13}" for v in variants))
-    for recipe in args.recipes.split(","):
-        steps, lr = recipe.split(":")
+    for steps, lr in recipes:
+        recipe = f"{steps}:{lr:g}"
         t0 = time.perf_counter()
-        fit = fit_fields(images, FitConfig(steps=int(steps), lr=float(lr), device=str(device), quiet=True))
+        fit = fit_fields(images, replace(base, steps=steps, lr=lr, template=str(template) if template else None))
         fit_seconds = time.perf_counter() - t0
         weights = fit.weights.to(device)
-        row = {"steps": int(steps), "lr": float(lr), "fit_psnr": float(fit.psnr.mean()),
+        row = {"steps": steps, "lr": lr, "fit_psnr": float(fit.psnr.mean()),
                "fit_psnr_min": float(fit.psnr.min()), "fit_seconds": round(fit_seconds, 2),
                "offset_rms": float((weights - weights.mean(0)).pow(2).mean().sqrt()),
                "weight_rms": float(weights.pow(2).mean().sqrt()), "tokenizers": {}}
@@ -83,7 +102,12 @@ def main(argv=None) -> int:
 
     if args.results:
         write_result(args.results, {**environment("benchmarks.tokenize_quality", device), "split": split_spec,
-                                    "n_fields": int(images.shape[0]), "variants": variants, "rows": rows})
+                                    "n_fields": int(images.shape[0]), "variants": variants,
+                                    "template": {"kind": args.template, "seconds": round(template_seconds, 1),
+                                                 **({"outer": args.outer, "lr": base.lr}
+                                                    if args.template == "meta" else {})},
+                                    "rows": rows})
+    tmp.cleanup()
     return 0
 
 

@@ -1,5 +1,6 @@
 """The template stage: Reptile moves the shared init toward the data, fits from it start closer, files round-trip."""
 import json
+import math
 
 import pytest
 import torch
@@ -136,3 +137,19 @@ def test_template_proxy_benchmark_runs(tmp_path, data_root):
         assert all(0 <= r[f"gauss_{m}"] <= 1 for m in ("mmd", "cov", "1nna"))
     assert all(r["psnr_mean"] > 5 and -1 < r["r2"] < 1 for r in rows[2:])
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tokenize_quality_fits_from_a_template(tmp_path, data_root):
+    from benchmarks import tokenize_quality
+
+    out = tmp_path / "tq.json"
+    assert tokenize_quality.main(["--n", "24", "--recipes", "10:1e-3,5:2e-3", "--variants", "none:16,mean:8",
+                                  "--template", "meta", "--outer", "2", "--data-root", str(data_root),
+                                  "--results", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["template"]["kind"] == "meta" and r["template"]["outer"] == 2
+    assert [(row["steps"], row["lr"]) for row in r["rows"]] == [(10, 1e-3), (5, 2e-3)]
+    for row in r["rows"]:
+        for name, k in (("none:16", 16), ("mean:8", 8)):
+            t = row["tokenizers"][name]
+            assert 5 < t["detok_psnr"] < row["fit_psnr"] + 1 and 0 < t["position_entropy_nats"] <= math.log(k)
