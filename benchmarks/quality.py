@@ -28,12 +28,12 @@ Protocol (fixed; the sizes are the only thing the configs change)
   fields of digit 3 against the same 196.
 - Ablations, each a row with the main protocol: the fit recipe (steps / lr); the init (a meta-learned template,
   the seeded random draw, independent draws); canonical neuron order (`canonical_order`) vs none; scalar VQ vs
-  grouped (d = the divisors of P in the config: 3 and 5 for P = 1185) vs residual (2 levels); codebook 256 vs
-  1024; two model sizes; a sampling sweep (temperature, top-k, top-p, CFG). A config may train the ablation
-  rows' GPTs for fewer steps than the main row's; it then adds a "baseline:main" row (the main recipe at that
-  budget) to compare them with. Artifacts are shared between rows (every tokenizer row reuses the main fit,
-  every sampling row the main model) and cached in the run directory, keyed by their full recipe, so a rerun
-  only redoes what changed.
+  grouped (d = the divisors of P in the config: 3 and 5 for P = 1185) vs residual (2 levels) vs codes centred on
+  the mean field (256 and 64 codes); codebook 64 vs 256 vs 1024; two model sizes; a sampling sweep
+  (temperature, top-k, top-p, CFG). A config may train the ablation rows' GPTs for fewer steps than the main
+  row's; it then adds a "baseline:main" row (the main recipe at that budget) to compare them with. Artifacts
+  are shared between rows (every tokenizer row reuses the main fit, every sampling row the main model) and
+  cached in the run directory, keyed by their full recipe, so a rerun only redoes what changed.
 - Goals (checked from the numbers, PASS/FAIL printed): classifier accuracy ≥ 0.99 × its held-out accuracy;
   1-NNA ≤ oracle + 0.03; COV ≥ oracle − 0.03; MMD ≤ 1.05 × oracle; memorised ≤ oracle; fitted ≥ 40 dB;
   de-tokenized ≥ 35 dB; every NeF-GPT number beaten in its own protocol.
@@ -203,6 +203,11 @@ def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[
         rows["vq:center-mean"] = main.but(tokenize={"center": "mean"})
         # centred codes are finer (more codes per position): also sample them with a wider top-k (same GPT)
         rows["vq:center-mean-topk10"] = main.but(tokenize={"center": "mean"}, sample={"top_k": 10})
+        if tok["codebook_size"] != 64:
+            # from the Reptile template, 64 centred codes keep 39.3 of the fitted 40.5 dB (min 35.0) at 3.92
+            # nats per position; 256 raw codes keep 33.3 dB at 3.46 (2000 fields,
+            # benchmarks/results/tokenize-quality-meta-cpu.json)
+            rows["vq:center-mean-k64"] = main.but(tokenize={"center": "mean", "codebook_size": 64})
     else:
         rows["vq:center-none"] = main.but(tokenize={"center": "none"})
     for other_k in (64, 256, 1024):  # coarser codes (fewer choices per token) and finer ones

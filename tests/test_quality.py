@@ -76,6 +76,7 @@ def test_ablation_rows_follow_the_main_recipe():
     assert rows["init:meta"].init == "meta" and "init:shared" not in rows
     assert "codebook:256" not in rows and rows["vq:center-mean"].tokenize == {"center": "mean"}
     assert rows["vq:center-mean-topk10"].sample["top_k"] == 10
+    assert rows["vq:center-mean-k64"].tokenize == {"center": "mean", "codebook_size": 64}
     assert "vq:group2" not in rows and "vq:group4" not in rows  # they do not divide 1185
     assert rows["vq:group3"].tokenize["group"] == 3 and rows["order:canonical"].canonical
     # The full config trains ablation GPTs for fewer steps, beside a baseline of the main recipe at that budget;
