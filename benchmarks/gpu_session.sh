@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_session.sh bench|test|quality ...
 # Results land in $OUT (the device tool brings them back); data comes from .devdata/ (a copy of shared/data
 # that travels with the tree) unless NFGEN_DATA is set; NFGEN_COMMIT names the commit being measured.
+# The device tool returns at most 8 files a call, named in letters, digits, '.', '_' and '-': every part's log
+# goes to one $OUT/session.log, and result names are built from those characters only.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export NFGEN_DATA=${NFGEN_DATA:-$PWD/.devdata}
@@ -11,13 +13,16 @@ OUT=${OUT:-/tmp/nfgen-out}
 # machine (quality, then quality-ablations) reuses the template, fields, tokens and models keyed by their recipe
 RUNS=${RUNS:-/tmp/nfgen-runs}
 mkdir -p "$OUT"
+LOG="$OUT/session.log"
 t0=$(date +%s)
-stamp() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+stamp() { echo "== [$(( $(date +%s) - t0 )) s] $*" | tee -a "$LOG"; }
 
 stamp build
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-MAX_JOBS=16 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee -a "$LOG"
+MAX_JOBS=16 python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/nfgen-build.log 2>&1 \
+  || { tail -40 /tmp/nfgen-build.log | tee -a "$LOG"; exit 1; }
 python3 -c "import nfkernels; assert nfkernels.HAS_EXT, 'extension missing'"
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
 
@@ -26,29 +31,29 @@ for part in "$@"; do
     bench)
       for b in fit vq ssim generate decode_attention; do  # bench-<name> takes --sweep via BENCH_ARGS
         stamp "bench_$b"
-        timeout 300 python3 -m benchmarks.bench_$b --device cuda --out "$OUT/$b-$dev.json" 2>&1 | tee "$OUT/bench_$b.log" | tail -30
+        timeout 300 python3 -m benchmarks.bench_$b --device cuda --out "$OUT/$b-$dev.json" 2>&1 | tee -a "$LOG" | tail -30
       done ;;
     bench-*)  # BENCH_ARGS: extra options (e.g. --sweep, --n-kv-head 2); BENCH_SUFFIX: added to the result's name
       b=${part#bench-}
       stamp "bench_$b ${BENCH_ARGS:-}"
       timeout "${BENCH_TIMEOUT:-240}" python3 -m benchmarks.bench_$b --device cuda ${BENCH_ARGS:-} \
-        --out "$OUT/$b-$dev${BENCH_SUFFIX:-}.json" 2>&1 | tee "$OUT/bench_$b${BENCH_SUFFIX:-}.log" | tail -40 ;;
+        --out "$OUT/$b-$dev${BENCH_SUFFIX:-}.json" 2>&1 | tee -a "$LOG" | tail -40 ;;
     test)
       stamp tests
-      timeout 500 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
+      timeout 500 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee -a "$LOG" | tail -40 ;;
     quality)  # the main and NeF-GPT rows, then the sampling sweep on the same model (cached in the run dir)
       stamp quality
       timeout "${QUALITY_TIMEOUT:-420}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
-        --results "$OUT/quality-$dev.json" 2>&1 | tee "$OUT/quality.log" | tail -60
+        --results "$OUT/quality-$dev.json" 2>&1 | tee -a "$LOG" | tail -60
       stamp quality-sampling
       timeout "${SAMPLING_TIMEOUT:-150}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
         --only ablations --ablations sampling --seeds 1 --results "$OUT/quality-$dev-sampling.json" 2>&1 \
-        | tee "$OUT/quality-sampling.log" | tail -30 ;;
+        | tee -a "$LOG" | tail -30 ;;
     quality-ablations)  # ABLATIONS: the rows that train their own GPT (a comma list; see benchmarks/quality.py)
       stamp "quality-ablations ${ABLATIONS:=baseline,fit,init,order,vq,codebook,model}"
       timeout "${QUALITY_TIMEOUT:-500}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
         --only ablations --ablations "$ABLATIONS" --seeds 1 \
-        --results "$OUT/quality-$dev-ablations-${ABLATIONS//,/+}.json" 2>&1 | tee "$OUT/quality-ablations.log" | tail -40 ;;
+        --results "$OUT/quality-$dev-ablations-${ABLATIONS//[,:+]/_}.json" 2>&1 | tee -a "$LOG" | tail -40 ;;
   esac
 done
 stamp done
