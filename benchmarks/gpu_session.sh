@@ -49,7 +49,9 @@ for part in "$@"; do
       timeout "${SAMPLING_TIMEOUT:-150}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
         --only ablations --ablations sampling --seeds 1 --results "$OUT/quality-$dev-sampling.json" 2>&1 \
         | tee -a "$LOG" | tail -30 ;;
-    quality-ablations)  # ABLATIONS: the rows that train their own GPT (a comma list; see benchmarks/quality.py)
+    quality-ablations)  # ABLATIONS: the rows that train their own GPT (a comma list; see benchmarks/quality.py).
+      # About a minute a row on an H100 and all of them take ~16: pass chunks that fit one call's 600 s, e.g.
+      # ABLATIONS=baseline,init,vq:center-mean-k64,codebook then ABLATIONS=fit,order,vq,model (cached rows are free)
       stamp "quality-ablations ${ABLATIONS:=baseline,fit,init,order,vq,codebook,model}"
       timeout "${QUALITY_TIMEOUT:-500}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
         --only ablations --ablations "$ABLATIONS" --seeds 1 \
