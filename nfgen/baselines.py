@@ -53,9 +53,9 @@ def gaussian_samples(x: torch.Tensor, labels: torch.Tensor, classes: torch.Tenso
 def run_baseline(fields_path, out_dir, *, per_class: int = 10, unconditional: int = 0, seed: int = 0) -> dict:
     """Sample the per-class Gaussian over a fields file's weights → OUT/samples.safetensors and OUT/samples.png."""
     from nfgen.fields import load_fields
-    from nfgen.generate import classes_to_sample, save_samples
+    from nfgen.generate import check_sample_counts, classes_to_sample, save_samples
 
-    classes_to_sample(1, per_class, unconditional)  # refuse an empty request before loading anything
+    check_sample_counts(per_class, unconditional)  # before loading anything
     fields = load_fields(fields_path)
     if fields.meta.get("generated") or (fields.labels < 0).any():
         raise NfgenError(f"{fields_path} holds {'generated' if fields.meta.get('generated') else 'unlabelled'} "

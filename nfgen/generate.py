@@ -252,12 +252,21 @@ def _grid_rows(classes: torch.Tensor, n_classes: int, per_row: int) -> tuple[lis
     return order, labels
 
 
-def classes_to_sample(n_classes: int, per_class: int, unconditional: int) -> torch.Tensor:
-    """[per_class × class 0, …, per_class × class n-1, unconditional × -1]; refuses an empty request."""
+def check_sample_counts(per_class: int, unconditional: int) -> None:
     if per_class < 0 or unconditional < 0 or per_class + unconditional == 0:
         raise NfgenError("nothing to generate; pass --per-class N and/or --unconditional N with N ≥ 1")
+
+
+def classes_to_sample(n_classes: int, per_class: int, unconditional: int) -> torch.Tensor:
+    """[per_class × class 0, …, per_class × class n-1, unconditional × -1]; refuses an empty request."""
+    check_sample_counts(per_class, unconditional)
     return torch.cat([torch.arange(n_classes).repeat_interleave(per_class),
                       torch.full((unconditional,), -1, dtype=torch.long)])
+
+
+def sample_paths(out_dir) -> tuple[Path, Path]:
+    """Where generated fields go: OUT/samples.safetensors and OUT/samples.png."""
+    return Path(out_dir) / "samples.safetensors", Path(out_dir) / "samples.png"
 
 
 def save_samples(out_dir, weights: torch.Tensor, classes: torch.Tensor, spec, image_shape, n_classes: int,
@@ -267,8 +276,7 @@ def save_samples(out_dir, weights: torch.Tensor, classes: torch.Tensor, spec, im
     from nfgen.fields import render_fields, save_fields
     from nfgen.render import save_grid
 
-    out_dir = Path(out_dir)
-    fields_path, png_path = out_dir / "samples.safetensors", out_dir / "samples.png"
+    fields_path, png_path = sample_paths(out_dir)
     conditional = classes[classes >= 0]
     per_class = int(torch.bincount(conditional).max()) if len(conditional) else 0
     unconditional = len(classes) - len(conditional)
@@ -294,9 +302,8 @@ def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, uncon
     cfg = cfg or SampleConfig()
     cfg.validate()
     distributed.init_from_env()
-    classes_to_sample(1, per_class, unconditional)  # refuse an empty request before loading anything
+    check_sample_counts(per_class, unconditional)  # before loading anything
     device = pick_device(device)
-    out_dir = Path(out_dir)
     model, meta = load_model(model_path, device=device)
     ts = load_tokens(tokens_path, hint="pass the tokens file the model was trained on")
     tok = ts.tokenizer
@@ -314,7 +321,7 @@ def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, uncon
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     n = classes.numel()
-    fields_path, png_path = out_dir / "samples.safetensors", out_dir / "samples.png"
+    fields_path, png_path = sample_paths(out_dir)
     if distributed.is_main():  # every rank holds all the tokens; rank 0 writes
         weights = tok.decode(tokens).float().cpu()
         save_samples(out_dir, weights, classes, ts.spec, ts.image_shape, n_classes,
