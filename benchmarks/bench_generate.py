@@ -29,6 +29,7 @@ large-batch decoding.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -55,6 +56,24 @@ def timed(fn, device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t0
+
+
+def launch_overhead_us(device, n: int = 2000) -> float:
+    """Host microseconds per launch of a trivial op: the floor of an eager loop's per-kernel cost.
+
+    The eager peers launch ~100 kernels a decode step, so a busy or slow host (tens of µs a launch instead of a
+    few) makes them slow whatever the batch size, while nfgen's CUDA-graph replay does not notice; recorded
+    beside the rows so their ratios can be judged.
+    """
+    x = torch.zeros(1, device=device)
+    for _ in range(100):
+        x.add_(1)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x.add_(1)
+    sync(device)
+    return (time.perf_counter() - t0) / n * 1e6
 
 
 def start_tokens(vocab: Vocab, batch: int, device) -> torch.Tensor:
@@ -179,6 +198,9 @@ def main(argv=None):
     print(f"KV cache read per field (bf16): {kv_gb['sdpa']:.2f} GB with sdpa's buckets, "
           f"{kv_gb['triton']:.2f} GB with the triton kernel (filled slots only)")
 
+    host = {"launch_us": launch_overhead_us(device), "loadavg_start": os.getloadavg(), "cpus": os.cpu_count()}
+    print(f"host: {host['launch_us']:.1f} µs a trivial launch, load average {host['loadavg_start'][0]:.1f} "
+          f"on {host['cpus']} CPUs")
     rows = []
     header = f"{'method':<13}{'batch':>6}{'seconds':>10}{'tokens/s':>12}{'fields/s':>10}  note"
     print(header)
@@ -206,7 +228,7 @@ def main(argv=None):
             fields = batch * n_batches if is_nfgen else batch
             row = {"method": method, "batch": batch, "fields": fields, "length": length, "seconds": sec,
                    "seconds_all": times, "tokens_per_s": fields * length / sec, "fields_per_s": fields / sec,
-                   "estimated": estimated}
+                   "ms_per_step": sec / length * 1e3, "estimated": estimated}
             if is_nfgen:
                 row["kv_read_gb_per_s"] = (kv_bytes_per_field(model, length, device, attention)
                                            * row["fields_per_s"] / 1e9)
@@ -230,6 +252,8 @@ def main(argv=None):
         write_result(args.out, {**environment("benchmarks.bench_generate", device),
                                 "model": {**cfg_kw, "config": vars(c), "params": model.num_params(), "length": length,
                                           "kv_gb_per_field_bf16": kv_gb},
+                                "host": {**host, "launch_us_end": launch_overhead_us(device),
+                                         "loadavg_end": os.getloadavg()},
                                 "rows": rows})
 
 
