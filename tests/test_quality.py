@@ -102,6 +102,34 @@ def test_ablation_rows_follow_the_main_recipe():
                                                                                  "vq:center-mean-topk10"}
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_config_and_ablation_row_is_a_valid_recipe(name):
+    # A typo or an impossible combination (say n_kv_head not dividing n_head) should fail here, not after a
+    # 25-minute CPU run or halfway through a GPU session.
+    from nfgen.fields import FitConfig, spec_for_images
+    from nfgen.generate import SampleConfig
+    from nfgen.model import GPTConfig
+    from nfgen.template import TemplateConfig
+    from nfgen.tokenizer import TokenizerConfig
+    from nfgen.train import TrainConfig
+
+    cfg = CONFIGS[name]
+    TemplateConfig(**cfg.template).validate()
+    main = Recipe(init=cfg.main_init)
+    fit = FitConfig(**cfg.fit)
+    num_params = spec_for_images((28, 28), fit.hidden, fit.hidden_layers, fit.omega0).num_params
+    recipes = {"main": main, **ablation_recipes(cfg, main, num_params)}
+    for row, recipe in recipes.items():
+        FitConfig(**{**cfg.fit, **recipe.fit}).validate()
+        TokenizerConfig(**{**cfg.tokenize, **recipe.tokenize}).validate(num_params)
+        train = TrainConfig(**{**cfg.train, **recipe.train})
+        train.validate()
+        GPTConfig(vocab_size=268, block_size=num_params + 1, n_layer=train.n_layer, n_head=train.n_head,
+                  n_embd=train.n_embd, n_kv_head=train.n_kv_head)
+        SampleConfig(**{**cfg.sample, **recipe.sample}).validate()
+    assert len(recipes) > 5
+
+
 def _stat(mean, oracle):
     return {"mean": mean, "std": 0.0, "oracle": {"mean": oracle, "std": 0.0}}
 
