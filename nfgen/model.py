@@ -8,6 +8,11 @@ keys and values go into preallocated [B, kv heads, T_max, head_dim] buffers writ
 step has fixed shapes and can be captured in a CUDA graph (optionally with a Triton decode-attention kernel,
 nfkernels.decode_attention, that reads only the filled slots). The embedding and output weights are not tied,
 so every parameter is its own tensor in the state dict (safetensors refuses shared storage).
+
+Token ids alone do not say that two codes stand for nearly the same weight. With `value_features` > 0 every
+code token also embeds its code vector (through `code_value_features`, stored as a buffer set from the
+tokenizer's codebook by `set_code_values`), so from the first step the model sees the previous weights' values
+and codes that are close in value start close in embedding.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ class GPTConfig:
     n_kv_head: int = 0  # key/value heads, a divisor of n_head (grouped-query attention); 0: n_head
     dropout: float = 0.0
     bias: bool = False
+    value_features: int = 0  # width of each code token's value features (value_feature_width); 0: ids only
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -49,6 +55,22 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+
+VALUE_FREQUENCIES = (1, 2, 4, 8)
+
+
+def value_feature_width(group: int) -> int:
+    """Features per code of `group` weights: each coordinate, and its sine and cosine at every frequency."""
+    return group * (1 + 2 * len(VALUE_FREQUENCIES))
+
+
+def code_value_features(values: torch.Tensor) -> torch.Tensor:
+    """Code vectors [K, g] → [K, value_feature_width(g)]: each coordinate scaled into [-1, 1] by the codebook's
+    largest magnitude, with sin / cos of it at a few frequencies: a smooth basis that lets a linear layer map
+    values to embeddings non-linearly."""
+    v = values.float() / values.float().abs().amax(dim=0).clamp_min(1e-12)
+    return torch.cat([v] + [f(math.pi * k * v) for k in VALUE_FREQUENCIES for f in (torch.sin, torch.cos)], dim=1)
 
 
 class KVCache(nn.Module):
@@ -147,6 +169,10 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
+        if config.value_features:
+            self.transformer["wve"] = nn.Linear(config.value_features, config.n_embd, bias=False)
+            # rows of the special tokens (SOS, NO_CLASS, classes) stay zero
+            self.register_buffer("code_features", torch.zeros(config.vocab_size, config.value_features))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
@@ -163,13 +189,30 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def set_code_values(self, codebooks: torch.Tensor) -> None:
+        """Fill the value features of code tokens from the tokenizer's codebooks [levels, K, g] (token id
+        j*K + c is code c of level j; each level scaled on its own, residual levels being smaller)."""
+        features = torch.cat([code_value_features(level) for level in codebooks])
+        if not self.config.value_features or features.shape[1] != self.config.value_features \
+                or len(features) >= self.config.vocab_size:
+            raise ValueError(f"codebooks {tuple(codebooks.shape)} do not fit value_features "
+                             f"{self.config.value_features} and vocab_size {self.config.vocab_size}")
+        self.code_features.zero_()
+        self.code_features[:len(features)] = features.to(self.code_features)
+
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        if self.config.value_features:
+            x = x + self.transformer.wve(self.code_features[idx])
+        return x
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx [B, T] → (logits [B, T, V], mean cross-entropy over targets != -1, or None)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.drop(self.embed(idx, pos))
         for block in self.transformer.h:
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))
@@ -211,7 +254,7 @@ class GPT(nn.Module):
         else:
             n_keys = self.cache_max_len if kv_len is None else kv_len
             mask = torch.arange(n_keys, device=idx.device)[None, :] <= input_pos[:, None]  # [T, n_keys]
-        x = self.transformer.wte(idx) + self.transformer.wpe(input_pos)
+        x = self.embed(idx, input_pos)
         for block in self.transformer.h:
             x = block(x, input_pos, mask, kv_len)
         return self.lm_head(self.transformer.ln_f(x))

@@ -27,7 +27,7 @@ import torch
 from nfgen import distributed
 from nfgen.common import make_generator, pick_device, progress
 from nfgen.io import NfgenError, load_artifact, save_artifact, write_json
-from nfgen.model import GPT, GPTConfig, save_model
+from nfgen.model import GPT, GPTConfig, save_model, value_feature_width
 from nfgen.tokenizer import load_tokens
 from nfgen.vocab import Vocab
 
@@ -39,6 +39,7 @@ class TrainConfig:
     n_embd: int = 384
     n_kv_head: int = 0  # key/value heads (grouped-query attention, faster decoding); 0: n_head
     dropout: float = 0.0
+    value_embed: bool = False  # embed each code token's value too (GPTConfig.value_features)
     steps: int = 5000
     batch_size: int = 32
     lr: float = 6e-4
@@ -209,8 +210,12 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
 
     torch.manual_seed(cfg.seed)
     gcfg = GPTConfig(vocab_size=vocab.size, block_size=seq_len - 1, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_embd=cfg.n_embd, n_kv_head=cfg.n_kv_head, dropout=cfg.dropout)
-    model = GPT(gcfg).to(device)
+                     n_embd=cfg.n_embd, n_kv_head=cfg.n_kv_head, dropout=cfg.dropout,
+                     value_features=value_feature_width(ts.tokenizer.cfg.group) if cfg.value_embed else 0)
+    model = GPT(gcfg)
+    if cfg.value_embed:
+        model.set_code_values(ts.tokenizer.codebooks)
+    model = model.to(device)
     opt = _optimizer(model, cfg)
     gen = make_generator(cfg.seed + 1)
     step, history = 0, []

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nfgen.io import NfgenError, save_artifact
-from nfgen.model import GPT, GPTConfig, load_model, save_model
+from nfgen.model import GPT, GPTConfig, code_value_features, load_model, save_model, value_feature_width
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32; cached and full attention differ only in summation order
 
@@ -12,7 +12,10 @@ def small_model(seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=23, block_size=19, n_layer=2, n_head=3, n_embd=24, bias=True)
     cfg.update(kw)
-    return GPT(GPTConfig(**cfg)).eval()
+    m = GPT(GPTConfig(**cfg)).eval()
+    if m.config.value_features:  # 20 codes: two residual levels of 10
+        m.set_code_values(torch.randn(2, 10, m.config.value_features // value_feature_width(1)))
+    return m
 
 
 def test_forward_loss_ignores_minus_one():
@@ -27,7 +30,9 @@ def test_forward_loss_ignores_minus_one():
     torch.testing.assert_close(loss, want)
 
 
-HEADS = [dict(n_head=3), dict(n_head=3, n_kv_head=1), dict(n_head=4, n_kv_head=2)]  # MHA, MQA, GQA
+# MHA, MQA, GQA, and MQA with value features (every path must see the same embeddings)
+HEADS = [dict(n_head=3), dict(n_head=3, n_kv_head=1), dict(n_head=4, n_kv_head=2),
+         dict(n_head=3, n_kv_head=1, value_features=value_feature_width(1))]
 
 
 @pytest.mark.parametrize("heads", HEADS)
@@ -121,6 +126,28 @@ def test_save_load_roundtrip(tmp_path, heads):
     idx = torch.randint(0, 23, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx)[0], m(idx)[0], atol=0, rtol=0)
+
+
+def test_value_features_embed_code_values_and_only_code_values():
+    m = small_model(value_features=value_feature_width(2))
+    codebooks = torch.tensor([[[0.5, -1.0], [0.5, -1.0], [-0.25, 2.0]], [[0.01, 0.0], [0.0, 0.02], [0.0, 0.0]]])
+    m.set_code_values(codebooks)  # 2 levels of 3 codes of 2 weights: ids 0-5 are codes, 6-22 special
+    f = m.code_features
+    assert f.shape == (23, 18) and torch.equal(f[6:], torch.zeros(17, 18))
+    assert torch.equal(f[0], f[1]) and not torch.equal(f[0], f[2])  # equal codes, equal features
+    # each level is scaled by its own largest magnitude: the small residual level still spans [-1, 1]
+    torch.testing.assert_close(f[:6, :2], torch.tensor([[1.0, -0.5], [1.0, -0.5], [-0.5, 1.0],
+                                                        [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    torch.testing.assert_close(f[:3], code_value_features(codebooks[0]))
+    with torch.no_grad():  # a code token's embedding is its id's plus the projection of its features
+        x = m.embed(torch.tensor([[0, 1, 7]]), torch.arange(3))
+        base = m.transformer.wte(torch.tensor([[0, 1, 7]])) + m.transformer.wpe(torch.arange(3))
+        torch.testing.assert_close(x - base, m.transformer.wve(f[[0, 1, 7]])[None])
+        assert torch.equal((x - base)[0, 2], torch.zeros(24))
+    with pytest.raises(ValueError, match="do not fit"):
+        m.set_code_values(torch.randn(1, 5, 3))  # wrong group
+    with pytest.raises(ValueError, match="do not fit"):
+        small_model().set_code_values(codebooks)  # a model without value features
 
 
 def test_checkpoint_from_before_grouped_attention_loads(tmp_path):

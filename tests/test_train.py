@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nfgen.io import NfgenError, load_artifact, save_artifact
-from nfgen.model import load_model
+from nfgen.model import code_value_features, load_model
 from nfgen.tokenizer import TokenizerConfig, TokenSet, WeightTokenizer, load_tokens, save_tokens
 from nfgen.train import TrainConfig, batch_from, lr_at, make_sequences, train
 from nfgen.vocab import Vocab
@@ -36,33 +36,38 @@ def test_lr_schedule():
     assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(109, cfg) == pytest.approx(0.1, abs=1e-3)
 
 
-@pytest.mark.parametrize("n_kv_head", [0, 1])
-def test_train_learns_and_writes_loadable_model(tokens_file, tmp_path, n_kv_head):
+@pytest.mark.parametrize("n_kv_head,value_embed", [(0, False), (1, False), (1, True)])
+def test_train_learns_and_writes_loadable_model(tokens_file, tmp_path, n_kv_head, value_embed):
     run = tmp_path / "run"
-    summary = train(tokens_file, run, small(steps=40, n_kv_head=n_kv_head))
+    summary = train(tokens_file, run, small(steps=40, n_kv_head=n_kv_head, value_embed=value_embed))
     assert (run / "model.safetensors").is_file() and (run / "train_state.safetensors").is_file()
     model, meta = load_model(run / "model.safetensors")
     assert model.config.n_kv_head == (n_kv_head or 2)
+    assert bool(model.config.value_features) == value_embed
+    if value_embed:  # the features travel with the model: those of the tokens file's codebook
+        codebooks = load_tokens(tokens_file).tokenizer.codebooks
+        torch.testing.assert_close(model.code_features[:16], code_value_features(codebooks[0]))
     assert meta["n_codes"] == 16 and meta["n_classes"] == 2 and meta["tokens_per_field"] == SPEC.num_params
     assert meta["history"][-1]["train_loss"] < meta["history"][0]["train_loss"] * 0.7
     assert summary["val_loss"] is not None and summary["n_val"] == 6
 
 
-def test_resume_reproduces_uninterrupted_run_exactly(tokens_file, tmp_path, monkeypatch, die_at_step):
+@pytest.mark.parametrize("value_embed", [False, True])
+def test_resume_reproduces_uninterrupted_run_exactly(tokens_file, tmp_path, monkeypatch, die_at_step, value_embed):
     straight = tmp_path / "straight"
-    train(tokens_file, straight, small())
+    train(tokens_file, straight, small(value_embed=value_embed))
     ref_model, ref_meta = load_model(straight / "model.safetensors")
 
     # Interrupt the second run after its step-5 checkpoint: the 7th optimizer step raises.
     resumed = tmp_path / "resumed"
     die_at_step(7)
     with pytest.raises(KeyboardInterrupt):
-        train(tokens_file, resumed, small())
+        train(tokens_file, resumed, small(value_embed=value_embed))
     monkeypatch.undo()
     _, partial = load_model(resumed / "model.safetensors")
     assert partial["step"] == 5
 
-    train(tokens_file, resumed, small(), resume=True)
+    train(tokens_file, resumed, small(value_embed=value_embed), resume=True)
     model, meta = load_model(resumed / "model.safetensors")
     assert [h["train_loss"] for h in meta["history"]] == [h["train_loss"] for h in ref_meta["history"]]
     for (k, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
