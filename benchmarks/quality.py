@@ -147,14 +147,14 @@ CONFIGS = {
         note="smoke test only: tiny SIREN, few fields, a few GPT steps"),
     # The 2-core CPU run (≤ 30 min): the full run's recipe (fields fitted gently from a Reptile template,
     # sampling at T 0.8 with top-k 3) at CPU size: 4000 training fields of the default SIREN, 200 references
-    # and a 0.46M GPT with one key/value head. 1187-token sequences make training (~0.14 s a sequence) and
+    # and a 0.46M GPT with one key/value head and value-embedded codes. 1187-token sequences make training (~0.14 s a sequence) and
     # decoding (~0.14 s a field) the cost; the small GPT and its 3x smaller KV cache leave ~15 minutes for
     # ~6400 training sequences (1.6 epochs). Ablations on request.
     "small": QualityConfig(
         train_split="mnist:test[:4000]", heldout_split="mnist:test[8000:8200]",
         fit=dict(steps=100, lr=1e-3), main_init="meta", tokenize=dict(),
-        train=dict(n_layer=3, n_head=3, n_embd=96, n_kv_head=1, steps=400, batch_size=16, lr=3e-3, warmup=40,
-                   eval_every=100, checkpoint_every=10_000),
+        train=dict(n_layer=3, n_head=3, n_embd=96, n_kv_head=1, value_embed=True, steps=400, batch_size=16,
+                   lr=3e-3, warmup=40, eval_every=100, checkpoint_every=10_000),
         sample=dict(temperature=0.8, top_k=3, batch_size=200),
         alt_model=dict(n_layer=2, n_head=4, n_embd=64), ablation_seeds=1,
         note="CPU scale-down of the protocol: 4000 training fields from the Reptile template, 200 held-out "
