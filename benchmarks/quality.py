@@ -695,6 +695,10 @@ def markdown_tables(results: dict) -> str:
                       "de-tokenized train {:.2f} / {:.2f}, de-tokenized held-out {:.2f} / {:.2f}".format(
                           *(ps[k][s] for k in ("fitted_train", "fitted_heldout", "detok_train", "detok_heldout")
                             for s in ("mean", "min")))]
+        tr = main.get("train", {})
+        if tr.get("val_loss") is not None and tr.get("marginal_val_loss") is not None:
+            lines.append(f"GPT validation loss {tr['val_loss']:.3f} nats per token after {tr['steps']} steps; "
+                         f"per-position token histograms alone score {tr['marginal_val_loss']:.3f}")
         lines.append("Oracle for accuracy / CE: the classifier on the held-out images (its own held-out score).")
     nef = rows.get("nefgpt")
     if nef:

@@ -1,11 +1,13 @@
 """The train stage: learns, checkpoints, and resumes onto the uninterrupted loss curve exactly (CPU)."""
+import math
+
 import pytest
 import torch
 
 from nfgen.io import NfgenError, load_artifact, save_artifact
 from nfgen.model import code_value_features, load_model
 from nfgen.tokenizer import TokenizerConfig, TokenSet, WeightTokenizer, load_tokens, save_tokens
-from nfgen.train import TrainConfig, batch_from, lr_at, make_sequences, train
+from nfgen.train import TrainConfig, batch_from, lr_at, make_sequences, marginal_loss, train
 from nfgen.vocab import Vocab
 from nfkernels import SirenSpec
 
@@ -30,6 +32,16 @@ def test_sequences_and_targets():
     assert y.tolist() == [[-1, 3, 4, 5]]  # the class token itself is never a target
 
 
+def test_marginal_loss_is_the_smoothed_per_position_histograms_cross_entropy():
+    vocab = Vocab(n_codes=4, n_classes=2)
+    # position 0 always code 3; position 1 alternates 0 / 1 (the class never matters to this baseline)
+    train_seqs = make_sequences(torch.tensor([[3, i % 2] for i in range(10)]), torch.arange(10) % 2, vocab)
+    val_seqs = make_sequences(torch.tensor([[3, 0], [3, 2]]), torch.tensor([0, 1]), vocab)
+    p0, p1_0, p1_2 = 10.5 / 12, 5.5 / 12, 0.5 / 12  # add-1/2 smoothing over 4 codes and 10 sequences
+    want = -(2 * math.log(p0) + math.log(p1_0) + math.log(p1_2)) / 4
+    assert marginal_loss(train_seqs, val_seqs, vocab.n_codes) == pytest.approx(want, rel=1e-12)
+
+
 def test_lr_schedule():
     cfg = TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
@@ -50,6 +62,7 @@ def test_train_learns_and_writes_loadable_model(tokens_file, tmp_path, n_kv_head
     assert meta["n_codes"] == 16 and meta["n_classes"] == 2 and meta["tokens_per_field"] == SPEC.num_params
     assert meta["history"][-1]["train_loss"] < meta["history"][0]["train_loss"] * 0.7
     assert summary["val_loss"] is not None and summary["n_val"] == 6
+    assert 0 < summary["marginal_val_loss"] < math.log(16)
 
 
 @pytest.mark.parametrize("value_embed", [False, True])
