@@ -85,6 +85,7 @@ def test_ablation_rows_follow_the_main_recipe():
     assert rows["baseline:main"].train["steps"] == short and rows["vq:group3"].train["steps"] == short
     assert rows["model:8x512"].train["n_embd"] == 512 and rows["model:8x512"].train["steps"] == short
     assert rows["model:kv2"].train == {"n_kv_head": 2, **CONFIGS["full"].ablation_train}
+    assert rows["model:ids-only"].train == {"value_embed": False, **CONFIGS["full"].ablation_train}
     assert rows["fit:steps200,lr0.0015"].fit == {"steps": 200, "lr": 1.5e-3}
     assert all(not r.train for n, r in rows.items() if n.startswith("sampling:"))
     assert "baseline:main" not in ablation_recipes(CONFIGS["tiny"], Recipe(), 105)
@@ -92,6 +93,9 @@ def test_ablation_rows_follow_the_main_recipe():
     rows = ablation_recipes(CONFIGS["full"], Recipe(init="meta"), 1185)
     assert {"init:shared", "init:independent", "order:independent+canonical"} <= rows.keys()
     assert "init:meta" not in rows and rows["vq:group3"].init == "meta"
+    # a main without value embedding is compared with it
+    rows = ablation_recipes(CONFIGS["full"], Recipe(train={"value_embed": False}), 1185)
+    assert rows["model:value-embed"].train["value_embed"] and "model:ids-only" not in rows
     # Relative to the main recipe: a main that already uses 1024 codes is compared with 256.
     rows = ablation_recipes(replace(CONFIGS["full"], tokenize={"codebook_size": 1024}), Recipe(), 1185)
     assert "codebook:256" in rows and "codebook:1024" not in rows
