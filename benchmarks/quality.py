@@ -153,8 +153,8 @@ CONFIGS = {
     "small": QualityConfig(
         train_split="mnist:test[:4000]", heldout_split="mnist:test[8000:8200]",
         fit=dict(steps=100, lr=1e-3), main_init="meta", tokenize=dict(),
-        train=dict(n_layer=3, n_head=3, n_embd=96, n_kv_head=1, steps=400, batch_size=16, lr=3e-3, warmup=40,
-                   eval_every=100, checkpoint_every=10_000),
+        train=dict(n_layer=3, n_head=3, n_embd=96, n_kv_head=1, value_embed=True, steps=400, batch_size=16,
+                   lr=3e-3, warmup=40, eval_every=100, checkpoint_every=10_000),
         sample=dict(temperature=0.8, top_k=3, batch_size=200),
         alt_model=dict(n_layer=2, n_head=4, n_embd=64), ablation_seeds=1,
         note="CPU scale-down of the protocol: 4000 training fields from the Reptile template, 200 held-out "
@@ -163,16 +163,17 @@ CONFIGS = {
     # (nfgen.template; the init:shared row is the random draw the first H100 run used, whose fields a GPT
     # models no better than a weight-space Gaussian: benchmarks.template_proxy); a gentler fit than FitConfig's
     # default (100 steps at lr 1e-3: ~40 dB from the template instead of ~57 dB from the draw at 200 steps
-    # 1.5e-3, but smoother weights -- the fit row measures the trade), the
-    # default tokenizer (raw scalar VQ, 256 codes; the vq:center-mean rows try centred codes), the default 11.3M
-    # GPT (sized for fast decoding; code values embedded, the model:ids-only row drops them) for 4000 steps of
-    # 64 fields (~32 epochs; dropout against memorising), sampling at T 0.8 with top-k 3 (the best of an H100 sweep). Ablations that train their own GPT do so for
-    # 1000 steps, beside a baseline row of the main recipe at 1000 steps; the model-size rows try a 25M GPT and
-    # 2 key/value heads (a 4x smaller KV cache: faster decoding, issue 5).
+    # 1.5e-3, but smoother weights -- the fit row measures the trade), the default tokenizer (raw scalar VQ,
+    # 256 codes; the vq:center-mean rows try centred codes), the default 11.3M GPT (sized for fast decoding)
+    # with code values embedded (they won in the small config; the model:ids-only row drops them) for 4000
+    # steps of 64 fields (~32 epochs; dropout against memorising), sampling at T 0.8 with top-k 3 (the best of
+    # an H100 sweep). Ablations that train their own GPT do so for 1000 steps, beside a baseline row of the
+    # main recipe at 1000 steps; the model-size rows try a 25M GPT and 2 key/value heads (a 4x smaller KV
+    # cache: faster decoding, issue 5).
     "full": QualityConfig(
         fit=dict(steps=100, lr=1e-3), main_init="meta",
-        train=dict(n_layer=6, n_head=8, n_embd=384, steps=4000, batch_size=64, lr=6e-4, warmup=200, dropout=0.1,
-                   eval_every=500, checkpoint_every=1000),
+        train=dict(n_layer=6, n_head=8, n_embd=384, value_embed=True, steps=4000, batch_size=64, lr=6e-4,
+                   warmup=200, dropout=0.1, eval_every=500, checkpoint_every=1000),
         sample=dict(temperature=0.8, top_k=3),
         alt_model=dict(n_layer=8, n_head=8, n_embd=512),
         alt_fit=dict(steps=200, lr=1.5e-3), alt_kv_head=2,
@@ -219,7 +220,7 @@ def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[
     rows[f"model:{size}"] = main.but(train=cfg.alt_model)
     if cfg.alt_kv_head:
         rows[f"model:kv{cfg.alt_kv_head}"] = main.but(train={"n_kv_head": cfg.alt_kv_head})
-    # code tokens embedded with their values (the default) or by id alone
+    # code tokens embedded with their values, or by id alone
     value_embed = {**asdict(TrainConfig()), **cfg.train, **main.train}["value_embed"]
     rows["model:ids-only" if value_embed else "model:value-embed"] = main.but(train={"value_embed": not value_embed})
     if cfg.ablation_train:

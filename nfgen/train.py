@@ -39,7 +39,7 @@ class TrainConfig:
     n_embd: int = 384
     n_kv_head: int = 0  # key/value heads (grouped-query attention, faster decoding); 0: n_head
     dropout: float = 0.0
-    value_embed: bool = True  # embed each code token's value too (GPTConfig.value_features)
+    value_embed: bool = False  # embed each code token's value too (GPTConfig.value_features)
     steps: int = 5000
     batch_size: int = 32
     lr: float = 6e-4
@@ -78,8 +78,6 @@ class TrainConfig:
 # Options that may differ between a run and its resumption. None changes the batches or the init; --steps
 # (raised to extend a finished run) also stretches the cosine lr schedule from the resumed step on.
 _RESUME_FREE = {"steps", "eval_every", "checkpoint_every", "device", "quiet", "compile"}
-# Options newer than some checkpoints, with the value the runs from before them had (whatever today's default).
-_ABSENT_MEANS = {"value_embed": False}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -139,7 +137,7 @@ def _restore(path: Path, model: GPT, opt: torch.optim.Optimizer, gen: torch.Gene
         raise NfgenError(f"--resume with other training data than the original run ({meta.get('tokens_path')}); "
                          "pass its --tokens or start a new run directory")
     old = meta.get("train_config", {})
-    known = {**asdict(TrainConfig()), **_ABSENT_MEANS}  # an option newer than the checkpoint had its default then
+    known = asdict(TrainConfig())  # an option newer than the checkpoint had its default then
     diff = {k: (old.get(k, known[k]), v) for k, v in asdict(cfg).items()
             if k not in _RESUME_FREE and old.get(k, known[k]) != v}
     if diff:

@@ -136,22 +136,6 @@ def test_resume_of_an_older_state_takes_its_missing_options_as_defaults(tokens_f
     assert history[0] == history[1] and len(history[0]) == 6
 
 
-def test_a_state_from_before_value_embedding_resumes_as_ids_only(tokens_file, tmp_path, monkeypatch, die_at_step):
-    straight = tmp_path / "straight"
-    train(tokens_file, straight, small(steps=6, checkpoint_every=3, value_embed=False))
-    run = tmp_path / "run"
-    die_at_step(5)
-    with pytest.raises(KeyboardInterrupt):
-        train(tokens_file, run, small(steps=6, checkpoint_every=3, value_embed=False))
-    monkeypatch.undo()
-    _older_state(run, "value_embed")  # nfgen before --value-embed trained ids only, whatever today's default
-    with pytest.raises(NfgenError, match=r"\(value_embed: False → True\)"):
-        train(tokens_file, run, small(steps=6, checkpoint_every=3), resume=True)
-    train(tokens_file, run, small(steps=6, checkpoint_every=3, value_embed=False), resume=True)
-    history = [load_model(r / "model.safetensors")[1]["history"] for r in (run, straight)]
-    assert history[0] == history[1] and len(history[0]) == 6
-
-
 def test_resume_refuses_other_training_data(tokens_file, tmp_path):
     ts = load_tokens(tokens_file)
     other = tmp_path / "other.safetensors"  # same vocabulary and length, other sequences
