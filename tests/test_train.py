@@ -42,6 +42,19 @@ def test_marginal_loss_is_the_smoothed_per_position_histograms_cross_entropy():
     assert marginal_loss(train_seqs, val_seqs, vocab.n_codes) == pytest.approx(want, rel=1e-12)
 
 
+def test_value_embed_scales_each_residual_level_on_its_own(tmp_path):
+    spec = SirenSpec(hidden=4, hidden_layers=1)
+    weights = torch.randn(24, spec.num_params, generator=torch.Generator().manual_seed(1))
+    tok = WeightTokenizer.fit(weights, spec, TokenizerConfig(codebook_size=8, levels=2, iters=3, quiet=True))
+    path = tmp_path / "tokens.safetensors"
+    save_tokens(path, TokenSet(tok.encode(weights), torch.arange(24) % 2, tok, spec, (1, 1), {"n_classes": 2}))
+    train(path, tmp_path / "run", small(steps=2, batch_size=4, value_embed=True))
+    model, _ = load_model(tmp_path / "run" / "model.safetensors")
+    want = torch.cat([code_value_features(level) for level in tok.codebooks])  # ids 0-7 level 0, 8-15 level 1
+    torch.testing.assert_close(model.code_features[:16], want)
+    assert model.code_features[:8, 0].abs().amax() == 1.0 and model.code_features[8:16, 0].abs().amax() == 1.0
+
+
 def test_lr_schedule():
     cfg = TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
