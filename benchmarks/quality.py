@@ -524,7 +524,8 @@ class Harness:
         fit = self.summaries[self.fields(replace(recipe, canonical=False)).name]
         row = {"recipe": asdict(recipe), "seeds": seeds, "metrics": aggregate(per_seed, HEADLINE),
                "fields_psnr": fit["mean_psnr"], "detok_psnr": self.summaries[tokens_path.name]["detok_psnr"],
-               "train": self.summaries[model_path.parent.name]}
+               "train": self.summaries[model_path.parent.name],
+               "train_history": json.loads((model_path.parent / "train_log.json").read_text())["history"]}
         if recipe.canonical:
             row["canonical"] = self.summaries[self.fields(recipe).name]
         return row, picture

@@ -199,6 +199,7 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
         assert row["metrics"]["cond_mmd"]["oracle_per_seed"] == main["cond_mmd"]["oracle_per_seed"]
     assert "Reference generators without a GPT" in out
     assert _finite(r["rows"]["main"]["train"]["marginal_val_loss"]) and "per-position token histograms" in out
+    assert [h["step"] for h in r["rows"]["main"]["train_history"]] == [8]  # eval_every 8 of 8 steps
     assert set(r["rows"]["ablations"]) == {"fit:steps60", "init:meta", "order:canonical", "vq:group3",
                                            "model:kv1", "sampling:cfg2"}
     # the meta row fits from a template learned on the training split, which is an artifact of its own
