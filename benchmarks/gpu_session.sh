@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What one call of the lent GPU machine runs: build with CUDA, then the named parts.
-#   bash benchmarks/gpu_session.sh bench|test|quality ...
+#   bash benchmarks/gpu_session.sh bench|bench-<name>|test|scaleout|quality|quality-sampling|quality-ablations ...
 # Results land in $OUT (the device tool brings them back); data comes from .devdata/ (a copy of shared/data
 # that travels with the tree) unless NFGEN_DATA is set; NFGEN_COMMIT names the commit being measured.
 # The device tool returns at most 8 files a call, named in letters, digits, '.', '_' and '-': every part's log
@@ -21,8 +21,9 @@ stamp build
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee -a "$LOG"
-MAX_JOBS=16 python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/nfgen-build.log 2>&1 \
-  || { tail -40 /tmp/nfgen-build.log | tee -a "$LOG"; exit 1; }
+# SKIP_BUILD=1: a second invocation beside a running one (tests next to quality) must not rebuild under it
+[ -n "${SKIP_BUILD:-}" ] || MAX_JOBS=16 python3 -m pip install -q --no-deps --no-build-isolation -e . \
+  >/tmp/nfgen-build.log 2>&1 || { tail -40 /tmp/nfgen-build.log | tee -a "$LOG"; exit 1; }
 python3 -c "import nfkernels; assert nfkernels.HAS_EXT, 'extension missing'"
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
 
@@ -38,13 +39,19 @@ for part in "$@"; do
       stamp "bench_$b ${BENCH_ARGS:-}"
       timeout "${BENCH_TIMEOUT:-240}" python3 -m benchmarks.bench_$b --device cuda ${BENCH_ARGS:-} \
         --out "$OUT/$b-$dev${BENCH_SUFFIX:-}.json" 2>&1 | tee -a "$LOG" | tail -40 ;;
-    test)
+    test)  # every failure, not just the first; the whole log in tests.log
       stamp tests
-      timeout 500 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee -a "$LOG" | tail -40 ;;
-    quality)  # the main and NeF-GPT rows, then the sampling sweep on the same model (cached in the run dir)
+      timeout "${TEST_TIMEOUT:-500}" python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" \
+        | tail -40 | tee -a "$LOG" ;;
+    scaleout)  # issue 7 at world size 1: NCCL init, torchrun fit = plain fit, train SIGKILLed and resumed
+      stamp scaleout
+      timeout 300 python3 -m benchmarks.scaleout_check --device cuda --out "$OUT/scaleout-$dev.json" 2>&1 \
+        | tee -a "$LOG" | tail -40 ;;
+    quality)  # the main and NeF-GPT rows
       stamp quality
       timeout "${QUALITY_TIMEOUT:-420}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
-        --results "$OUT/quality-$dev.json" 2>&1 | tee -a "$LOG" | tail -60
+        --results "$OUT/quality-$dev.json" 2>&1 | tee -a "$LOG" | tail -60 ;;
+    quality-sampling)  # the sampling sweep on the main model (cached in the run dir by the quality part)
       stamp quality-sampling
       timeout "${SAMPLING_TIMEOUT:-150}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
         --only ablations --ablations sampling --seeds 1 --results "$OUT/quality-$dev-sampling.json" 2>&1 \
