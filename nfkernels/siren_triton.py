@@ -185,6 +185,11 @@ if HAS_TRITON:
                 tl.debug_barrier()
 
     @triton.jit
+    def _row(t, offs, r):
+        # Row r of a small [R, HP] register tile, as an [HP] vector.
+        return tl.sum(tl.where(offs[:, None] == r, t, 0.0), axis=0)
+
+    @triton.jit
     def _adam_tensor(w, g, m, v, mask, on, lr, beta1, beta2, eps, bc1, bc2):
         # One Adam step of a register-resident weight tile and its moments (as siren_fit_steps_reference). An
         # inactive field (on == 0) stays as it is.
@@ -287,15 +292,24 @@ if HAS_TRITON:
                         s2, c2 = _sincos((tl.dot(s1, w2t, input_precision=PRECISION) + b2[None, :]) * omega0)
                     else:
                         s2, c2 = s1, c1
+                    # The output layer one output at a time, in 2-D tiles only: Triton 3.6 summed the 3-D
+                    # [BLOCK_C, OUTP, HP] product over its small OUTP axis with every replicated lane counted
+                    # (dh came out 8x at OUTP = 1 and 2x at OUTP = 4 on the H100; the interpreter was exact).
                     ymask = rmask[:, None] & omask[None, :]
-                    y = tl.sum(s2[:, None, :] * wo[None, :, :], axis=2) + bo[None, :]
+                    y = tl.zeros((BLOCK_C, OUTP), dtype=tl.float32) + bo[None, :]
+                    for o in tl.static_range(OUT):
+                        y_o = tl.sum(s2 * _row(wo, offs_o, o)[None, :], axis=1)
+                        y += tl.where(offs_o[None, :] == o, y_o[:, None], 0.0)
                     e = tl.where(ymask, y - tl.load(yf + rows[:, None] * OUT + offs_o[None, :], mask=ymask, other=0.0),
                                  0.0)
                     sq += tl.sum(e * e, axis=1)
                     dy = e * grad_scale
-                    gwo += tl.sum(dy[:, :, None] * s2[:, None, :], axis=0)
                     gbo += tl.sum(dy, axis=0)
-                    dh = tl.sum(dy[:, :, None] * wo[None, :, :], axis=1)
+                    dh = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
+                    for o in tl.static_range(OUT):
+                        dy_o = tl.sum(tl.where(offs_o[None, :] == o, dy, 0.0), axis=1)  # [BLOCK_C]
+                        gwo += tl.where(offs_o[:, None] == o, tl.sum(dy_o[:, None] * s2, axis=0)[None, :], 0.0)
+                        dh += dy_o[:, None] * _row(wo, offs_o, o)[None, :]
                     if NS == 2:
                         g2 = dh * omega0 * c2
                         gw2 += tl.dot(tl.trans(g2), s1, input_precision=PRECISION)
@@ -391,10 +405,13 @@ def siren_fit_steps(params, exp_avg, exp_avg_sq, step, coords, target, spec, *, 
 
     kernel: "regs" (weights, Adam moments and gradient sums in registers; 1-2 sine layers, width ≤ 64),
     "scratch" (any shape the module takes; activations and gradients in a per-program global scratch) or
-    "auto". auto is scratch for now: regs is 2.1× (fp32) to 4.9× (tf32) faster on the H100, but its first
-    version failed the GPU tests (a store-then-load race on the Adam moments, fixed since by keeping them in
-    registers) and the fixed one has not yet run on a GPU; auto moves to regs once it has passed there. dot_precision: the hidden×hidden products in exact fp32 ("ieee") or on tensor cores ("tf32",
-    "tf32x3"). block_c / num_warps / programs_per_sm are launch knobs for benchmarks.
+    "auto". auto is scratch for now: regs is 2.0× (fp32) to 4.5× (tf32) faster on the H100
+    (benchmarks/results/fit-h100-sweep.json), but it has failed the GPU tests twice (a store-then-load race on
+    the Adam moments; then the output layer's 3-D reduction, which made the hidden gradients 2-8x too large
+    while Adam's scale invariance kept the fit itself close). Both are fixed, the second without a GPU run
+    since; auto moves to regs once it has passed there. dot_precision: the hidden×hidden products in exact
+    fp32 ("ieee") or on tensor cores ("tf32", "tf32x3"). block_c / num_warps / programs_per_sm are launch
+    knobs for benchmarks.
     """
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
