@@ -11,20 +11,28 @@ import os
 import torch
 import torch.distributed as dist
 
+from nfgen.io import NfgenError
 
-def init_from_env() -> bool:
+
+def init_from_env(device: str | torch.device = "auto") -> bool:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); False when not under torchrun.
 
-    Idempotent: the fit and train stages both call it. Under CUDA each process takes the GPU LOCAL_RANK,
-    so `pick_device("auto")` → "cuda" means this rank's own GPU.
+    `device` is the stage's --device: "cpu" runs gloo even where GPUs exist (so a CPU run may start more
+    processes than there are GPUs), "auto" and "cuda" take NCCL where CUDA is available. Idempotent: the fit and
+    train stages both call it. Under CUDA each process takes the GPU LOCAL_RANK, so `pick_device("auto")` →
+    "cuda" means this rank's own GPU.
     """
     if "WORLD_SIZE" not in os.environ:
         return False
     if dist.is_initialized():
         return True
-    use_cuda = torch.cuda.is_available()
+    use_cuda = torch.cuda.is_available() and (device == "auto" or torch.device(device).type == "cuda")
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise NfgenError(f"torchrun started more processes on this machine than its {gpus} GPU(s) (local rank "
+                             f"{local_rank}); pass --nproc-per-node {gpus} or less, or --device cpu")
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return True
 

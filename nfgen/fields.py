@@ -432,7 +432,7 @@ def run_fit(split_spec: str, out_path, cfg: FitConfig, data_root=None, download:
     from nfgen.data import load_split
 
     cfg.validate()
-    distributed.init_from_env()
+    distributed.init_from_env(cfg.device)
     split = load_split(split_spec, data_root=data_root, download=download)
     n = len(split.labels)
     if n == 0:

@@ -301,7 +301,7 @@ def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, uncon
 
     cfg = cfg or SampleConfig()
     cfg.validate()
-    distributed.init_from_env()
+    distributed.init_from_env(device)
     check_sample_counts(per_class, unconditional)  # before loading anything
     device = pick_device(device)
     model, meta = load_model(model_path, device=device)

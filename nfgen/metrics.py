@@ -318,7 +318,7 @@ def run_evaluate(samples_path, out_dir, *, ref_split: str = "mnist:test[8000:]",
     from nfgen.fields import load_fields, render_fields
 
     t0 = time.perf_counter()
-    distributed.init_from_env()
+    distributed.init_from_env(device)
     dev = pick_device(device)
     samples = load_fields(samples_path, hint=GENERATE_HINT)
     ref = load_split(ref_split, data_root=data_root)

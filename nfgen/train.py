@@ -186,7 +186,7 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
     """Train on a tokens file; write model.safetensors, train_state.safetensors and train_log.json in run_dir."""
     cfg.validate()
     run_dir = Path(run_dir)
-    distributed.init_from_env()
+    distributed.init_from_env(cfg.device)
     rank, world = distributed.rank(), distributed.world_size()
     device = pick_device(cfg.device)
     ts = load_tokens(tokens_path, hint="run `nfgen tokenize` first")

@@ -79,6 +79,29 @@ def test_single_process_helpers_are_noops():
     assert distributed.all_reduce_min(5) == 5 and distributed.all_gather_rows(x, [1]) is x
 
 
+@pytest.mark.parametrize("device,gpus,local_rank,joined", [
+    ("cpu", 1, 1, ["gloo"]), ("auto", 1, 0, ["cuda:0", "nccl"]), ("auto", 0, 1, ["gloo"]), ("cuda", 1, 1, None)])
+def test_the_process_group_follows_the_device(monkeypatch, device, gpus, local_rank, joined):
+    # --device cpu joins gloo without touching a GPU, so a 2-process CPU run works on a 1-GPU machine (it
+    # failed there with "invalid device ordinal"); a GPU run with more processes than GPUs says what to change.
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(f"cuda:{i}"))
+    if joined is None:
+        with pytest.raises(NfgenError, match="more processes on this machine than its 1 GPU.*--nproc-per-node 1"):
+            distributed.init_from_env(device)
+        assert calls == []
+    else:
+        assert distributed.init_from_env(device) and calls == joined
+
+
 @pytest.fixture(scope="module")
 def reference_fields(tmp_path_factory, data_root):
     """The one-process, uninterrupted fit every other run must reproduce bit for bit."""

@@ -233,10 +233,11 @@ def test_gemm_chunks_and_fallback():
     y = torch.cat([torch.rand(14, 1, 12, 14, generator=g).to(dev), x[:5]])
     want = pairwise_ssim_reference(x[:, 0], y[:, 0])
     one_image = 4 * 2 * 4 * 128  # the patches of one 12x14 image: a budget of 16 images splits x and y
-    chunked = launch_gemm(x, y, reduce=False, chunk_bytes=16 * one_image * 2)
+    small = (16, 16, 4, 1)  # 16-row tiles on the GPU too: its default 64 x 32 tiles would hold x and y whole
+    chunked = launch_gemm(x, y, reduce=False, chunk_bytes=16 * one_image * 2, tiles=small)
     assert (chunked.cpu() - want.cpu()).abs().max() < 1e-5
     # the fused reduction over chunks: global indices (exclude_self compares them) and the lowest-index tie rule
-    best, arg = launch_gemm(x, x, reduce=True, exclude_self=True, chunk_bytes=16 * one_image * 2)
+    best, arg = launch_gemm(x, x, reduce=True, exclude_self=True, chunk_bytes=16 * one_image * 2, tiles=small)
     assert best.shape[0] == 21 and best.shape[1] >= 2
     value, index = ssim_nearest_triton(x, x, exclude_self=True, kernel="gemm")
     full = pairwise_ssim_reference(x[:, 0], x[:, 0]).fill_diagonal_(float("-inf"))
