@@ -124,6 +124,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--split", default="mnist:test[:1024]")
     ap.add_argument("--steps", type=int, default=400, help="train steps (the kill lands after the first checkpoint)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--fit-steps", type=int, default=100)
     ap.add_argument("--out", default=None)
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -137,8 +139,8 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        env = {} if args.device == "cuda" else {"CUDA_VISIBLE_DEVICES": ""}
-        ENV.update(env)
+        if args.device == "cpu":  # gloo, and no GPU touched, even on a GPU machine
+            ENV["CUDA_VISIBLE_DEVICES"] = ""
         probe_out = subprocess.run(torchrun(str(Path(__file__).resolve()), "--probe"), cwd=work, env=ENV,
                                    capture_output=True, text=True)
         if probe_out.returncode:
@@ -147,7 +149,7 @@ def main(argv=None) -> None:
         print("process group:", result["process_group"])
 
         # fit: torchrun (4 shards) against one plain process
-        fit = ["fit", "--split", args.split, "--steps", "100", "--lr", "1e-3", "--chunk", "256", "--device",
+        fit = ["fit", "--split", args.split, "--steps", str(args.fit_steps), "--lr", "1e-3", "--chunk", "256", "--device",
                args.device, "--quiet"]
         t_plain = run([sys.executable, "-m", "nfgen", *fit, "--out", str(work / "plain.safetensors")], work)
         t_tr = run(torchrun("-m", "nfgen", *fit, "--out", str(work / "torchrun.safetensors")), work)
@@ -162,7 +164,7 @@ def main(argv=None) -> None:
         run([sys.executable, "-m", "nfgen", "tokenize", "--fields", str(work / "plain.safetensors"),
              "--out", str(work / "tokens.safetensors"), "--device", args.device, "--quiet"], work)
         train = ["train", "--tokens", str(work / "tokens.safetensors"), "--n-layer", "2", "--n-head", "4",
-                 "--n-embd", "128", "--steps", str(args.steps), "--batch-size", "16", "--lr", "1e-3", "--warmup",
+                 "--n-embd", "128", "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", "1e-3", "--warmup",
                  str(max(1, args.steps // 20)), "--eval-every", str(max(1, args.steps // 40)),
                  "--checkpoint-every", str(max(1, args.steps // 8)), "--device", args.device, "--quiet"]
         uninterrupted = work / "uninterrupted"

@@ -18,7 +18,7 @@ benchmarks/results/template-proxy-cpu.json):
     (the same Gaussian on pixels)                              0.279 / 0.45 / 0.909
 
 The GPT trained on random-template fields scores like that Gaussian (H100 run, T = 1: 0.330 / 0.44 /
-0.998, benchmarks/results/quality-h100-sampling.json), which is why its samples are noisy.
+0.998, benchmarks/results/quality-h100-random-draw-sampling.json), which is why its samples are noisy.
 """
 from __future__ import annotations
 

@@ -408,3 +408,24 @@ def test_two_process_generate_and_evaluate_equal_one_process(sampling_model, tmp
     assert mb == ma
     assert ma["groups"]["conditional_all"]["n"] == 15 and "mmd" in ma["groups"]["unconditional"]
     assert (one / "nearest.png").read_bytes() == (two / "nearest.png").read_bytes()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the run's processes through /proc")
+def test_scaleout_check_runs_and_is_exact_on_cpu(tmp_path, data_root, monkeypatch):
+    # The script behind issue 7's GPU record (benchmarks/results/scaleout-*.json), at a tiny size: on CPU its
+    # torchrun fit equals the plain one and its SIGKILLed, resumed train equals the uninterrupted one exactly.
+    from benchmarks import scaleout_check
+
+    monkeypatch.setenv("NFGEN_DATA", str(data_root))
+    # the script's subprocess environment (it also hides GPUs there for --device cpu): a copy, undone afterwards
+    monkeypatch.setattr(scaleout_check, "ENV", {**scaleout_check.ENV, "NFGEN_DATA": str(data_root)})
+    out = tmp_path / "scaleout.json"
+    scaleout_check.main(["--device", "cpu", "--split", "mnist:test[:12]", "--steps", "8", "--batch-size", "4",
+                         "--fit-steps", "10", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["process_group"] == {"backend": "gloo", "world_size": 1, "all_reduce_mean_ok": True, "nccl": None}
+    assert result["fit"]["identical"] and result["fit"]["fields"] == 12
+    assert 1 <= result["train"]["killed_after_checkpoint_step"] < 8
+    assert result["train"]["resumed_vs_uninterrupted"]["identical"]
+    assert result["train"]["resumed_vs_uninterrupted"]["weights_identical"]
+    assert result["train"]["plain_vs_torchrun"]["identical"]
