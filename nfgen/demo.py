@@ -27,8 +27,10 @@ HELDOUT_SPLIT = "mnist:test[8000:]"
 # Fewer, gentler fit steps keep every field near the shared template: weights that are easier to model.
 FIT = dict(hidden=16, steps=100, lr=1e-3)
 TOKENIZE: dict = {}
-TRAIN = dict(n_layer=3, n_head=3, n_embd=96, steps=1000, batch_size=16, lr=3e-3, warmup=50, eval_every=100,
-             checkpoint_every=1000)
+# Code ids only: at this size embedding the code values lowered accuracy (0.395 against 0.535,
+# benchmarks/results/demo-value-embed-cpu.json), unlike at the default GPT size.
+TRAIN = dict(n_layer=3, n_head=3, n_embd=96, value_embed=False, steps=1000, batch_size=16, lr=3e-3, warmup=50,
+             eval_every=100, checkpoint_every=1000)
 SAMPLE = dict(temperature=0.8, top_k=3)  # NeF-GPT's sampling settings: fidelity over coverage
 PER_CLASS = 20
 UNCONDITIONAL = 100
