@@ -5,6 +5,19 @@
 # that travels with the tree) unless NFGEN_DATA is set; NFGEN_COMMIT names the commit being measured.
 # The device tool returns at most 8 files a call, named in letters, digits, '.', '_' and '-': every part's log
 # goes to one $OUT/session.log, and result names are built from those characters only.
+# The device tool's command (the tree travels as `git archive --format=tar HEAD -o .devhead.tar`, the data as a
+# .devdata/ copy of shared/data, both carried): unpack to /tmp/n and copy only files whose content changed into
+# /tmp/w, so a later call on a warm machine keeps its build and rebuilds only changed sources:
+#   mkdir -p /tmp/w && rm -rf /tmp/n && mkdir /tmp/n && tar -xf .devhead.tar -C /tmp/n && python3 -c "
+#   import filecmp,os,shutil
+#   for r,_,fs in os.walk('/tmp/n'):
+#     for f in fs:
+#       s=os.path.join(r,f); d=os.path.join('/tmp/w',os.path.relpath(s,'/tmp/n'))
+#       if not os.path.exists(d) or not filecmp.cmp(s,d,shallow=False):
+#         os.makedirs(os.path.dirname(d),exist_ok=True); shutil.copyfile(s,d)
+#   "; [ -d /tmp/w/.devdata ] || cp -r .devdata /tmp/w/; cd /tmp/w; NFGEN_COMMIT=<sha> bash benchmarks/gpu_session.sh ...
+# Tests beside a long part (their log goes to tests.log):
+#   SKIP_BUILD=1 bash benchmarks/gpu_session.sh test >/dev/null 2>&1 & SKIP_BUILD=1 bash benchmarks/gpu_session.sh quality; wait
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export NFGEN_DATA=${NFGEN_DATA:-$PWD/.devdata}
