@@ -292,9 +292,10 @@ if HAS_TRITON:
                         s2, c2 = _sincos((tl.dot(s1, w2t, input_precision=PRECISION) + b2[None, :]) * omega0)
                     else:
                         s2, c2 = s1, c1
-                    # The output layer one output at a time, in 2-D tiles only: Triton 3.6 summed the 3-D
-                    # [BLOCK_C, OUTP, HP] product over its small OUTP axis with every replicated lane counted
-                    # (dh came out 8x at OUTP = 1 and 2x at OUTP = 4 on the H100; the interpreter was exact).
+                    # The output layer one output at a time, in 2-D tiles only. Triton turns a sum over a
+                    # broadcast 3-D product into tt.dot, here with K = OUTP (1-4): on the H100 (Triton 3.6) that dot
+                    # counted K's replicated lanes, dh came out 8x at OUTP = 1 and 2x at OUTP = 4 (the interpreter
+                    # was exact). The TTGIR for sm_90 now holds only the hidden layer's dots (K = HP).
                     ymask = rmask[:, None] & omask[None, :]
                     y = tl.zeros((BLOCK_C, OUTP), dtype=tl.float32) + bo[None, :]
                     for o in tl.static_range(OUT):
