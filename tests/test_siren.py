@@ -6,7 +6,12 @@ Tolerances (float32 throughout): forward |Δ| ≤ 1e-5 (outputs are O(1); the ke
 (Adam normalises updates, so float rounding in near-zero gradients moves a weight by at most ~lr) and the
 per-field losses relative |Δ| ≤ 1e-4. Triton kernels run through TRITON_INTERPRET=1 at small sizes.
 """
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,6 +162,26 @@ def test_triton_fit_kernels_match_reference_at_full_size(kernel, shape):
     for got, want, atol in zip(fast, ref, (1e-4, 1e-4, 1e-6)):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=atol)
     assert torch.equal(fast[0][~active], params[~active])
+
+
+def test_regs_kernel_dots_have_a_long_reduction_on_sm90():
+    """The register kernel compiled for an H100 (no GPU needed) holds no tt.dot with K < 16. Triton compiles a sum
+    over a broadcast product into a dot; with K = 1-4 (the output layer) that dot overcounted on the H100 while the
+    interpreter was exact. In a subprocess without TRITON_INTERPRET, which cannot compile the kernel's helpers."""
+    if not _ext.HAS_TRITON:
+        pytest.skip("triton not available")
+    from benchmarks._ptxas import has_tools
+
+    if not has_tools():
+        pytest.skip("this Triton ships no ptxas/cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.ptxas_siren", "--json"], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    reports = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(reports) == 5 and any(r["dots_mkn"] for r in reports)  # the two-layer specs keep their hidden dots
+    for r in reports:
+        assert all(k >= 16 for _, k, _ in r["dots_mkn"]), r
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tensor-core dots need a GPU")

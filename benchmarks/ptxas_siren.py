@@ -1,0 +1,56 @@
+"""Registers, spills and dot shapes of the Triton SIREN register fit kernel compiled for sm_90 (H100), no GPU needed.
+
+The dot shapes matter: Triton compiles a sum over a broadcast product into tt.dot, and with a reduction length
+K of 1-4 (the output layer's outputs) that dot overcounted on the H100 (the interpreter cannot show it). Every dot
+of the kernel should have K >= 16.
+
+    python -m benchmarks.ptxas_siren [--arch 90]
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+
+import triton
+
+from benchmarks._ptxas import compile_for, dot_shapes
+from nfkernels import siren_triton
+from nfkernels.siren import SirenSpec
+
+POINTERS = ("p_ptr", "m_ptr", "v_ptr", "loss_ptr", "x_ptr", "y_ptr", "bc_ptr")
+# (in_dim, hidden, sine layers, out_dim): the default SIREN, RGB / 3-D inputs, one layer, the widest
+SPECS = [(2, 32, 2, 1), (3, 48, 2, 3), (2, 32, 1, 1), (2, 64, 2, 3), (1, 16, 1, 2)]
+
+
+def regs_kernel_report(spec: tuple[int, int, int, int], arch: int = 90, num_warps: int = 4) -> dict:
+    in_dim, hidden, layers, out_dim = spec
+    hp, block_c = siren_triton._launch_shape(SirenSpec(in_dim, hidden, layers, out_dim))
+    kernel = siren_triton._fit_kernel_regs
+    names = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+    types = {**dict.fromkeys(POINTERS, "*fp32"), "act_ptr": "*i8", **dict.fromkeys(("N", "C", "P", "n_steps"), "i32"),
+             **dict.fromkeys(("lr", "beta1", "beta2", "eps", "omega0", "grad_scale", "inv_count"), "fp32")}
+    signature = {n: types.get(n, "constexpr") for n in names}
+    constexprs = dict(HAS_ACTIVE=True, IN=in_dim, INP=triton.next_power_of_2(in_dim), H=hidden, HP=hp, NS=layers,
+                      OUT=out_dim, OUTP=triton.next_power_of_2(out_dim), BLOCK_C=block_c, PRECISION="ieee")
+    compiled = compile_for(kernel, signature, constexprs, arch, num_warps=num_warps)
+    return {"spec": list(spec), "dots_mkn": dot_shapes(compiled.asm["ttgir"]),
+            "shared_bytes": compiled.metadata.shared}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90: H100)")
+    ap.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    args = ap.parse_args(argv)
+    reports = [regs_kernel_report(spec, args.arch) for spec in SPECS]
+    if args.json:
+        print(json.dumps(reports))
+        return 0
+    for r in reports:
+        print(f"spec {r['spec']}: dots (M, K, N) {r['dots_mkn']}, shared {r['shared_bytes']} B")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
