@@ -23,8 +23,8 @@ def compile_for(kernel_fn, signature: dict, constexprs: dict, arch: int = 90, **
 
 def dot_shapes(ttgir: str) -> list[tuple[int, int, int]]:
     """(M, K, N) of every tt.dot in a TTGIR listing, including those Triton made from a sum of a broadcast product."""
-    return [(int(m), int(k), int(n)) for m, k, n in re.findall(r"tt\.dot %\S+, %\S+, %\S+ : tensor<(\d+)x(\d+)x\w+, "
-                                                               r"[^*]*\* tensor<\d+x(\d+)x", ttgir)]
+    pattern = r"tt\.dot %\S+, %\S+, %\S+ : tensor<(\d+)x(\d+)x\w+, [^*]*\* tensor<\d+x(\d+)x"
+    return [(int(m), int(k), int(n)) for m, k, n in re.findall(pattern, ttgir)]
 
 
 def cubin_usage(kernel_fn, signature: dict, constexprs: dict, arch: int = 90, **options) -> dict:

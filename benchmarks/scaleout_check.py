@@ -149,8 +149,8 @@ def main(argv=None) -> None:
         print("process group:", result["process_group"])
 
         # fit: torchrun (4 shards) against one plain process
-        fit = ["fit", "--split", args.split, "--steps", str(args.fit_steps), "--lr", "1e-3", "--chunk", "256", "--device",
-               args.device, "--quiet"]
+        fit = ["fit", "--split", args.split, "--steps", str(args.fit_steps), "--lr", "1e-3", "--chunk", "256",
+               "--device", args.device, "--quiet"]
         t_plain = run([sys.executable, "-m", "nfgen", *fit, "--out", str(work / "plain.safetensors")], work)
         t_tr = run(torchrun("-m", "nfgen", *fit, "--out", str(work / "torchrun.safetensors")), work)
         from nfgen.fields import load_fields
@@ -164,8 +164,8 @@ def main(argv=None) -> None:
         run([sys.executable, "-m", "nfgen", "tokenize", "--fields", str(work / "plain.safetensors"),
              "--out", str(work / "tokens.safetensors"), "--device", args.device, "--quiet"], work)
         train = ["train", "--tokens", str(work / "tokens.safetensors"), "--n-layer", "2", "--n-head", "4",
-                 "--n-embd", "128", "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", "1e-3", "--warmup",
-                 str(max(1, args.steps // 20)), "--eval-every", str(max(1, args.steps // 40)),
+                 "--n-embd", "128", "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", "1e-3",
+                 "--warmup", str(max(1, args.steps // 20)), "--eval-every", str(max(1, args.steps // 40)),
                  "--checkpoint-every", str(max(1, args.steps // 8)), "--device", args.device, "--quiet"]
         uninterrupted = work / "uninterrupted"
         t_u = run(torchrun("-m", "nfgen", *train, "--run-dir", str(uninterrupted)), work)
