@@ -143,9 +143,10 @@ def test_triton_fit_kernels_match_reference(kernel, block_c, shape):
 @pytest.mark.parametrize("kernel", ["regs", "scratch"])
 @pytest.mark.parametrize("shape", [(2, 32, 2, 1, 67, 784), (2, 64, 1, 1, 13, 1024), (3, 48, 2, 3, 9, 4096)], ids=str)
 def test_triton_fit_kernels_match_reference_at_full_size(kernel, shape):
-    # The launch the fit uses (default tile and warps, 25 steps a call) at MNIST and larger sizes: a kernel that
-    # reads back what another warp wrote without a barrier (the first regs kernel did, with its Adam moments)
-    # passes the interpreter and fails here, by about one learning rate per weight.
+    # The launch the fit uses (default tile and warps, 25 steps a call) at MNIST and larger sizes. Two regs
+    # kernels passed the interpreter and failed here: one read back what another warp wrote without a barrier
+    # (parameters off by about one learning rate), one overcounted in a dot Triton made of a broadcast sum (Adam
+    # moments 2-64x too large, parameters nearly right: Adam is scale-invariant).
     from nfkernels import siren_triton
 
     spec, params, coords, target = _problem(shape, torch.device("cuda"), seed=11)
