@@ -81,7 +81,9 @@ def killed_then_resumed(train_args: list[str], run_dir: Path, cwd: Path, total_s
         except ProcessLookupError:
             pass
     proc.wait()
-    time.sleep(1)  # the worker's own exit after SIGKILL
+    deadline = time.monotonic() + 30  # the worker is not our child: wait until /proc no longer lists it
+    while _pids_mentioning(str(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.01)
     from nfgen.io import load_artifact
 
     _, meta = load_artifact(state, "train_state")
