@@ -2,6 +2,7 @@
 the cuobjdump that ships with Triton)."""
 from __future__ import annotations
 
+import collections
 import glob
 import os
 import re
@@ -27,15 +28,44 @@ def dot_shapes(ttgir: str) -> list[tuple[int, int, int]]:
     return [(int(m), int(k), int(n)) for m, k, n in re.findall(pattern, ttgir)]
 
 
-def cubin_usage(kernel_fn, signature: dict, constexprs: dict, arch: int = 90, **options) -> dict:
-    """{"registers", "stack_bytes", "shared_bytes"} of `kernel_fn` compiled for sm_<arch> with `options`
-    (num_warps, num_stages). Spills show as stack bytes > 0."""
-    kernel = compile_for(kernel_fn, signature, constexprs, arch, **options)
+def _cuobjdump(kernel, flag: str) -> str:
     cuobjdump = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))[0]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([cuobjdump, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*;")
+
+
+def inner_loops(kernel) -> list[dict]:
+    """The innermost loops of a compiled kernel's SASS: for each backward branch that encloses no other, the
+    instructions from its target to the branch, {"start", "end", "instructions", "ops": {opcode: count}}.
+
+    A static count, not a timing: it says how much work one trip of the loop issues per thread, so an inner
+    loop can be held to its arithmetic (a test can catch a shuffle or a spill creeping into it)."""
+    code = [(int(a, 16), op, line) for line in _cuobjdump(kernel, "-sass").splitlines()
+            for a, op in SASS_LINE.findall(line)]
+    branches = []
+    for addr, op, line in code:
+        target = re.search(r"BRA\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)", line) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            branches.append((int(target.group(1), 16), addr))
+    loops = []
+    for start, end in branches:
+        if any(start <= s and e <= end and (s, e) != (start, end) for s, e in branches):
+            continue  # encloses another loop
+        ops = collections.Counter(op for a, op, _ in code if start <= a <= end)
+        loops.append({"start": start, "end": end, "instructions": sum(ops.values()), "ops": dict(ops)})
+    return loops
+
+
+def cubin_usage(kernel_fn, signature: dict, constexprs: dict, arch: int = 90, **options) -> dict:
+    """{"registers", "stack_bytes", "shared_bytes"} of `kernel_fn` compiled for sm_<arch> with `options`
+    (num_warps, num_stages). Spills show as stack bytes > 0."""
+    kernel = compile_for(kernel_fn, signature, constexprs, arch, **options)
+    out = _cuobjdump(kernel, "-res-usage")
     fields = dict(item.split(":") for item in next(ln for ln in out.splitlines() if "REG:" in ln).split())
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]), "shared_bytes": kernel.metadata.shared}
 

@@ -120,6 +120,26 @@ def test_triton_default_tiles_do_not_spill_on_sm90(d):
     assert use["stack_bytes"] == 0 and 0 < use["registers"] <= 255, use
 
 
+@pytest.mark.parametrize("d", [1, 4, 8, 16])
+def test_triton_inner_loop_is_arithmetic_on_sm90(d):
+    """The codebook-tile loop compiled for an H100 holds the distance arithmetic and little else: no shuffles or
+    barriers (a reduction across threads per tile, which made the first kernel slow at d = 4-8), no spills, and
+    at most 1.5x the 2d + 3 instructions a distance needs."""
+    if not _ext.HAS_TRITON:
+        pytest.skip("triton not available")
+    from benchmarks._ptxas import has_tools
+
+    if not has_tools():
+        pytest.skip("this Triton ships no ptxas/cuobjdump")
+    from benchmarks.ptxas_vq import inner_loop
+    from nfkernels.vq_triton import default_tiles
+
+    loop = inner_loop(d, *default_tiles(d, 4096), arch=90)
+    assert not {"SHFL", "BAR", "LDL", "STL"} & set(loop["ops"]), loop["ops"]
+    assert loop["ops"].get("FFMA", 0) + loop["ops"].get("FMUL", 0) >= d  # the loop found is the distance loop
+    assert loop["per_distance"] <= 1.5 * (2 * d + 3), loop
+
+
 @pytest.mark.parametrize("d", [1, 4])
 def test_real_mnist_pixels(data_root, d):
     # MNIST pixels have huge exact-tie populations (zeros, 1.0) and a codebook drawn from the data holds
