@@ -5,6 +5,11 @@ K of 1-4 (the output layer's outputs) that dot overcounted on the H100 (the inte
 of the kernel should have K >= 16.
 
     python -m benchmarks.ptxas_siren [--arch 90]
+
+For the default SIREN it also counts the SASS instructions of the pixel-tile loop (forward and backward of
+BLOCK_C pixels) with exact fp32 and with tf32 dots, and prints the issue-bound fit rate on 28 x 28 images on an
+H100 SXM (every instruction one issue slot; the Adam update between steps not counted): an upper bound from a
+static count, not a measurement.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import json
 
 import triton
 
-from benchmarks._ptxas import compile_for, dot_shapes
+from benchmarks._ptxas import compile_for, dot_shapes, inner_loops
+from benchmarks.ptxas_vq import H100_ISSUE_PER_S
 from nfkernels import siren_triton
 from nfkernels.siren import SirenSpec
 
@@ -23,7 +29,8 @@ POINTERS = ("p_ptr", "m_ptr", "v_ptr", "loss_ptr", "x_ptr", "y_ptr", "bc_ptr")
 SPECS = [(2, 32, 2, 1), (3, 48, 2, 3), (2, 32, 1, 1), (2, 64, 2, 3), (1, 16, 1, 2)]
 
 
-def regs_kernel_report(spec: tuple[int, int, int, int], arch: int = 90, num_warps: int = 4) -> dict:
+def regs_kernel_report(spec: tuple[int, int, int, int], arch: int = 90, num_warps: int = 4, precision: str = "ieee",
+                       loops: bool = False) -> dict:
     in_dim, hidden, layers, out_dim = spec
     hp, block_c = siren_triton._launch_shape(SirenSpec(in_dim, hidden, layers, out_dim))
     kernel = siren_triton._fit_kernel_regs
@@ -32,10 +39,14 @@ def regs_kernel_report(spec: tuple[int, int, int, int], arch: int = 90, num_warp
              **dict.fromkeys(("lr", "beta1", "beta2", "eps", "omega0", "grad_scale", "inv_count"), "fp32")}
     signature = {n: types.get(n, "constexpr") for n in names}
     constexprs = dict(HAS_ACTIVE=True, IN=in_dim, INP=triton.next_power_of_2(in_dim), H=hidden, HP=hp, NS=layers,
-                      OUT=out_dim, OUTP=triton.next_power_of_2(out_dim), BLOCK_C=block_c, PRECISION="ieee")
+                      OUT=out_dim, OUTP=triton.next_power_of_2(out_dim), BLOCK_C=block_c, PRECISION=precision)
     compiled = compile_for(kernel, signature, constexprs, arch, num_warps=num_warps)
-    return {"spec": list(spec), "dots_mkn": dot_shapes(compiled.asm["ttgir"]),
-            "shared_bytes": compiled.metadata.shared}
+    report = {"spec": list(spec), "dots_mkn": dot_shapes(compiled.asm["ttgir"]),
+              "shared_bytes": compiled.metadata.shared}
+    if loops:  # the innermost loop is the pixel-tile loop: one trip is forward and backward of block_c pixels
+        (loop,) = inner_loops(compiled)
+        report.update(block_c=block_c, num_warps=num_warps, tile_instructions=loop["instructions"], tile_ops=loop["ops"])
+    return report
 
 
 def main(argv=None) -> int:
@@ -49,6 +60,14 @@ def main(argv=None) -> int:
         return 0
     for r in reports:
         print(f"spec {r['spec']}: dots (M, K, N) {r['dots_mkn']}, shared {r['shared_bytes']} B")
+    pixels = 28 * 28
+    for precision in ("ieee", "tf32"):
+        r = regs_kernel_report(SPECS[0], args.arch, precision=precision, loops=True)
+        trips = -(-pixels // r["block_c"])
+        per_field_step = trips * r["tile_instructions"] * 32 * r["num_warps"]
+        print(f"spec {r['spec']} {precision}: pixel-tile loop {r['tile_instructions']} SASS instructions a thread per "
+              f"{r['block_c']} pixels ({r['tile_ops'].get('FFMA', 0)} FFMA, {r['tile_ops'].get('HMMA', 0)} HMMA); "
+              f"issue bound on 28 x 28 on an H100: {H100_ISSUE_PER_S / per_field_step / 1e6:.1f} M field-steps/s")
     return 0
 
 

@@ -3,14 +3,20 @@
 For each precision and the tiles `bench_ssim --sweep` times ((BN, BM, num_warps, num_stages); the first is
 the default), in both modes (the N x M matrix, the fused nearest-neighbour reduction).
 
+For the default tiles it also counts the SASS instructions of the loop over output pixels (one GEMM and the
+SSIM formula for a tile of pairs) and prints the issue-bound time of a 10k x 10k MNIST matrix on an H100 SXM
+(every instruction one issue slot; benchmarks.ptxas_vq's H100_ISSUE_PER_S): an upper bound from a static
+count, not a measurement.
+
     python -m benchmarks.ptxas_ssim [--arch 90]
 """
 from __future__ import annotations
 
 import argparse
 
-from benchmarks._ptxas import cubin_usage
+from benchmarks._ptxas import compile_for, cubin_usage, inner_loops
 from benchmarks.bench_ssim import GEMM_SWEEP
+from benchmarks.ptxas_vq import H100_ISSUE_PER_S
 from nfkernels.ssim_gemm_triton import KP, _ssim_gemm_kernel
 
 ARGS = {"xmu_ptr": "*fp32", "xvar_ptr": "*fp32", "ymu_ptr": "*fp32", "yvar_ptr": "*fp32", "out_ptr": "*fp32",
@@ -20,14 +26,32 @@ ARGS = {"xmu_ptr": "*fp32", "xvar_ptr": "*fp32", "ymu_ptr": "*fp32", "yvar_ptr":
         **dict.fromkeys(("KP", "BN", "BM", "SPLIT", "PRECISION", "REDUCE", "EXCLUDE_SELF"), "constexpr")}
 
 
-def resource_usage(precision: str, tiles: tuple[int, int, int, int], reduce: bool, arch: int) -> dict:
+MNIST_PIXELS = 18 * 18  # output pixels of a 28 x 28 image: the 11 x 11 window's 5-pixel border is cropped
+
+
+def _build(precision: str, tiles: tuple[int, int, int, int], reduce: bool):
     bn, bm, num_warps, num_stages = tiles
     split = precision == "fp16x3"
     operand = "*fp16" if split else "*fp32"
     signature = {**dict.fromkeys(("ah_ptr", "al_ptr", "bh_ptr", "bl_ptr"), operand), **ARGS}
     constexprs = {"KP": KP, "BN": bn, "BM": bm, "SPLIT": split, "PRECISION": "ieee" if split else precision,
                   "REDUCE": reduce, "EXCLUDE_SELF": reduce}
-    return cubin_usage(_ssim_gemm_kernel, signature, constexprs, arch, num_warps=num_warps, num_stages=num_stages)
+    return _ssim_gemm_kernel, signature, constexprs, {"num_warps": num_warps, "num_stages": num_stages}
+
+
+def resource_usage(precision: str, tiles: tuple[int, int, int, int], reduce: bool, arch: int) -> dict:
+    kernel, signature, constexprs, options = _build(precision, tiles, reduce)
+    return cubin_usage(kernel, signature, constexprs, arch, **options)
+
+
+def pixel_loop(precision: str, tiles: tuple[int, int, int, int], reduce: bool, arch: int) -> dict:
+    """The output-pixel loop's SASS: {"instructions" (per thread and trip), "per_pair_pixel", "ops"}."""
+    kernel, signature, constexprs, options = _build(precision, tiles, reduce)
+    loops = inner_loops(compile_for(kernel, signature, constexprs, arch, **options))
+    if len(loops) != 1:
+        raise RuntimeError(f"expected one inner loop in the {precision} kernel, found {len(loops)}")
+    bn, bm, num_warps, _ = tiles
+    return {**loops[0], "per_pair_pixel": loops[0]["instructions"] / (bn * bm / (32 * num_warps))}
 
 
 def main(argv=None) -> int:
@@ -41,6 +65,12 @@ def main(argv=None) -> int:
                 print(f"{precision} tiles {tiles} {'reduce' if reduce else 'matrix':6s}: {use['registers']:3d} registers, "
                       f"{use['stack_bytes']:4d} B stack{'  (spills)' if use['stack_bytes'] else '':10s} "
                       f"{use['shared_bytes'] // 1024:3d} KB shared", flush=True)
+        for reduce in (False, True):
+            loop = pixel_loop(precision, configs[0], reduce, args.arch)
+            seconds = 1e8 * MNIST_PIXELS * loop["per_pair_pixel"] / H100_ISSUE_PER_S
+            print(f"{precision} tiles {configs[0]} {'reduce' if reduce else 'matrix':6s}: pixel loop "
+                  f"{loop['per_pair_pixel']:.1f} SASS instructions a pair and pixel ({loop['ops'].get('HGMMA', 0)} "
+                  f"HGMMA a trip); issue bound for 10k x 10k MNIST on an H100: {seconds:.3f} s", flush=True)
     return 0
 
 

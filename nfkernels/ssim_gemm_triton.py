@@ -134,8 +134,8 @@ def _tiles(device: torch.device) -> tuple[int, int, int, int]:
     """(BN, BM, num_warps, num_stages). Off the GPU (the interpreter) the smallest tiles tl.dot allows.
 
     On CUDA: 64 x 32 pairs, 4 warps, 2 stages. Compiled for sm_90 (no GPU here) that is the largest tile whose
-    fp16x3 kernel does not spill (223 registers; 64 x 64 and 128 x 64 spill about 100 B at 255), and tf32x3
-    spills 88-168 B even there. Not yet timed: `bench_ssim --sweep` times the others."""
+    fp16x3 kernel does not spill in either mode (159 registers; 64 x 64 and 128 x 64 spill 48-56 B at 255 when
+    writing the matrix), and tf32x3 spills even there. Not yet timed: `bench_ssim --sweep` times the others."""
     if device.type != "cuda":
         return 16, 16, 4, 1
     return 64, 32, 4, 2
