@@ -79,15 +79,20 @@ def _ssim_gemm_kernel(ah_ptr, al_ptr, bh_ptr, bl_ptr, xmu_ptr, xvar_ptr, ymu_ptr
                 acc = tl.dot(a_hi, tl.trans(b_hi), acc * lo_inv)
             else:
                 acc = tl.dot(a_hi, tl.trans(b_hi), input_precision=PRECISION)
-            cxy = acc * inv_scale
-            mx = tl.load(xmu_ptr + p * NP + n)[:, None]
-            vx = tl.load(xvar_ptr + p * NP + n)[:, None]
+            # The SSIM formula with its constants folded into per-row / per-column terms, so that a pair costs
+            # 9 operations and the division: ((2 mx my + c1) (2 cxy - 2 mx my + c2)) / ((mx² + c1 + my²)(vx + c2 + vy)).
+            # The division is div.approx (2 ulp; the denominator is at least c1 * c2 ≈ 1e-7, far inside its
+            # range): full-range division's range checks cost about as much as the rest of the formula.
+            mx = tl.load(xmu_ptr + p * NP + n)
             my = tl.load(ymu_ptr + p * MP + m)[None, :]
+            mx2_c1 = (mx * mx + c1)[:, None]
+            vx_c2 = (tl.load(xvar_ptr + p * NP + n) + c2)[:, None]
+            my2 = my * my
             vy = tl.load(yvar_ptr + p * MP + m)[None, :]
-            mxy = mx * my
-            num = (2.0 * mxy + c1) * (2.0 * (cxy - mxy) + c2)
-            den = (mx * mx + my * my + c1) * (vx + vy + c2)
-            total += tl.fdiv(num, den)
+            mxy = mx[:, None] * my
+            num = (2.0 * mxy + c1) * (acc * (2.0 * inv_scale) + c2 - 2.0 * mxy)
+            den = (mx2_c1 + my2) * (vx_c2 + vy)
+            total += tl.fdiv(num, den, approx=True)
         sim = total / P
         if REDUCE:
             ok = m_ok[None, :] & n_ok[:, None]
@@ -134,7 +139,7 @@ def _tiles(device: torch.device) -> tuple[int, int, int, int]:
     """(BN, BM, num_warps, num_stages). Off the GPU (the interpreter) the smallest tiles tl.dot allows.
 
     On CUDA: 64 x 32 pairs, 4 warps, 2 stages. Compiled for sm_90 (no GPU here) that is the largest tile whose
-    fp16x3 kernel does not spill in either mode (159 registers; 64 x 64 and 128 x 64 spill 48-56 B at 255 when
+    fp16x3 kernel does not spill in either mode (146-160 registers; 64 x 64 and 128 x 64 spill 56 B at 255 when
     writing the matrix), and tf32x3 spills even there. Not yet timed: `bench_ssim --sweep` times the others."""
     if device.type != "cuda":
         return 16, 16, 4, 1
