@@ -43,6 +43,7 @@ def _cuobjdump(kernel, flag: str) -> str:
         return subprocess.run([cuobjdump, flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
+H100_ISSUE_PER_S = 132 * 128 * 1.98e9  # thread-instructions a second an H100 SXM issues at its boost clock
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*;")
 
 
@@ -66,6 +67,14 @@ def inner_loops(kernel) -> list[dict]:
         ops = collections.Counter(op for a, op, _ in code if start <= a <= end)
         loops.append({"start": start, "end": end, "instructions": sum(ops.values()), "ops": dict(ops)})
     return loops
+
+
+def the_inner_loop(kernel) -> dict:
+    """inner_loops' only entry, for kernels with a single innermost loop."""
+    loops = inner_loops(kernel)
+    if len(loops) != 1:
+        raise RuntimeError(f"expected one innermost loop in {kernel.name}, found {len(loops)}")
+    return loops[0]
 
 
 def cubin_usage(kernel_fn, signature: dict, constexprs: dict, arch: int = 90, **options) -> dict:

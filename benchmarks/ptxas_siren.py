@@ -19,8 +19,7 @@ import json
 
 import triton
 
-from benchmarks._ptxas import compile_for, dot_shapes, inner_loops
-from benchmarks.ptxas_vq import H100_ISSUE_PER_S
+from benchmarks._ptxas import H100_ISSUE_PER_S, compile_for, dot_shapes, the_inner_loop
 from nfkernels import siren_triton
 from nfkernels.siren import SirenSpec
 
@@ -44,7 +43,7 @@ def regs_kernel_report(spec: tuple[int, int, int, int], arch: int = 90, num_warp
     report = {"spec": list(spec), "dots_mkn": dot_shapes(compiled.asm["ttgir"]),
               "shared_bytes": compiled.metadata.shared}
     if loops:  # the innermost loop is the pixel-tile loop: one trip is forward and backward of block_c pixels
-        (loop,) = inner_loops(compiled)
+        loop = the_inner_loop(compiled)
         report.update(block_c=block_c, num_warps=num_warps, tile_instructions=loop["instructions"], tile_ops=loop["ops"])
     return report
 

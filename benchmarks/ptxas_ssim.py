@@ -5,7 +5,7 @@ the default), in both modes (the N x M matrix, the fused nearest-neighbour reduc
 
 For the default tiles it also counts the SASS instructions of the loop over output pixels (one GEMM and the
 SSIM formula for a tile of pairs) and prints the issue-bound time of a 10k x 10k MNIST matrix on an H100 SXM
-(every instruction one issue slot; benchmarks.ptxas_vq's H100_ISSUE_PER_S): an upper bound from a static
+(every instruction one issue slot; benchmarks._ptxas.H100_ISSUE_PER_S): an upper bound from a static
 count, not a measurement.
 
     python -m benchmarks.ptxas_ssim [--arch 90]
@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks._ptxas import compile_for, cubin_usage, inner_loops
+from benchmarks._ptxas import H100_ISSUE_PER_S, compile_for, cubin_usage, the_inner_loop
 from benchmarks.bench_ssim import GEMM_SWEEP
-from benchmarks.ptxas_vq import H100_ISSUE_PER_S
 from nfkernels.ssim_gemm_triton import KP, _ssim_gemm_kernel
 
 ARGS = {"xmu_ptr": "*fp32", "xvar_ptr": "*fp32", "ymu_ptr": "*fp32", "yvar_ptr": "*fp32", "out_ptr": "*fp32",
@@ -47,11 +46,9 @@ def resource_usage(precision: str, tiles: tuple[int, int, int, int], reduce: boo
 def pixel_loop(precision: str, tiles: tuple[int, int, int, int], reduce: bool, arch: int) -> dict:
     """The output-pixel loop's SASS: {"instructions" (per thread and trip), "per_pair_pixel", "ops"}."""
     kernel, signature, constexprs, options = _build(precision, tiles, reduce)
-    loops = inner_loops(compile_for(kernel, signature, constexprs, arch, **options))
-    if len(loops) != 1:
-        raise RuntimeError(f"expected one inner loop in the {precision} kernel, found {len(loops)}")
+    loop = the_inner_loop(compile_for(kernel, signature, constexprs, arch, **options))
     bn, bm, num_warps, _ = tiles
-    return {**loops[0], "per_pair_pixel": loops[0]["instructions"] / (bn * bm / (32 * num_warps))}
+    return {**loop, "per_pair_pixel": loop["instructions"] / (bn * bm / (32 * num_warps))}
 
 
 def main(argv=None) -> int:

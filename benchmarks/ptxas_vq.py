@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks._ptxas import compile_for, cubin_usage, inner_loops
+from benchmarks._ptxas import H100_ISSUE_PER_S, compile_for, cubin_usage, the_inner_loop
 from benchmarks.bench_vq import SWEEP_TILES
 from nfkernels.vq_triton import _vq_assign_kernel, default_tiles
 
@@ -28,18 +28,13 @@ def resource_usage(d: int, block_m: int, block_k: int, num_warps: int, arch: int
                        num_warps=num_warps)
 
 
-H100_ISSUE_PER_S = 132 * 128 * 1.98e9  # thread-instructions a second, H100 SXM at its boost clock
-
-
 def inner_loop(d: int, block_m: int, block_k: int, num_warps: int, arch: int) -> dict:
     """The codebook-tile loop's SASS: {"instructions" (per thread and trip), "per_distance", "ops"}."""
     kernel = compile_for(_vq_assign_kernel, SIGNATURE, {"D": d, "BLOCK_M": block_m, "BLOCK_K": block_k}, arch,
                          num_warps=num_warps)
-    loops = inner_loops(kernel)
-    if len(loops) != 1:
-        raise RuntimeError(f"expected one inner loop in the d={d} kernel, found {len(loops)}")
+    loop = the_inner_loop(kernel)
     per_thread = block_m * block_k // (32 * num_warps)  # distances a thread computes per trip
-    return {**loops[0], "per_distance": loops[0]["instructions"] / per_thread}
+    return {**loop, "per_distance": loop["instructions"] / per_thread}
 
 
 def main(argv=None) -> int:

@@ -254,8 +254,9 @@ def test_gemm_chunks_and_fallback():
 
 
 def test_gemm_default_tiles_do_not_spill_on_sm90():
-    """The GEMM kernel's default tiles (fp16x3, both modes) compile for an H100 without register spills (no GPU
-    needed). In a subprocess without TRITON_INTERPRET: under the interpreter its jit helper cannot be compiled."""
+    """The GEMM kernel's default tiles (fp16x3, both modes) compile for an H100 without register spills, and its
+    pixel loop runs the three GEMMs as warpgroup MMAs with no local-memory traffic (no GPU needed). In a
+    subprocess without TRITON_INTERPRET: under the interpreter its jit helper cannot be compiled."""
     if not HAS_TRITON:
         pytest.skip("triton not available")
     from benchmarks._ptxas import has_tools
@@ -264,10 +265,15 @@ def test_gemm_default_tiles_do_not_spill_on_sm90():
         pytest.skip("this Triton ships no ptxas/cuobjdump")
     code = ("import json, torch; from benchmarks.ptxas_ssim import resource_usage; "
             "from nfkernels.ssim_gemm_triton import _tiles; "
-            "print(json.dumps([resource_usage('fp16x3', _tiles(torch.device('cuda')), r, 90) for r in (False, True)]))")
+            "from benchmarks.ptxas_ssim import pixel_loop; t = _tiles(torch.device('cuda')); "
+            "print(json.dumps([[resource_usage('fp16x3', t, r, 90), pixel_loop('fp16x3', t, r, 90)] "
+            "for r in (False, True)]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
-    for use in json.loads(out.stdout.strip().splitlines()[-1]):
+    for use, loop in json.loads(out.stdout.strip().splitlines()[-1]):
         assert use["stack_bytes"] == 0 and 0 < use["registers"] <= 255, use
+        # 3 GEMMs of K = 128 in k-steps of 16; 35-36 instructions a pair and pixel with Triton 3.9
+        assert loop["ops"].get("HGMMA", 0) >= 24 and not {"LDL", "STL"} & set(loop["ops"]), loop["ops"]
+        assert loop["per_pair_pixel"] <= 45, loop
