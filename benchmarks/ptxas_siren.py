@@ -44,7 +44,8 @@ def regs_kernel_report(spec: tuple[int, int, int, int], arch: int = 90, num_warp
               "shared_bytes": compiled.metadata.shared}
     if loops:  # the innermost loop is the pixel-tile loop: one trip is forward and backward of block_c pixels
         loop = the_inner_loop(compiled)
-        report.update(block_c=block_c, num_warps=num_warps, tile_instructions=loop["instructions"], tile_ops=loop["ops"])
+        report.update(block_c=block_c, num_warps=num_warps, tile_instructions=loop["instructions"],
+                      tile_ops=loop["ops"])
     return report
 
 

@@ -80,7 +80,8 @@ def _ssim_gemm_kernel(ah_ptr, al_ptr, bh_ptr, bl_ptr, xmu_ptr, xvar_ptr, ymu_ptr
             else:
                 acc = tl.dot(a_hi, tl.trans(b_hi), input_precision=PRECISION)
             # The SSIM formula with its constants folded into per-row / per-column terms, so that a pair costs
-            # 9 operations and the division: ((2 mx my + c1) (2 cxy - 2 mx my + c2)) / ((mx² + c1 + my²)(vx + c2 + vy)).
+            # 9 operations and the division:
+            #   ((2 mx my + c1) (2 cxy - 2 mx my + c2)) / ((mx² + c1 + my²) (vx + c2 + vy))
             # The division is div.approx (2 ulp; the denominator is at least c1 * c2 ≈ 1e-7, far inside its
             # range): full-range division's range checks cost 3 more SASS instructions a pair and pixel on sm_90.
             mx = tl.load(xmu_ptr + p * NP + n)
