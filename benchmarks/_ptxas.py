@@ -14,17 +14,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
-def compile_for(kernel_fn, signature: dict, constexprs: dict, arch: int = 90, divisible: tuple = (), **options):
+def compile_for(kernel_fn, signature: dict, constexprs: dict, arch: int = 90, **options):
     """`kernel_fn` compiled for sm_<arch> with `options` (num_warps, num_stages): .asm holds "ttgir", "cubin"…
 
-    Specialised as a launch specialises it: every pointer argument 16-byte aligned (torch's allocations are),
-    and the integer arguments named in `divisible` multiples of 16. Without the pointer alignment Triton cannot
-    vectorise loads, and the code would not be the code a GPU runs."""
+    Every pointer argument is taken as 16-byte aligned, as a launch with torch's allocations specialises it:
+    without that Triton cannot vectorise loads, and the code would not be the code a GPU runs."""
     if not hasattr(kernel_fn, "cache_key"):  # under TRITON_INTERPRET=1 (the tests) @jit made an interpreter wrapper
         kernel_fn = triton.runtime.jit.JITFunction(kernel_fn.fn)
-    names = list(signature)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
-             if t.startswith("*") or n in divisible}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
     src = ASTSource(kernel_fn, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 

@@ -263,9 +263,8 @@ def test_gemm_default_tiles_do_not_spill_on_sm90():
 
     if not has_tools():
         pytest.skip("this Triton ships no ptxas/cuobjdump")
-    code = ("import json, torch; from benchmarks.ptxas_ssim import resource_usage; "
-            "from nfkernels.ssim_gemm_triton import _tiles; "
-            "from benchmarks.ptxas_ssim import pixel_loop; t = _tiles(torch.device('cuda')); "
+    code = ("import json, torch; from benchmarks.ptxas_ssim import pixel_loop, resource_usage; "
+            "from nfkernels.ssim_gemm_triton import _tiles; t = _tiles(torch.device('cuda')); "
             "print(json.dumps([[resource_usage('fp16x3', t, r, 90), pixel_loop('fp16x3', t, r, 90)] "
             "for r in (False, True)]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
