@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import glob
+import importlib.util
 import os
 import re
 import subprocess
@@ -74,13 +75,34 @@ def the_inner_loop(kernel) -> dict:
     return loops[0]
 
 
-def cubin_usage(kernel_fn, signature: dict, constexprs: dict, arch: int = 90, **options) -> dict:
-    """{"registers", "stack_bytes", "shared_bytes"} of `kernel_fn` compiled for sm_<arch> with `options`
-    (num_warps, num_stages). Spills show as stack bytes > 0."""
-    kernel = compile_for(kernel_fn, signature, constexprs, arch, **options)
+def usage(kernel) -> dict:
+    """{"registers", "stack_bytes", "shared_bytes"} of a compiled kernel. Spills show as stack bytes > 0."""
     out = _cuobjdump(kernel, "-res-usage")
     fields = dict(item.split(":") for item in next(ln for ln in out.splitlines() if "REG:" in ln).split())
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]), "shared_bytes": kernel.metadata.shared}
+
+
+def cubin_usage(kernel_fn, signature: dict, constexprs: dict, arch: int = 90, **options) -> dict:
+    """usage() of `kernel_fn` compiled for sm_<arch> with `options` (num_warps, num_stages)."""
+    return usage(compile_for(kernel_fn, signature, constexprs, arch, **options))
+
+
+def module_at(commit: str | None, path: str, current):
+    """The module in file `path` (relative to the repository) as of git `commit`, so a tool can compile an older
+    kernel the same way as today's; `current` (the imported module) when commit is None."""
+    if commit is None:
+        return current
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "show", f"{commit}:{path}"], capture_output=True, text=True, check=True,
+                            cwd=root).stdout
+    folder = tempfile.mkdtemp(prefix="nfgen-ptxas-")
+    file = os.path.join(folder, os.path.basename(path))
+    with open(file, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(f"{current.__name__}_at_{commit}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def has_tools() -> bool:

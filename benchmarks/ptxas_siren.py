@@ -4,12 +4,13 @@ The dot shapes matter: Triton compiles a sum over a broadcast product into tt.do
 K of 1-4 (the output layer's outputs) that dot overcounted on the H100 (the interpreter cannot show it). Every dot
 of the kernel should have K >= 16.
 
-    python -m benchmarks.ptxas_siren [--arch 90]
+    python -m benchmarks.ptxas_siren [--arch 90] [--out FILE]
+    python -m benchmarks.ptxas_siren --at 86d514f      # the version fit-h100-sweep.json timed
 
 For the default SIREN it also counts the SASS instructions of the pixel-tile loop (forward and backward of
 BLOCK_C pixels) with exact fp32 and with tf32 dots, and prints the issue-bound fit rate on 28 x 28 images on an
 H100 SXM (every instruction one issue slot; the Adam update between steps not counted): an upper bound from a
-static count, not a measurement.
+static count, not a measurement. --at compiles the kernel as of an older commit, to compare it with today's.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import json
 
 import triton
 
-from benchmarks._ptxas import H100_ISSUE_PER_S, compile_for, dot_shapes, the_inner_loop
+from benchmarks._env import environment, write_result
+from benchmarks._ptxas import H100_ISSUE_PER_S, compile_for, dot_shapes, module_at, the_inner_loop
 from nfkernels import siren_triton
 from nfkernels.siren import SirenSpec
 
@@ -29,10 +31,10 @@ SPECS = [(2, 32, 2, 1), (3, 48, 2, 3), (2, 32, 1, 1), (2, 64, 2, 3), (1, 16, 1, 
 
 
 def regs_kernel_report(spec: tuple[int, int, int, int], arch: int = 90, num_warps: int = 4, precision: str = "ieee",
-                       loops: bool = False) -> dict:
+                       loops: bool = False, module=siren_triton) -> dict:
     in_dim, hidden, layers, out_dim = spec
-    hp, block_c = siren_triton._launch_shape(SirenSpec(in_dim, hidden, layers, out_dim))
-    kernel = siren_triton._fit_kernel_regs
+    hp, block_c = module._launch_shape(SirenSpec(in_dim, hidden, layers, out_dim))
+    kernel = module._fit_kernel_regs
     names = inspect.signature(getattr(kernel, "fn", kernel)).parameters
     types = {**dict.fromkeys(POINTERS, "*fp32"), "act_ptr": "*i8", **dict.fromkeys(("N", "C", "P", "n_steps"), "i32"),
              **dict.fromkeys(("lr", "beta1", "beta2", "eps", "omega0", "grad_scale", "inv_count"), "fp32")}
@@ -52,22 +54,32 @@ def regs_kernel_report(spec: tuple[int, int, int, int], arch: int = 90, num_warp
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90: H100)")
-    ap.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    ap.add_argument("--json", action="store_true", help="one JSON list of the dot shapes instead of a table")
+    ap.add_argument("--at", default=None, help="compile nfkernels/siren_triton.py as of this git commit")
+    ap.add_argument("--out", default=None, help="write every report as JSON here")
     args = ap.parse_args(argv)
-    reports = [regs_kernel_report(spec, args.arch) for spec in SPECS]
+    module = module_at(args.at, "nfkernels/siren_triton.py", siren_triton)
+    reports = [regs_kernel_report(spec, args.arch, module=module) for spec in SPECS]
     if args.json:
         print(json.dumps(reports))
         return 0
     for r in reports:
         print(f"spec {r['spec']}: dots (M, K, N) {r['dots_mkn']}, shared {r['shared_bytes']} B")
     pixels = 28 * 28
+    loops = []
     for precision in ("ieee", "tf32"):
-        r = regs_kernel_report(SPECS[0], args.arch, precision=precision, loops=True)
+        r = regs_kernel_report(SPECS[0], args.arch, precision=precision, loops=True, module=module)
         trips = -(-pixels // r["block_c"])
-        per_field_step = trips * r["tile_instructions"] * 32 * r["num_warps"]
+        r.update(precision=precision, bound_field_steps_per_s=H100_ISSUE_PER_S / (trips * r["tile_instructions"] * 32
+                                                                                   * r["num_warps"]))
+        loops.append(r)
         print(f"spec {r['spec']} {precision}: pixel-tile loop {r['tile_instructions']} SASS instructions a thread per "
               f"{r['block_c']} pixels ({r['tile_ops'].get('FFMA', 0)} FFMA, {r['tile_ops'].get('HMMA', 0)} HMMA); "
-              f"issue bound on 28 x 28 on an H100: {H100_ISSUE_PER_S / per_field_step / 1e6:.1f} M field-steps/s")
+              f"issue bound on 28 x 28 on an H100: {r['bound_field_steps_per_s'] / 1e6:.1f} M field-steps/s")
+    if args.out:
+        write_result(args.out, {**environment("benchmarks.ptxas_siren", "cpu"), "target": f"sm_{args.arch}",
+                                "kernel_at": args.at or "HEAD", "issue_per_s": H100_ISSUE_PER_S, "specs": reports,
+                                "pixel_tile_loops": loops})
     return 0
 
 

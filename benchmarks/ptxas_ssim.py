@@ -1,73 +1,86 @@
-"""Registers, spills and shared memory of the Triton SSIM GEMM kernel compiled for sm_90 (H100), no GPU needed.
+"""Registers, spills, shared memory and pixel-loop instructions of the Triton SSIM GEMM kernel compiled for sm_90
+(H100), no GPU needed.
 
 For each precision and the tiles `bench_ssim --sweep` times ((BN, BM, num_warps, num_stages); the first is
 the default), in both modes (the N x M matrix, the fused nearest-neighbour reduction).
 
-For the default tiles it also counts the SASS instructions of the loop over output pixels (one GEMM and the
-SSIM formula for a tile of pairs) and prints the issue-bound time of a 10k x 10k MNIST matrix on an H100 SXM
-(every instruction one issue slot; benchmarks._ptxas.H100_ISSUE_PER_S): an upper bound from a static
-count, not a measurement.
+It also counts the SASS instructions of the loop over output pixels (the GEMMs and the SSIM formula for a tile
+of pairs) and prints the issue-bound time of a 10k x 10k MNIST matrix on an H100 SXM (every instruction one
+issue slot; benchmarks._ptxas.H100_ISSUE_PER_S): an upper bound from a static count, not a measurement.
+--at compiles the kernel as of an older commit, to compare it with today's the same way.
 
-    python -m benchmarks.ptxas_ssim [--arch 90]
+    python -m benchmarks.ptxas_ssim [--arch 90] [--out FILE]
+    python -m benchmarks.ptxas_ssim --at 0a2f01b      # before the SSIM formula was folded (commit fbfa6dd)
 """
 from __future__ import annotations
 
 import argparse
 
-from benchmarks._ptxas import H100_ISSUE_PER_S, compile_for, cubin_usage, the_inner_loop
+from benchmarks._env import environment, write_result
+from benchmarks._ptxas import H100_ISSUE_PER_S, compile_for, module_at, the_inner_loop, usage
 from benchmarks.bench_ssim import GEMM_SWEEP
-from nfkernels.ssim_gemm_triton import KP, _ssim_gemm_kernel
+from nfkernels import ssim_gemm_triton
+from nfkernels.ssim_gemm_triton import KP
 
 ARGS = {"xmu_ptr": "*fp32", "xvar_ptr": "*fp32", "ymu_ptr": "*fp32", "yvar_ptr": "*fp32", "out_ptr": "*fp32",
         "out_stride": "i32", "best_ptr": "*fp32", "arg_ptr": "*i64", **dict.fromkeys(
             ("N", "M", "NP", "MP", "P", "row0", "col0", "m_step", "splits"), "i32"),
         **dict.fromkeys(("c1", "c2", "inv_scale", "lo_inv"), "fp32"),
         **dict.fromkeys(("KP", "BN", "BM", "SPLIT", "PRECISION", "REDUCE", "EXCLUDE_SELF"), "constexpr")}
-
-
 MNIST_PIXELS = 18 * 18  # output pixels of a 28 x 28 image: the 11 x 11 window's 5-pixel border is cropped
 
 
-def _build(precision: str, tiles: tuple[int, int, int, int], reduce: bool):
+def _compile(precision: str, tiles: tuple[int, int, int, int], reduce: bool, arch: int, module=ssim_gemm_triton):
     bn, bm, num_warps, num_stages = tiles
     split = precision == "fp16x3"
     operand = "*fp16" if split else "*fp32"
     signature = {**dict.fromkeys(("ah_ptr", "al_ptr", "bh_ptr", "bl_ptr"), operand), **ARGS}
     constexprs = {"KP": KP, "BN": bn, "BM": bm, "SPLIT": split, "PRECISION": "ieee" if split else precision,
                   "REDUCE": reduce, "EXCLUDE_SELF": reduce}
-    return _ssim_gemm_kernel, signature, constexprs, {"num_warps": num_warps, "num_stages": num_stages}
+    return compile_for(module._ssim_gemm_kernel, signature, constexprs, arch, num_warps=num_warps,
+                       num_stages=num_stages)
+
+
+def _pixel_loop(kernel, tiles: tuple[int, int, int, int]) -> dict:
+    loop = the_inner_loop(kernel)
+    bn, bm, num_warps, _ = tiles
+    return {**loop, "per_pair_pixel": loop["instructions"] / (bn * bm / (32 * num_warps))}
 
 
 def resource_usage(precision: str, tiles: tuple[int, int, int, int], reduce: bool, arch: int) -> dict:
-    kernel, signature, constexprs, options = _build(precision, tiles, reduce)
-    return cubin_usage(kernel, signature, constexprs, arch, **options)
+    return usage(_compile(precision, tiles, reduce, arch))
 
 
 def pixel_loop(precision: str, tiles: tuple[int, int, int, int], reduce: bool, arch: int) -> dict:
     """The output-pixel loop's SASS: {"instructions" (per thread and trip), "per_pair_pixel", "ops"}."""
-    kernel, signature, constexprs, options = _build(precision, tiles, reduce)
-    loop = the_inner_loop(compile_for(kernel, signature, constexprs, arch, **options))
-    bn, bm, num_warps, _ = tiles
-    return {**loop, "per_pair_pixel": loop["instructions"] / (bn * bm / (32 * num_warps))}
+    return _pixel_loop(_compile(precision, tiles, reduce, arch), tiles)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90: H100)")
+    ap.add_argument("--at", default=None, help="compile nfkernels/ssim_gemm_triton.py as of this git commit")
+    ap.add_argument("--out", default=None, help="write every row as JSON here")
     args = ap.parse_args(argv)
+    module = module_at(args.at, "nfkernels/ssim_gemm_triton.py", ssim_gemm_triton)
+    rows = []
     for precision, configs in GEMM_SWEEP:
         for tiles in configs:
             for reduce in (False, True):
-                use = resource_usage(precision, tiles, reduce, args.arch)
-                print(f"{precision} tiles {tiles} {'reduce' if reduce else 'matrix':6s}: {use['registers']:3d} registers, "
+                kernel = _compile(precision, tiles, reduce, args.arch, module)
+                use, loop = usage(kernel), _pixel_loop(kernel, tiles)
+                seconds = 1e8 * MNIST_PIXELS * loop["per_pair_pixel"] / H100_ISSUE_PER_S
+                rows.append({"precision": precision, "tiles": list(tiles), "mode": "reduce" if reduce else "matrix",
+                             **use, "per_pair_pixel": loop["per_pair_pixel"], "loop_ops": loop["ops"],
+                             "bound_10k_s": seconds})
+                print(f"{precision} tiles {tiles} {rows[-1]['mode']:6s}: {use['registers']:3d} registers, "
                       f"{use['stack_bytes']:4d} B stack{'  (spills)' if use['stack_bytes'] else '':10s} "
-                      f"{use['shared_bytes'] // 1024:3d} KB shared", flush=True)
-        for reduce in (False, True):
-            loop = pixel_loop(precision, configs[0], reduce, args.arch)
-            seconds = 1e8 * MNIST_PIXELS * loop["per_pair_pixel"] / H100_ISSUE_PER_S
-            print(f"{precision} tiles {configs[0]} {'reduce' if reduce else 'matrix':6s}: pixel loop "
-                  f"{loop['per_pair_pixel']:.1f} SASS instructions a pair and pixel ({loop['ops'].get('HGMMA', 0)} "
-                  f"HGMMA a trip); issue bound for 10k x 10k MNIST on an H100: {seconds:.3f} s", flush=True)
+                      f"{use['shared_bytes'] // 1024:3d} KB shared; pixel loop {loop['per_pair_pixel']:5.1f} SASS "
+                      f"instructions a pair and pixel ({loop['ops'].get('HGMMA', 0)} HGMMA a trip), issue bound "
+                      f"for 10k x 10k MNIST on an H100 {seconds:.3f} s", flush=True)
+    if args.out:
+        write_result(args.out, {**environment("benchmarks.ptxas_ssim", "cpu"), "target": f"sm_{args.arch}",
+                                "kernel_at": args.at or "HEAD", "issue_per_s": H100_ISSUE_PER_S, "rows": rows})
     return 0
 
 
