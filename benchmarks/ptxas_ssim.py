@@ -37,6 +37,9 @@ def _compile(precision: str, tiles: tuple[int, int, int, int], reduce: bool, arc
     signature = {**dict.fromkeys(("ah_ptr", "al_ptr", "bh_ptr", "bl_ptr"), operand), **ARGS}
     constexprs = {"KP": KP, "BN": bn, "BM": bm, "SPLIT": split, "PRECISION": "ieee" if split else precision,
                   "REDUCE": reduce, "EXCLUDE_SELF": reduce}
+    if hasattr(module, "APPROX_DIV"):  # commits before the Triton 3.6 fallback had no APPROX argument
+        signature["APPROX"] = "constexpr"
+        constexprs["APPROX"] = module.APPROX_DIV
     return compile_for(module._ssim_gemm_kernel, signature, constexprs, arch, num_warps=num_warps,
                        num_stages=num_stages)
 

@@ -24,6 +24,8 @@ Import only when nfkernels._ext.HAS_TRITON; on CPU tensors it runs under TRITON_
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -31,6 +33,10 @@ import triton.language as tl
 
 from nfkernels.ssim import C1, C2, gaussian_window, image_stats
 from nfkernels.ssim_triton import running_nearest
+
+# tl.fdiv's approx flag (div.approx.f32) is new in Triton 3.9; older versions (3.6 beside torch 2.11 on the GPU
+# machine) lower a plain `/` to the approximate full-range division already
+APPROX_DIV = "approx" in inspect.signature(tl.fdiv).parameters
 
 PRECISIONS = ("fp16x3", "tf32x3", "ieee")
 LO_SCALE = 4096.0  # 2^12: lifts the fp16 residuals out of the subnormal range
@@ -44,7 +50,8 @@ def _ssim_gemm_kernel(ah_ptr, al_ptr, bh_ptr, bl_ptr, xmu_ptr, xvar_ptr, ymu_ptr
                       out_ptr, out_stride, best_ptr, arg_ptr,
                       N, M, NP, MP, P, row0, col0, m_step, splits, c1, c2, inv_scale, lo_inv,
                       KP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr,
-                      PRECISION: tl.constexpr, REDUCE: tl.constexpr, EXCLUDE_SELF: tl.constexpr):
+                      PRECISION: tl.constexpr, REDUCE: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+                      APPROX: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     n = pid_n * BN + tl.arange(0, BN)
@@ -93,7 +100,10 @@ def _ssim_gemm_kernel(ah_ptr, al_ptr, bh_ptr, bl_ptr, xmu_ptr, xvar_ptr, ymu_ptr
             mxy = mx[:, None] * my
             num = (2.0 * mxy + c1) * (acc * (2.0 * inv_scale) + c2 - 2.0 * mxy)
             den = (mx2_c1 + my2) * (vx_c2 + vy)
-            total += tl.fdiv(num, den, approx=True)
+            if APPROX:
+                total += tl.fdiv(num, den, approx=True)
+            else:
+                total += num / den
         sim = total / P
         if REDUCE:
             ok = m_ok[None, :] & n_ok[:, None]
@@ -205,7 +215,7 @@ def launch_gemm(xp: torch.Tensor, yp: torch.Tensor, *, reduce: bool, exclude_sel
                 ah, al if split else ah, bh, bl if split else bh, xmu, xvar, ymu, yvar, target, stride, best, arg,
                 nc, mc, ah.shape[1], bh.shape[1], P, i0, j0, m_step, splits, C1, C2, scale, 1.0 / LO_SCALE,
                 KP=KP, BN=bn, BM=bm, SPLIT=split, PRECISION="ieee" if split else precision, REDUCE=reduce,
-                EXCLUDE_SELF=exclude_self, num_warps=num_warps, num_stages=num_stages)
+                EXCLUDE_SELF=exclude_self, APPROX=APPROX_DIV, num_warps=num_warps, num_stages=num_stages)
             if reduce:
                 row_best.append(best)
                 row_arg.append(arg)
