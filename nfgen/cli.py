@@ -220,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                     ("init", "shared (one template for all fields) or independent"),
                     ("template", "PATH[:INDEX] of a fitted field to start every field from"),
                     ("target-psnr", "stop a field once it reaches this PSNR (dB)"), ("seed", "seed of the init"),
-                    ("backend", "auto, torch, cpp or triton"), ("device", "auto, cpu or cuda")]:
+                    ("backend", "auto, torch, cpp or triton"),
+                    ("dot-precision", "Triton's hidden×hidden products: ieee (fp32), tf32 or tf32x3"),
+                    ("device", "auto, cpu or cuda")]:
         _opt(p, name, FitConfig, h, type_=float if name == "target-psnr" else None)
     p.set_defaults(func=cmd_fit)
 

@@ -71,6 +71,9 @@ class FitConfig:
     target_psnr: float | None = None  # freeze a field once it reaches this PSNR (dB)
     steps_per_call: int = 25  # fused steps per siren_fit_steps call (progress and early stop run between)
     backend: str = "auto"
+    # the Triton kernel's hidden×hidden products: exact fp32 ("ieee") or on tensor cores ("tf32", "tf32x3");
+    # the torch and C++ backends are always exact fp32
+    dot_precision: str = "ieee"
     device: str = "auto"
     quiet: bool = False
 
@@ -88,6 +91,8 @@ class FitConfig:
             problems.append(f"steps_per_call must be >= 1 (got {self.steps_per_call})")
         if self.init not in ("shared", "independent"):
             problems.append(f"init must be 'shared' or 'independent' (got {self.init!r})")
+        if self.dot_precision not in ("ieee", "tf32", "tf32x3"):
+            problems.append(f"dot_precision must be ieee, tf32 or tf32x3 (got {self.dot_precision!r})")
         if self.target_psnr is not None and not (self.target_psnr > 0 and math.isfinite(self.target_psnr)):
             problems.append(f"target_psnr must be a positive number of dB (got {self.target_psnr})")
         if self.template is not None and self.init != "shared":
@@ -215,7 +220,8 @@ def _fit_batch(start: torch.Tensor, target: torch.Tensor, coords: torch.Tensor, 
     while done < cfg.steps and bool(active.any()):
         k = min(cfg.steps_per_call, cfg.steps - done)
         mse = siren_fit_steps(params, exp_avg, exp_avg_sq, done, coords, target, spec,
-                              lr=lr_at(cfg, done) * lr_scale, n_steps=k, active=active, backend=cfg.backend)
+                              lr=lr_at(cfg, done) * lr_scale, n_steps=k, active=active, backend=cfg.backend,
+                              dot_precision=cfg.dot_precision)
         done += k
         # A NaN/inf field is frozen at once (its weights are garbage; it gets re-initialised later).
         bad = ~torch.isfinite(mse) | ~torch.isfinite(params).all(dim=1)

@@ -406,18 +406,15 @@ def siren_fit_steps(params, exp_avg, exp_avg_sq, step, coords, target, spec, *, 
 
     kernel: "regs" (weights, Adam moments and gradient sums in registers; 1-2 sine layers, width ≤ 64),
     "scratch" (any shape the module takes; activations and gradients in a per-program global scratch) or
-    "auto". auto is scratch for now: regs is 2.0× (fp32) to 4.5× (tf32) faster on the H100
-    (benchmarks/results/fit-h100-sweep.json), but it has failed the GPU tests twice (a store-then-load race on
-    the Adam moments; then the output layer's 3-D reduction, which made the hidden gradients 2-8x too large
-    while Adam's scale invariance kept the fit itself close). Both are fixed, the second without a GPU run
-    since; auto moves to regs once it has passed there. dot_precision: the hidden×hidden products in exact
+    "auto" (regs where it takes the shape, else scratch: on the H100 regs fits the default SIREN 2.2× (fp32) to
+    4.6× (tf32) faster, benchmarks/results/fit-h100.json). dot_precision: the hidden×hidden products in exact
     fp32 ("ieee") or on tensor cores ("tf32", "tf32x3"). block_c / num_warps / programs_per_sm are launch
     knobs for benchmarks.
     """
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
     if kernel == "auto":
-        kernel = "scratch"
+        kernel = "regs" if fits_in_registers(spec) else "scratch"
     if kernel not in ("regs", "scratch") or (kernel == "regs" and not fits_in_registers(spec)):
         raise ValueError(f"kernel {kernel!r} does not take {spec}; use auto, regs (≤ 2 sine layers, width ≤ 64) "
                          "or scratch")
@@ -426,6 +423,8 @@ def siren_fit_steps(params, exp_avg, exp_avg_sq, step, coords, target, spec, *, 
     if n == 0 or c == 0:
         return loss
     hp, default_block_c = _launch_shape(spec)
+    if kernel == "regs" and dot_precision != "ieee" and hp == 32:
+        default_block_c = 16  # the H100 sweep's best for tensor-core dots at width 32 (4.36 M vs 4.00 M at 64)
     block_c = block_c or default_block_c
     g = _num_programs(n, params.device, programs_per_sm)
     ts = torch.arange(step + 1, step + n_steps + 1, dtype=torch.float64)

@@ -1,0 +1,61 @@
+"""Does a tensor-core fit keep the fields? The quality run's fit recipe at each Triton dot precision.
+
+Learns the full quality config's Reptile template on mnist:test[:8000] (nfgen.template, fp32), then fits
+those 8000 images from it (120 Adam steps, lr 1e-3, the Triton backend) with the hidden×hidden products in
+fp32 ("ieee"), "tf32" and "tf32x3", and prints each fit's mean / min PSNR, its seconds and its distance from
+the fp32 weights. Issue 3 keeps a mixed-precision fit where the PSNR stays within 0.1 dB of fp32.
+
+    python -m benchmarks.fit_precision [--device cuda] [--n 8000] [--out benchmarks/results/fit-precision-<dev>.json]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks._env import environment, write_result
+from nfgen.data import load_split
+from nfgen.fields import FitConfig, fit_fields
+from nfgen.template import TemplateConfig, run_template
+
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--n", type=int, default=8000, help="images of mnist:test fitted (default 8000)")
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--outer", type=int, default=200, help="Reptile iterations of the template (default 200)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    split = f"mnist:test[:{args.n}]"
+    images = load_split(split).images
+    rows, ref = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        template = Path(tmp) / "template.safetensors"
+        run_template(split, template, TemplateConfig(outer=args.outer, lr=1e-3, device=args.device, quiet=True))
+        for precision in PRECISIONS:
+            cfg = FitConfig(steps=args.steps, lr=1e-3, template=str(template), backend="triton",
+                            dot_precision=precision, device=args.device, quiet=True)
+            fit_fields(images[:64], cfg)  # compiles the kernel outside the timing
+            res = fit_fields(images, cfg)
+            ref = res if ref is None else ref
+            row = {"dot_precision": precision, "n": args.n, "steps": args.steps, "seconds": res.seconds,
+                   "psnr_mean": res.psnr.mean().item(), "psnr_min": res.psnr.min().item(),
+                   "psnr_mean_minus_fp32": (res.psnr.mean() - ref.psnr.mean()).item(),
+                   "max_abs_weight_diff_vs_fp32": (res.weights - ref.weights).abs().max().item(),
+                   "failed": len(res.failed)}
+            rows.append(row)
+            print(f"{precision:7s} {row['seconds']:6.2f} s  PSNR mean {row['psnr_mean']:.3f} dB "
+                  f"({row['psnr_mean_minus_fp32']:+.3f} vs fp32), min {row['psnr_min']:.2f}, "
+                  f"max |Δw| vs fp32 {row['max_abs_weight_diff_vs_fp32']:.2e}", flush=True)
+    if args.out:
+        write_result(args.out, {**environment("benchmarks.fit_precision", args.device), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
