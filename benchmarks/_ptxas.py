@@ -2,13 +2,17 @@
 the cuobjdump that ships with Triton)."""
 from __future__ import annotations
 
+import base64
 import collections
 import glob
 import importlib.util
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
+from types import SimpleNamespace
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -20,11 +24,41 @@ def compile_for(kernel_fn, signature: dict, constexprs: dict, arch: int = 90, **
 
     Every pointer argument is taken as 16-byte aligned, as a launch with torch's allocations specialises it:
     without that Triton cannot vectorise loads, and the code would not be the code a GPU runs."""
-    if not hasattr(kernel_fn, "cache_key"):  # under TRITON_INTERPRET=1 (the tests) @jit made an interpreter wrapper
-        kernel_fn = triton.runtime.jit.JITFunction(kernel_fn.fn)
+    if not hasattr(kernel_fn, "cache_key"):  # under TRITON_INTERPRET=1 (the CPU tests) @jit made an interpreter wrapper
+        return _compile_without_interpreter(kernel_fn.fn, signature, constexprs, arch, options)
     attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
     src = ASTSource(kernel_fn, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+_COMPILE_ELSEWHERE = """
+import base64, importlib, json, sys
+from benchmarks._ptxas import compile_for
+a = json.load(sys.stdin)
+k = compile_for(getattr(importlib.import_module(a["module"]), a["name"]), a["signature"], a["constexprs"], a["arch"],
+                **a["options"])
+json.dump({"cubin": base64.b64encode(k.asm["cubin"]).decode(), "ttgir": k.asm["ttgir"], "shared": k.metadata.shared},
+          sys.stdout)
+"""
+
+
+def _compile_without_interpreter(fn, signature: dict, constexprs: dict, arch: int, options: dict):
+    """compile_for in a fresh process without TRITON_INTERPRET: under the interpreter, triton.language's own @jit
+    helpers (tl.min, ...) are interpreter wrappers, and compiling a kernel that calls them patches the language
+    for the interpreter for good, so the compile fails (it passed only while Triton's cache held the kernel).
+    Returns what the tools read: .asm["cubin"], .asm["ttgir"] and .metadata.shared."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    args = {"module": fn.__module__, "name": fn.__name__, "signature": signature, "constexprs": constexprs,
+            "arch": arch, "options": options}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_ELSEWHERE], input=json.dumps(args), capture_output=True,
+                         text=True, env=env, cwd=root)
+    if run.returncode != 0:
+        raise RuntimeError(f"compiling {fn.__name__} for sm_{arch} failed:\n{run.stderr[-2000:]}")
+    out = json.loads(run.stdout)
+    return SimpleNamespace(asm={"cubin": base64.b64decode(out["cubin"]), "ttgir": out["ttgir"]},
+                           metadata=SimpleNamespace(shared=out["shared"]))
 
 
 def dot_shapes(ttgir: str) -> list[tuple[int, int, int]]:
