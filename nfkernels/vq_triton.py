@@ -52,11 +52,12 @@ def default_tiles(d: int, K: int) -> tuple[int, int, int]:
     Three [BLOCK_M, BLOCK_K] tiles (distances, slot minima, slot indices) live in registers, and each
     distance also holds its d codebook values: 16 tile elements a thread for d <= 2 and 8 above keep the
     sm_90 build free of spills for d = 1-16 (`python -m benchmarks.ptxas_vq`; 64x64 with 4 warps spills
-    from d = 8).
+    from d = 8). Of the shapes so sized, the H100 sweep (benchmarks/results/vq-h100.json, M = 10^7) timed
+    64x32 with 4 warps fastest at d = 1 (1.7x 64x64 with 8 at K = 256) and 32x32 with 4 within 13 % of the
+    fastest at d = 4 and 8.
     """
-    wide = d <= 2
-    block_k = max(16, min(64 if wide else 32, triton.next_power_of_2(K)))
-    return (64, block_k, 8) if wide else (32, block_k, 4)
+    block_k = max(16, min(32, triton.next_power_of_2(K)))
+    return (64, block_k, 4) if d <= 2 else (32, block_k, 4)
 
 
 def vq_assign_triton(x: torch.Tensor, codebook: torch.Tensor, *, block_m: int | None = None,
