@@ -84,9 +84,10 @@ def _pick_method(method: str, d: int, K: int, backend: str) -> str:
         return method
     if d != 1 or backend == "torch":
         return "brute"
-    # Measured on 2 CPU cores (benchmarks/bench_vq.py): the sorted C++ path wins from K = 16 up. On CUDA the
-    # sorted path is torch.searchsorted (several kernels); the fused brute kernel is one pass, so we only
-    # switch to sorted once K is large enough for O(log K) to beat O(K) by a wide margin (unmeasured guess).
+    # Measured on 2 CPU cores (benchmarks/bench_vq.py): the sorted C++ path wins from K = 16 up. On the H100
+    # (benchmarks/results/vq-h100.json, M = 10^7) the fused brute kernel won at K = 256 (11.6 G against 3.9 G
+    # assignments/s for torch.searchsorted) and lost at K = 4096 (1.1 G against 3.8 G); its cost grows with K,
+    # so 1024 is where it falls to about sorted's rate (interpolated, not timed).
     return "sorted" if (backend == "cpp" and K >= 16) or K >= 1024 else "brute"
 
 
