@@ -35,7 +35,7 @@ from nfkernels.ssim import C1, C2, gaussian_window, image_stats
 from nfkernels.ssim_triton import running_nearest
 
 # tl.fdiv's approx flag (div.approx.f32) is new in Triton 3.9; older versions (3.6 beside torch 2.11 on the GPU
-# machine) lower a plain `/` to the approximate full-range division already
+# machine, where the flag failed to compile) get a plain `/`, whatever division they lower it to
 APPROX_DIV = "approx" in inspect.signature(tl.fdiv).parameters
 
 PRECISIONS = ("fp16x3", "tf32x3", "ieee")
