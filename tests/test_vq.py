@@ -16,7 +16,20 @@ ENGINES = [("torch", "brute"), ("cpp", "brute"), ("triton", "brute"), ("torch", 
 
 def _available(backend):
     return backend == "torch" or (backend == "cpp" and _ext.has_op("vq_assign")) or \
-        (backend == "triton" and _ext.HAS_TRITON and _ext.triton_interpret())
+        (backend == "triton" and _ext.HAS_TRITON and (_ext.triton_interpret() or torch.cuda.is_available()))
+
+
+def _on(backend, *tensors):
+    """The tensors where `backend` runs them: the Triton kernel on the GPU when there is one, else the interpreter
+    on CPU tensors."""
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return [t.to(dev) for t in tensors]
+
+
+def _assign(x, codebook, backend, **kw):
+    """vq_assign on `backend`'s device, results back on the CPU."""
+    out = vq_assign(*_on(backend, x, codebook), backend=backend, **kw)
+    return tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()
 
 
 def _check_nearest(x, codebook, idx, dist=None):
@@ -39,9 +52,9 @@ def test_matches_cdist_argmin(backend, method, d):
     g = torch.Generator().manual_seed(d)
     x = torch.randn(257, d, generator=g)
     codebook = torch.randn(131, d, generator=g)
-    idx, dist = vq_assign(x, codebook, return_distance=True, backend=backend, method=method)
+    idx, dist = _assign(x, codebook, backend, return_distance=True, method=method)
     _check_nearest(x, codebook, idx, dist)
-    assert torch.equal(vq_assign(x, codebook, backend=backend, method=method), idx)
+    assert torch.equal(_assign(x, codebook, backend, method=method), idx)
 
 
 @pytest.mark.parametrize("backend,method", ENGINES)
@@ -54,7 +67,7 @@ def test_duplicate_codes_go_to_lowest_index(backend, method):
     codebook[[9, 21, 30]] = codebook[4].clone()  # four copies of one code, lowest index 4
     codebook[33] = codebook[17].clone()
     x = torch.cat([codebook[[4, 9, 21, 30, 17, 33]], torch.randn(50, d, generator=g)])
-    idx = vq_assign(x, codebook, backend=backend, method=method)
+    idx = _assign(x, codebook, backend, method=method)
     assert idx[:6].tolist() == [4, 4, 4, 4, 17, 17]
     assert torch.equal(idx, vq_assign_reference(x, codebook))
 
@@ -69,7 +82,7 @@ def test_no_cancellation_near_large_codes(backend):
     codebook = 1000.0 + 1e-3 * torch.arange(K, dtype=torch.float32)[:, None].repeat(1, d)
     target = torch.arange(K).repeat(3)
     x = codebook[target] + 1e-4
-    assert torch.equal(vq_assign(x, codebook, backend=backend), target)
+    assert torch.equal(_assign(x, codebook, backend), target)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -79,7 +92,7 @@ def test_many_tiles_large_k(backend):
     g = torch.Generator().manual_seed(1)
     x, codebook = torch.randn(67, 2, generator=g), torch.randn(1001, 2, generator=g)
     codebook[1000] = x[5]  # the exact match sits in the last, partial tile
-    idx = vq_assign(x, codebook, backend=backend)
+    idx = _assign(x, codebook, backend)
     _check_nearest(x, codebook, idx)
     assert idx[5] == 1000
 
@@ -97,7 +110,7 @@ def test_triton_ties_across_tiles_and_slots(block_k):
     codebook[[20, 36, 53, 69]] = codebook[5].clone()  # lowest copy at 5, later copies in other tiles and slots
     codebook[[3, 19]] = codebook[40].clone()  # the lowest copy sits in an earlier tile than the original
     x = torch.cat([codebook[[53, 36, 40, 19]], torch.randn(45, 3, generator=g), torch.full((1, 3), float("nan"))])
-    idx, dist = vq_assign_triton(x, codebook, block_m=16, block_k=block_k)
+    idx, dist = (t.cpu() for t in vq_assign_triton(*_on("triton", x, codebook), block_m=16, block_k=block_k))
     assert idx[:4].tolist() == [5, 5, 3, 3]
     assert torch.equal(idx[:-1], vq_assign_reference(x[:-1], codebook))
     assert idx[-1] == 0 and dist[-1] == float("inf")
@@ -152,7 +165,7 @@ def test_real_mnist_pixels(data_root, d):
     for backend, method in ENGINES:
         if _available(backend) and not (method == "sorted" and d != 1):
             rows = pixels if backend != "triton" else pixels[:1500]  # interpreter: keep it small
-            assert torch.equal(vq_assign(rows, codebook, backend=backend, method=method), ref[:len(rows)]), backend
+            assert torch.equal(_assign(rows, codebook, backend, method=method), ref[:len(rows)]), backend
 
 
 def test_bad_inputs():
@@ -170,9 +183,9 @@ def test_bad_inputs():
 
 
 def test_empty_input():
-    for backend in ("torch", "cpp"):
+    for backend in ("torch", "cpp", "triton"):
         if _available(backend):
-            assert vq_assign(torch.zeros(0, 2), torch.randn(3, 2), backend=backend).shape == (0,)
+            assert _assign(torch.zeros(0, 2), torch.randn(3, 2), backend).shape == (0,)
 
 
 @pytest.mark.parametrize("init", ["kmeans++", "sample"])
