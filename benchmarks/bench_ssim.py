@@ -121,7 +121,7 @@ def skimage_pairs(x, y, pairs):
 GEMM_SWEEP = (("fp16x3", [(64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2),
                           (128, 32, 8, 2), (64, 32, 8, 2)]),
               ("tf32x3", [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)]))
-TRITON_VARIANTS = [("tile", "tf32x3"), ("gemm", "fp16x3"), ("gemm", "tf32x3")]
+TRITON_VARIANTS = [("tile", "ieee"), ("gemm", "fp16x3"), ("gemm", "tf32x3")]  # beside the default (tile, tf32x3)
 
 
 def sync(device):

@@ -7,8 +7,10 @@ dot after a transpose ([BN*BM*Wo, H] @ [H, Ho]); the SSIM map then needs only th
 variance maps, computed once per image outside (float64, then float32). Dims are padded to powers of
 two (28 → 32); the padding rows/columns of the filter matrices are zero and masked out of the mean.
 
-Accumulation is fp32. ``precision`` is tl.dot's input_precision: "ieee" (exact fp32 FMAs, the default)
-or "tf32x3" (tensor cores, about fp32 accuracy) — the lead measures which is faster on the H100.
+Accumulation is fp32. ``precision`` is tl.dot's input_precision: "tf32x3" (tensor cores, about fp32 accuracy;
+the default) or "ieee" (exact fp32 FMAs). On the H100 tf32x3 was 2.0-2.2x faster at 1k x 1k and 10k x 10k, at
+most 8.5e-7 from conv2d in fp32 where ieee was 5.8e-7 (benchmarks/results/ssim-h100.json; 2629ac1 measured the
+same).
 
 Reductions (nearest neighbour per x image) stream over y in the kernel: each program keeps a running
 (max, argmax) over its share of y, so only [N, splits] partials are written, never the N x M matrix.
@@ -23,9 +25,10 @@ import triton.language as tl
 
 from nfkernels.ssim import C1, C2, gaussian_window, image_stats
 
-PRECISION = "ieee"
-# "tile" (this file's kernel) or "gemm" (ssim_gemm_triton: one tensor-core GEMM per output pixel). The GEMM
-# kernel should win on the H100 by its FLOP count, but stays opt-in until bench_ssim has measured it there.
+PRECISION = "tf32x3"
+# "tile" (this file's kernel) or "gemm" (ssim_gemm_triton: one tensor-core GEMM per output pixel). On the H100
+# the GEMM kernel beat tf32x3 tiles at 10k x 10k (0.44-0.52 s against 0.79 s) and lost at 1k x 1k (0.035 s
+# against 0.009 s), so it stays opt-in until a size-based choice is measured between the two.
 KERNEL = "tile"
 _TILE_ELEMS = 4096  # BN * BM * BH * BW products held by one program
 
