@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What one call of the lent GPU machine runs: build with CUDA, then the named parts.
-#   bash benchmarks/gpu_session.sh bench|bench-<name>|test|scaleout|quality|quality-sampling|quality-ablations ...
+#   bash benchmarks/gpu_session.sh bench|bench-<name>|test|fit-precision|scaleout|quality|quality-sampling|quality-ablations ...
 # Results land in $OUT (the device tool brings them back); data comes from .devdata/ (a copy of shared/data
 # that travels with the tree) unless NFGEN_DATA is set; NFGEN_COMMIT names the commit being measured.
 # The device tool returns at most 8 files a call, named in letters, digits, '.', '_' and '-': every part's log
@@ -58,6 +58,10 @@ for part in "$@"; do
       # (a406862: 262 of 398 tests in 320 s on the H100, so give it the 500 s; --durations says where it goes)
       timeout "${TEST_TIMEOUT:-500}" python3 -m pytest -q -p no:cacheprovider --durations=25 tests 2>&1 | tee "$OUT/tests.log" \
         | tail -40 | tee -a "$LOG" ;;
+    fit-precision)  # issue 3's mixed-precision check: the quality recipe's fit PSNR per Triton dot precision (~30 s)
+      stamp fit-precision
+      timeout 120 python3 -m benchmarks.fit_precision --device cuda --out "$OUT/fit-precision-$dev.json" 2>&1 \
+        | tee -a "$LOG" | tail -10 ;;
     scaleout)  # issue 7 at world size 1: NCCL init, torchrun fit = plain fit, train SIGKILLed and resumed
       stamp scaleout
       timeout 300 python3 -m benchmarks.scaleout_check --device cuda --out "$OUT/scaleout-$dev.json" 2>&1 \
