@@ -26,7 +26,7 @@ Protocol (fixed; the sizes are the only thing the configs change)
   against 196 references rendered from *training* fields (a fixed seeded choice); its published numbers
   COV 0.2773, 1-NNA 0.84, MMD 0.2162, classifier accuracy 0.703 beside ours. Oracle: 256 other training
   fields of digit 3 against the same 196.
-- Ablations, each a row with the main protocol: the fit recipe (steps / lr); the init (a meta-learned template,
+- Ablations, each a row with the main protocol: the fit recipe (steps / lr; clamp margin or none); the init (a meta-learned template,
   the seeded random draw, independent draws); canonical neuron order (`canonical_order`) vs none; scalar VQ vs
   grouped (d = the divisors of P in the config: 3 and 5 for P = 1185) vs residual (2 levels) vs codes centred on
   the mean field (256 and 64 codes); codebook 64 vs 256 vs 1024; two model sizes; a sampling sweep
@@ -80,6 +80,7 @@ NEFGPT = {"digit": 3, "n_generated": 256, "n_references": 196, "top_k": 3, "temp
 HEADLINE = ("cond_mmd", "cond_cov", "cond_1nna", "uncond_mmd", "uncond_cov", "uncond_1nna", "memorised",
             "accuracy", "cross_entropy")
 NEFGPT_METRICS = ("mmd", "cov", "1nna", "accuracy", "memorised")
+CLAMP_MARGIN = 0.3  # the margin row's value where the main recipe fits without one
 
 
 # ----------------------------------------------------------------------------- configs
@@ -198,6 +199,10 @@ def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[
     """Each ablation row as a change of the main recipe; names are "<group>:<variant>"."""
     tok = {**asdict(TokenizerConfig()), **cfg.tokenize, **main.tokenize}
     rows = {"fit:" + ",".join(f"{k}{v}" for k, v in cfg.alt_fit.items()): main.but(fit=cfg.alt_fit)}
+    # fields fitted with or without room below 0 (and above 1) that the render's clamp hides (FitConfig.clamp_margin)
+    margin = {**asdict(FitConfig()), **cfg.fit, **main.fit}["clamp_margin"]
+    other_margin = 0.0 if margin else CLAMP_MARGIN
+    rows[f"fit:clamp-margin{other_margin:g}"] = main.but(fit={"clamp_margin": other_margin})
     for init in INITS:
         if init != main.init:
             rows[f"init:{init}"] = main.but(init=init)
@@ -403,6 +408,7 @@ class Harness:
         """The meta-learned template for this fit recipe, learned on the training split only."""
         tmpl_cfg = TemplateConfig(**{"hidden": fit_cfg.hidden, "hidden_layers": fit_cfg.hidden_layers,
                                      "omega0": fit_cfg.omega0, "lr": fit_cfg.lr, "seed": fit_cfg.seed,
+                                     "clamp_margin": fit_cfg.clamp_margin,
                                      "backend": fit_cfg.backend, **self.cfg.template},
                                   device=str(self.device), quiet=self.quiet)
         key = {"split": self.cfg.train_split,

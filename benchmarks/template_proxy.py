@@ -10,16 +10,20 @@ stage, then measures
   scored with nfgen.metrics against held-out images: MMD / COV / 1-NNA. A generative model of weights
   makes the same kind of mistakes as this one where the weights carry variance that does not show in the
   image, so its samples' noise tracks how learnable the fields are.
+- the fields themselves after scalar VQ (`TokenizerConfig()`: 256 raw codes): de-tokenized PSNR and the
+  same three metrics for as many de-tokenized training fields as there are references.
 Reference rows: the same Gaussian on pixels, and real training images (the oracle).
+`--clamp-margins` repeats every template at each `FitConfig.clamp_margin` (the template learned with it too).
 
-    python -m benchmarks.template_proxy [--n 2000] [--templates random,mean,meta] [--results FILE]
+    python -m benchmarks.template_proxy [--n 2000] [--templates random,mean,meta] [--clamp-margins 0,0.3]
+        [--results FILE]
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -28,10 +32,12 @@ from benchmarks._env import environment, write_result
 from nfgen.baselines import gaussian_samples
 from nfgen.common import make_generator
 from nfgen.data import load_split
-from nfgen.fields import FitConfig, fit_fields, render_fields, save_fields, spec_for_images, template_weights
+from nfgen.fields import (FitConfig, fit_fields, fit_targets, psnr, render_fields, save_fields, spec_for_images,
+                          template_weights)
 from nfgen.metrics import distance_metrics
 from nfgen.render import save_grid
 from nfgen.template import TemplateConfig, meta_template
+from nfgen.tokenizer import TokenizerConfig, WeightTokenizer
 
 PIXEL_PCS = 100
 MEAN_FIT_STEPS = 500
@@ -59,8 +65,8 @@ def make_template(kind: str, images: torch.Tensor, fit: FitConfig, tmpl: Templat
     if kind == "random":
         return None, 0.0
     if kind == "mean":
-        mean_image = images.float().mean(0, keepdim=True)
-        theta = fit_fields(mean_image, replace(fit, steps=MEAN_FIT_STEPS)).weights
+        mean_image = fit_targets(images.float(), fit.clamp_margin).mean(0, keepdim=True)
+        theta = fit_fields(mean_image, replace(fit, steps=MEAN_FIT_STEPS, clamp_margin=0.0)).weights
     elif kind == "meta":
         theta, _ = meta_template(images, tmpl)
     else:
@@ -77,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=2000, help="training images mnist:test[:n]")
     ap.add_argument("--refs", default="mnist:test[8000:8400]", help="held-out images the samples are scored against")
     ap.add_argument("--templates", default="random,mean,meta")
+    ap.add_argument("--clamp-margins", default="0", help="comma list of FitConfig.clamp_margin values")
     ap.add_argument("--fit-steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--outer", type=int, default=TemplateConfig.outer)
@@ -99,34 +106,41 @@ def main(argv=None) -> int:
         rows.append({"template": name, **{f"gauss_{k}": v for k, v in distance_metrics(sample, refs).items()}})
         print(rows[-1], flush=True)
     grids, grid_labels = [], []
+    tokenizer = TokenizerConfig()
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in args.templates.split(","):
-            path, t_template = make_template(kind, images, fit, tmpl, Path(tmp))
-            cfg = replace(fit, template=None if path is None else str(path))
-            result = fit_fields(images, cfg)
-            offsets = result.weights - template_weights(cfg, result.spec)
-            draws = gaussian_samples(result.weights, labels, classes, make_generator(1))
-            rendered = render_fields(draws, result.spec, shape)
-            shown = min(per_class, 8)
-            grids.append(rendered.reshape(-1, per_class, *shape)[:, :shown].reshape(-1, *shape))
-            grid_labels += [f"{kind} {c}" for c in labels.unique().tolist()]
-            metrics = distance_metrics(rendered, refs)
-            rows.append({"template": kind, "template_seconds": round(t_template, 1),
-                         "fit_seconds": round(result.seconds, 1), "psnr_mean": float(result.psnr.mean()),
-                         "psnr_min": float(result.psnr.min()),
-                         "offset_rms": float(offsets.pow(2).mean().sqrt()), "r2": linear_r2(offsets, images),
-                         **{f"gauss_{k}": v for k, v in metrics.items()}})
-            print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+        for margin in (float(m) for m in args.clamp_margins.split(",")):
+            for kind in args.templates.split(","):
+                fit_m = replace(fit, clamp_margin=margin)
+                path, t_template = make_template(kind, images, fit_m, replace(tmpl, clamp_margin=margin), Path(tmp))
+                cfg = replace(fit_m, template=None if path is None else str(path))
+                result = fit_fields(images, cfg)
+                offsets = result.weights - template_weights(cfg, result.spec)
+                draws = gaussian_samples(result.weights, labels, classes, make_generator(1))
+                rendered = render_fields(draws, result.spec, shape)
+                vq = WeightTokenizer.fit(result.weights, result.spec, tokenizer)
+                detok = render_fields(vq.decode(vq.encode(result.weights)), result.spec, shape)
+                shown = min(per_class, 8)
+                grids.append(rendered.reshape(-1, per_class, *shape)[:, :shown].reshape(-1, *shape))
+                grid_labels += [f"{kind} m{margin:g} {c}" for c in labels.unique().tolist()]
+                rows.append({"template": kind, "clamp_margin": margin, "template_seconds": round(t_template, 1),
+                             "fit_seconds": round(result.seconds, 1), "psnr_mean": float(result.psnr.mean()),
+                             "psnr_min": float(result.psnr.min()),
+                             "offset_rms": float(offsets.pow(2).mean().sqrt()), "r2": linear_r2(offsets, images),
+                             **{f"gauss_{k}": v for k, v in distance_metrics(rendered, refs).items()},
+                             "detok_psnr_mean": float(psnr(detok, images).mean()),
+                             **{f"detok_{k}": v for k, v in distance_metrics(detok[oracle], refs).items()}})
+                print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
     if args.results:
         png = Path(args.results).with_suffix(".png")
         save_grid(torch.cat(grids), png, nrow=shown, row_labels=grid_labels)
         write_result(args.results, {**environment("benchmarks.template_proxy", "cpu"),
                                     "n_train": args.n, "refs": args.refs,
                                     "fit": {"steps": args.fit_steps, "lr": args.lr},
+                                    "tokenizer": asdict(tokenizer),
                                     "template": {"outer": args.outer, "inner_steps": args.inner_steps,
                                                  "batch": tmpl.batch, "meta_lr": tmpl.meta_lr},
                                     "per_class": per_class, "pixel_pcs": PIXEL_PCS, "samples_png": str(png),
-                                    "samples_png_rows": "per template and class, Gaussian samples",
+                                    "samples_png_rows": "per clamp margin, template and class: Gaussian samples",
                                     "rows": rows})
     return 0
 

@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                     ("omega0", "ω0 of every sine layer"), ("outer", "Reptile iterations"),
                     ("batch", "images per iteration"), ("inner-steps", "Adam steps from the template per iteration"),
                     ("lr", "inner Adam learning rate (use the fit's)"),
+                    ("clamp-margin", "fit exact 0 / 1 pixels to -m / 1 + m (use the fit's)"),
                     ("meta-lr", "step toward the batch's mean fit, annealed to 0"),
                     ("seed", "seed of the start and batches"),
                     ("backend", "auto, torch, cpp or triton"), ("device", "auto, cpu or cuda")]:
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, h in [("hidden", "hidden width"), ("hidden-layers", "number of sine layers"), ("omega0", "ω0 of every sine layer"),
                     ("steps", "Adam steps per field"), ("lr", "Adam learning rate"),
                     ("lr-final-ratio", "cosine decay of the lr to lr × this (1: constant)"),
+                    ("clamp-margin", "fit exact 0 / 1 pixels to -m / 1 + m: the render's clamp hides weight "
+                     "errors below m there"),
                     ("chunk", "fields fitted together"), ("steps-per-call", "fused steps per kernel call"),
                     ("init", "shared (one template for all fields) or independent"),
                     ("template", "PATH[:INDEX] of a fitted field to start every field from"),

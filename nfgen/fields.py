@@ -68,7 +68,12 @@ class FitConfig:
     init: str = "shared"  # "shared": every field starts from one template; "independent": own draw each
     template: str | None = None  # "PATH[:INDEX]" of a fields file (`nfgen template`'s) whose field starts every fit
     seed: int = 0
-    target_psnr: float | None = None  # freeze a field once it reaches this PSNR (dB)
+    target_psnr: float | None = None  # freeze a field once it reaches this PSNR (dB; of the fit targets, see below)
+    # Pixels at exactly 0 (1) are fitted to -clamp_margin (1 + clamp_margin); the renderer's clamp to [0, 1] maps
+    # them back, so a field renders its image unchanged while any weight error (tokenizing, a GPT's sampling) that
+    # moves such a pixel by less than the margin stays invisible. MNIST is 82 % exact zeros, where those errors
+    # showed as grey speckle. See `fit_targets`; the default's measurements are in README ("Clamp margin").
+    clamp_margin: float = 0.3
     steps_per_call: int = 25  # fused steps per siren_fit_steps call (progress and early stop run between)
     backend: str = "auto"
     # the Triton kernel's hidden×hidden products: on tensor cores ("tf32", "tf32x3") or exact fp32 ("ieee"); the
@@ -94,6 +99,8 @@ class FitConfig:
             problems.append(f"init must be 'shared' or 'independent' (got {self.init!r})")
         if self.dot_precision not in ("ieee", "tf32", "tf32x3"):
             problems.append(f"dot_precision must be ieee, tf32 or tf32x3 (got {self.dot_precision!r})")
+        if not (0.0 <= self.clamp_margin <= 1.0):
+            problems.append(f"clamp_margin must be in [0, 1] (got {self.clamp_margin})")
         if self.target_psnr is not None and not (self.target_psnr > 0 and math.isfinite(self.target_psnr)):
             problems.append(f"target_psnr must be a positive number of dB (got {self.target_psnr})")
         if self.template is not None and self.init != "shared":
@@ -142,6 +149,17 @@ def _check_image_shape(spec: SirenSpec, image_shape: tuple, where: str) -> None:
     if not ok:
         raise NfgenError(f"{where}: image shape {tuple(image_shape)} does not match the SIREN "
                          f"{spec.in_dim}→{spec.out_dim}; recreate the fields file")
+
+
+def fit_targets(images: torch.Tensor, clamp_margin: float) -> torch.Tensor:
+    """What a field is fitted to: the image, with exact 0 and 1 pushed out to -margin and 1 + margin.
+
+    clamp(fit_targets(y, m), 0, 1) == y for every y in [0, 1], so the rendered (clamped) field still shows the
+    image; the margin is room for weight errors that the clamp then hides.
+    """
+    if clamp_margin == 0.0:
+        return images
+    return torch.where(images <= 0.0, -clamp_margin, torch.where(images >= 1.0, 1.0 + clamp_margin, images))
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -275,6 +293,7 @@ def fit_fields(images: torch.Tensor, cfg: FitConfig, *, first_index: int = 0) ->
     for ci, lo in enumerate(range(0, n, cfg.chunk)):
         idx = list(range(lo, min(lo + cfg.chunk, n)))
         target = images[lo:idx[-1] + 1].to(device=device, dtype=torch.float32).reshape(len(idx), -1, spec.out_dim)
+        target = fit_targets(target, cfg.clamp_margin)
         with progress(total=cfg.steps, desc=f"fit chunk {ci + 1}/{n_chunks}", quiet=cfg.quiet, leave=False) as bar:
             params, diverged = _fit_batch(start_weights(idx, 0), target, coords, spec, cfg, bar=bar)
         bad = diverged.nonzero().flatten().tolist()

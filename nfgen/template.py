@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nfgen.common import make_generator, pick_device, progress
-from nfgen.fields import FitConfig, _fit_batch, psnr, save_fields, spec_for_images
+from nfgen.fields import FitConfig, _fit_batch, fit_targets, psnr, save_fields, spec_for_images
 from nfgen.io import NfgenError, check_finite
 from nfkernels import coord_grid, siren_forward, siren_init
 
@@ -43,6 +43,7 @@ class TemplateConfig:
     batch: int = 256  # images fitted per iteration
     inner_steps: int = 20  # Adam steps from the template per iteration (fresh Adam state each time)
     lr: float = 1e-3  # inner Adam lr: use the lr of the fits that will start from the template
+    clamp_margin: float = 0.3  # the fit's FitConfig.clamp_margin: the template fits the same targets
     meta_lr: float = 0.5  # step from the template toward the batch's mean fit, annealed linearly to 0
     seed: int = 0  # seeds the starting draw (the fit's shared init for the same seed) and the batches
     backend: str = "auto"
@@ -56,6 +57,8 @@ class TemplateConfig:
                             f"{self.inner_steps})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"lr must be positive (got {self.lr})")
+        if not (0.0 <= self.clamp_margin <= 1.0):
+            problems.append(f"clamp_margin must be in [0, 1] (got {self.clamp_margin})")
         if not 0 < self.meta_lr <= 1:
             problems.append(f"meta_lr must be in (0, 1] (got {self.meta_lr})")
         if problems:
@@ -65,6 +68,7 @@ class TemplateConfig:
         """The inner fits: the fit stage's own loop, `inner_steps` fused steps in one call."""
         return FitConfig(hidden=self.hidden, hidden_layers=self.hidden_layers, omega0=self.omega0,
                          steps=self.inner_steps, lr=self.lr, steps_per_call=self.inner_steps, seed=self.seed,
+                         clamp_margin=self.clamp_margin,
                          backend=self.backend, device=self.device, quiet=True)
 
 
@@ -93,12 +97,13 @@ def meta_template(images: torch.Tensor, cfg: TemplateConfig) -> tuple[torch.Tens
     with progress(total=cfg.outer, desc="template", quiet=cfg.quiet) as bar:
         for t in range(cfg.outer):
             idx = torch.randperm(n, generator=pick)[:batch]
-            target = images[idx].to(device=device, dtype=torch.float32).reshape(batch, -1, spec.out_dim)
-            fitted, diverged = _fit_batch(theta.expand(batch, -1), target, coords, spec, fit_cfg)
+            image = images[idx].to(device=device, dtype=torch.float32).reshape(batch, -1, spec.out_dim)
+            fitted, diverged = _fit_batch(theta.expand(batch, -1), fit_targets(image, cfg.clamp_margin), coords,
+                                          spec, fit_cfg)
             ok = ~diverged
             if not bool(ok.any()):
                 raise NfgenError(f"every inner fit of template iteration {t} diverged; lower --lr")
-            db = psnr(siren_forward(fitted[ok], coords, spec, backend=cfg.backend).clamp(0, 1), target[ok])
+            db = psnr(siren_forward(fitted[ok], coords, spec, backend=cfg.backend).clamp(0, 1), image[ok])
             history.append(float(db.mean()))
             step = cfg.meta_lr * (1.0 - t / cfg.outer)
             theta = theta + step * (fitted[ok].mean(dim=0, keepdim=True) - theta)

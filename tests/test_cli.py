@@ -151,6 +151,8 @@ def test_group_must_divide_params(cli, tmp_path, run_dir):
 def test_impossible_fit_options(cli, tmp_path):
     assert_clean_error(cli("fit", "--run", str(tmp_path), "--steps", "0"), "steps")
     assert_clean_error(cli("fit", "--run", str(tmp_path), "--init", "zeros"), "init")
+    assert_clean_error(cli("fit", "--run", str(tmp_path), "--clamp-margin", "2"), "clamp_margin")
+    assert_clean_error(cli("template", "--run", str(tmp_path), "--clamp-margin", "-1"), "clamp_margin")
     assert_clean_error(cli("fit", "--run", str(tmp_path), "--template", str(tmp_path / "none.safetensors")),
                        "not found")
 

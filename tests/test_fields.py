@@ -6,7 +6,7 @@ import torch
 
 import nfgen.fields as fields_mod
 from nfgen.data import load_split
-from nfgen.fields import (FitConfig, fit_fields, load_fields, parse_template, psnr, render_fields, run_fit,
+from nfgen.fields import (FitConfig, fit_fields, fit_targets, load_fields, parse_template, psnr, render_fields, run_fit,
                           save_fields, spec_for_images)
 from nfgen.io import NfgenError, save_artifact
 from nfkernels import SirenSpec, coord_grid, siren_forward_reference, siren_init
@@ -213,10 +213,41 @@ def test_psnr_definition():
 
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(lr=-1.0), dict(chunk=0), dict(init="zeros"),
                                  dict(steps_per_call=0), dict(lr_final_ratio=2.0), dict(target_psnr=-3.0),
-                                 dict(init="independent", template="x")])
+                                 dict(init="independent", template="x"), dict(clamp_margin=-0.1),
+                                 dict(clamp_margin=math.nan)])
 def test_bad_config_raises(bad):
     with pytest.raises(NfgenError):
         fit_fields(torch.rand(2, 5, 5), quick(**bad))
+
+
+def test_fit_targets_render_back_to_the_image():
+    y = torch.rand(3, 7, 9)
+    y[0, :3] = 0.0
+    y[1, 2:] = 1.0
+    for m in (0.0, 0.3, 1.0):
+        t = fit_targets(y, m)
+        assert torch.equal(t.clamp(0, 1), y)
+        assert torch.equal(t[y == 0], torch.full_like(t[y == 0], -m))
+        assert torch.equal(t[y == 1], torch.full_like(t[y == 1], 1 + m))
+        assert torch.equal(t[(y > 0) & (y < 1)], y[(y > 0) & (y < 1)])
+
+
+def test_clamp_margin_renders_the_background_exactly_black(mnist):
+    """With a margin the fit pushes the background below 0, so the clamp renders it exactly 0 even after the
+    weights are perturbed; without one about half the background pixels scatter above 0."""
+    images = mnist.images[:6].float()
+    background = images == 0
+    noise = torch.randn(6, SirenSpec().num_params, generator=torch.Generator().manual_seed(0)) * 3e-3
+    black = {}
+    for m in (0.0, 0.3):
+        res = fit_fields(images, quick(steps=60, clamp_margin=m))
+        assert float(res.psnr.mean()) > 25  # PSNR of the clamped render against the image, not the targets
+        raw = siren_forward_reference(res.weights, coord_grid((28, 28)), res.spec).reshape(6, 28, 28)
+        if m:
+            assert float(raw[background].median()) < -m / 2
+        perturbed = render_fields(res.weights + noise, res.spec, (28, 28))
+        black[m] = float((perturbed[background] == 0).float().mean())
+    assert black[0.3] > 0.95 and black[0.0] < 0.8, black
 
 
 def test_bad_images_raise():

@@ -87,6 +87,7 @@ def test_ablation_rows_follow_the_main_recipe():
     assert rows["model:kv2"].train == {"n_kv_head": 2, **CONFIGS["full"].ablation_train}
     assert rows["model:ids-only"].train == {"value_embed": False, **CONFIGS["full"].ablation_train}
     assert rows["fit:steps200,lr0.0015"].fit == {"steps": 200, "lr": 1.5e-3}
+    assert rows["fit:clamp-margin0"].fit == {"clamp_margin": 0.0}
     assert all(not r.train for n, r in rows.items() if n.startswith("sampling:"))
     assert "baseline:main" not in ablation_recipes(CONFIGS["tiny"], Recipe(), 105)
     # a meta-template main compares with both other inits
@@ -200,13 +201,14 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     assert "Reference generators without a GPT" in out
     assert _finite(r["rows"]["main"]["train"]["marginal_val_loss"]) and "per-position token histograms" in out
     assert [h["step"] for h in r["rows"]["main"]["train_history"]] == [8]  # eval_every 8 of 8 steps
-    assert set(r["rows"]["ablations"]) == {"fit:steps60", "init:meta", "order:canonical", "vq:group3",
+    assert set(r["rows"]["ablations"]) == {"fit:steps60", "fit:clamp-margin0", "init:meta", "order:canonical", "vq:group3",
                                            "model:kv1", "sampling:cfg2"}
     # the meta row fits from a template learned on the training split, which is an artifact of its own
     template = [k for k in r["summaries"] if k.startswith("template-")]
     assert len(template) == 1 and r["summaries"][template[0]]["split"] == "mnist:test[:120]"
     assert _finite(r["seconds"]["template"])
     assert r["rows"]["ablations"]["fit:steps60"]["fields_psnr"] > r["rows"]["main"]["fields_psnr"]  # 60 vs 40 steps
+    assert r["rows"]["ablations"]["fit:clamp-margin0"]["recipe"]["fit"] == {"clamp_margin": 0.0}
     assert r["rows"]["ablations"]["order:canonical"]["canonical"]["max_abs_render_delta"] < 1e-4
     for row in r["rows"]["ablations"].values():
         assert all(_finite(row["metrics"][name]["mean"]) for name in HEADLINE)

@@ -11,7 +11,7 @@ from nfgen.fields import (FitConfig, _fit_batch, fit_fingerprint, load_fields, p
                           spec_for_images)
 from nfgen.io import NfgenError
 from nfgen.template import TemplateConfig, meta_template, run_template
-from nfkernels import coord_grid, siren_init
+from nfkernels import coord_grid, siren_forward, siren_init
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,6 +51,20 @@ def test_template_moves_toward_the_data(learned, data_root):
     unseen = load_split("mnist:test[200:264]", data_root=data_root).images
     random_start = siren_init(_spec(), 1, torch.Generator().manual_seed(0))
     assert _fit_from(theta, unseen, 10).mean() > _fit_from(random_start, unseen, 10).mean() + 1.0
+
+
+def test_template_learns_the_fits_clamp_margin(mnist, learned):
+    """With a clamp margin (the default) the template fits the pushed-out targets: its background renders
+    further below 0 than without one, while the PSNR it reports is of the clamped render against the image."""
+    assert TemplateConfig().clamp_margin == FitConfig().clamp_margin > 0  # a template fits like the fits it serves
+    plain, plain_history = meta_template(mnist.images, TemplateConfig(**SMALL, clamp_margin=0.0))
+    background = mnist.images[0] == 0
+    raw = {name: siren_forward(t, coord_grid((28, 28)), _spec()).reshape(28, 28)[background].mean()
+           for name, t in (("margin", learned[0]), ("plain", plain))}
+    assert raw["margin"] < raw["plain"] - 0.1, raw
+    assert abs(learned[1][-1] - plain_history[-1]) < 3.0  # dB of the images, comparable across margins
+    with pytest.raises(NfgenError, match="clamp_margin"):
+        meta_template(mnist.images, TemplateConfig(**SMALL, clamp_margin=1.5))
 
 
 def test_template_is_deterministic_and_seeded(mnist, learned):
@@ -129,13 +143,16 @@ def test_template_proxy_benchmark_runs(tmp_path, data_root):
 
     out = tmp_path / "proxy.json"
     assert template_proxy.main(["--n", "60", "--refs", "mnist:test[8000:8020]", "--outer", "2", "--fit-steps", "5",
-                                "--templates", "random,meta", "--data-root", str(data_root),
-                                "--results", str(out)]) == 0
+                                "--templates", "random,meta", "--clamp-margins", "0,0.3", "--data-root",
+                                str(data_root), "--results", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["template"] for r in rows][2:] == ["random", "meta"]
+    assert [(r["template"], r.get("clamp_margin")) for r in rows][2:] == [
+        ("random", 0.0), ("meta", 0.0), ("random", 0.3), ("meta", 0.3)]
     for r in rows:
         assert all(0 <= r[f"gauss_{m}"] <= 1 for m in ("mmd", "cov", "1nna"))
-    assert all(r["psnr_mean"] > 5 and -1 < r["r2"] < 1 for r in rows[2:])
+    for r in rows[2:]:
+        assert r["psnr_mean"] > 5 and -1 < r["r2"] < 1 and 5 < r["detok_psnr_mean"] <= r["psnr_mean"] + 1
+        assert all(0 <= r[f"detok_{m}"] <= 1 for m in ("mmd", "cov", "1nna"))
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
