@@ -201,6 +201,8 @@ def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[
     rows = {"fit:" + ",".join(f"{k}{v}" for k, v in cfg.alt_fit.items()): main.but(fit=cfg.alt_fit)}
     # fields fitted with or without room below 0 (and above 1) that the render's clamp hides (FitConfig.clamp_margin)
     margin = {**asdict(FitConfig()), **cfg.fit, **main.fit}["clamp_margin"]
+    if margin is None:  # the fit takes its template's margin; without a template, none
+        margin = {**asdict(TemplateConfig()), **cfg.template}["clamp_margin"] if main.init == "meta" else 0.0
     other_margin = 0.0 if margin else CLAMP_MARGIN
     rows[f"fit:clamp-margin{other_margin:g}"] = main.but(fit={"clamp_margin": other_margin})
     for init in INITS:
@@ -408,7 +410,7 @@ class Harness:
         """The meta-learned template for this fit recipe, learned on the training split only."""
         tmpl_cfg = TemplateConfig(**{"hidden": fit_cfg.hidden, "hidden_layers": fit_cfg.hidden_layers,
                                      "omega0": fit_cfg.omega0, "lr": fit_cfg.lr, "seed": fit_cfg.seed,
-                                     "clamp_margin": fit_cfg.clamp_margin,
+                                     **({} if fit_cfg.clamp_margin is None else {"clamp_margin": fit_cfg.clamp_margin}),
                                      "backend": fit_cfg.backend, **self.cfg.template},
                                   device=str(self.device), quiet=self.quiet)
         key = {"split": self.cfg.train_split,

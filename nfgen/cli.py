@@ -75,13 +75,15 @@ def _report(summary: dict) -> None:
 # --- commands --------------------------------------------------------------------------------------------
 
 def cmd_fit(args) -> dict:
-    from nfgen.fields import FitConfig, run_fit
+    from nfgen.fields import FitConfig, run_fit, with_clamp_margin
 
     run = Path(args.run)
     # Like every stage, fit picks up what an earlier stage left in the run: `nfgen template`'s template.
     implicit = run / "template.safetensors"
     template = args.template or (str(implicit) if implicit.is_file() and (args.init or "shared") == "shared" else None)
     cfg = _config(FitConfig, args, quiet=args.quiet, template=template)
+    cfg.validate()
+    cfg = with_clamp_margin(cfg)
     out = _path(args.out, run, "fields.safetensors")
     summary = run_fit(args.split, out, cfg, data_root=args.data_root, download=args.download)
     _save_config(run, "fit", args, recipe=cfg, out=str(out))
@@ -217,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, h in [("hidden", "hidden width"), ("hidden-layers", "number of sine layers"), ("omega0", "ω0 of every sine layer"),
                     ("steps", "Adam steps per field"), ("lr", "Adam learning rate"),
                     ("lr-final-ratio", "cosine decay of the lr to lr × this (1: constant)"),
-                    ("clamp-margin", "fit exact 0 / 1 pixels to -m / 1 + m: the render's clamp hides weight "
-                     "errors below m there"),
+                    ("clamp-margin", "fit exact 0 / 1 pixels to -m / 1 + m, so the render's clamp hides weight "
+                     "errors below m there (default: the template's margin, 0 without a template)"),
                     ("chunk", "fields fitted together"), ("steps-per-call", "fused steps per kernel call"),
                     ("init", "shared (one template for all fields) or independent"),
                     ("template", "PATH[:INDEX] of a fitted field to start every field from"),
@@ -226,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                     ("backend", "auto, torch, cpp or triton"),
                     ("dot-precision", "Triton's hidden×hidden products: ieee (fp32), tf32 or tf32x3"),
                     ("device", "auto, cpu or cuda")]:
-        _opt(p, name, FitConfig, h, type_=float if name == "target-psnr" else None)
+        _opt(p, name, FitConfig, h, type_=float if name in ("target-psnr", "clamp-margin") else None)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("tokenize", help="learn a VQ codebook over the weights and write token sequences")

@@ -4,7 +4,8 @@ Every field of a chunk is trained at once by nfkernels.siren_fit_steps (Adam on 
 over fields, so a field's trajectory does not depend on which chunk it is in). The lr is held constant
 within each call of `steps_per_call` fused steps; `lr_final_ratio` < 1 gives a cosine decay across calls.
 
-Tuning (2→32→32→1, ω0 30, shared init, 2-core CPU): PSNR of the rendered, clamped fields, and of the same
+Tuning (2→32→32→1, ω0 30, shared init, 2-core CPU, measured without a clamp margin, which came later and
+is measured in README): PSNR of the rendered, clamped fields, and of the same
 fields after scalar VQ of the raw weights with 256 codes (the tokenizer before mean-centring, `--center none`).
 With raw codes a higher lr fits tighter but costs VQ PSNR:
 
@@ -40,7 +41,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -72,8 +73,9 @@ class FitConfig:
     # Pixels at exactly 0 (1) are fitted to -clamp_margin (1 + clamp_margin); the renderer's clamp to [0, 1] maps
     # them back, so a field renders its image unchanged while any weight error (tokenizing, a GPT's sampling) that
     # moves such a pixel by less than the margin stays invisible. MNIST is 82 % exact zeros, where those errors
-    # showed as grey speckle. See `fit_targets`; the default's measurements are in README ("Clamp margin").
-    clamp_margin: float = 0.3
+    # showed as grey speckle. None: the margin the template was learned with (`nfgen template` uses 0.3), 0 without
+    # a template: from the random draw the margin made the demo's samples worse (README, "Clamp margin").
+    clamp_margin: float | None = None
     steps_per_call: int = 25  # fused steps per siren_fit_steps call (progress and early stop run between)
     backend: str = "auto"
     # the Triton kernel's hidden×hidden products: on tensor cores ("tf32", "tf32x3") or exact fp32 ("ieee"); the
@@ -99,7 +101,7 @@ class FitConfig:
             problems.append(f"init must be 'shared' or 'independent' (got {self.init!r})")
         if self.dot_precision not in ("ieee", "tf32", "tf32x3"):
             problems.append(f"dot_precision must be ieee, tf32 or tf32x3 (got {self.dot_precision!r})")
-        if not (0.0 <= self.clamp_margin <= 1.0):
+        if self.clamp_margin is not None and not (0.0 <= self.clamp_margin <= 1.0):
             problems.append(f"clamp_margin must be in [0, 1] (got {self.clamp_margin})")
         if self.target_psnr is not None and not (self.target_psnr > 0 and math.isfinite(self.target_psnr)):
             problems.append(f"target_psnr must be a positive number of dB (got {self.target_psnr})")
@@ -260,6 +262,19 @@ def _fit_batch(start: torch.Tensor, target: torch.Tensor, coords: torch.Tensor, 
     return params, diverged
 
 
+def with_clamp_margin(cfg: FitConfig) -> FitConfig:
+    """`cfg` with clamp_margin resolved: a given one stays; None takes the template's (0 for a template that was
+    not learned with one, or without a template)."""
+    if cfg.clamp_margin is not None:
+        return cfg
+    margin = 0.0
+    if cfg.template is not None and cfg.init == "shared":
+        path, _ = parse_template(cfg.template)
+        meta = load_fields(path, hint="pass a fields file made by `nfgen fit` as --template PATH[:INDEX]").meta
+        margin = float(meta.get("template_recipe", {}).get("clamp_margin", 0.0))
+    return replace(cfg, clamp_margin=margin)
+
+
 def fit_fields(images: torch.Tensor, cfg: FitConfig, *, first_index: int = 0) -> FitResult:
     """Fit one SIREN to each image ([N, H, W] or [N, H, W, C] in [0, 1]), `cfg.chunk` at a time.
 
@@ -270,6 +285,7 @@ def fit_fields(images: torch.Tensor, cfg: FitConfig, *, first_index: int = 0) ->
     the lr; those that fail again are listed in `failed` (their weights are not usable).
     """
     cfg.validate()
+    cfg = with_clamp_margin(cfg)
     if images.dim() not in (3, 4) or images.shape[0] == 0:
         raise NfgenError(f"fit_fields wants images [N, H, W] or [N, H, W, C] with N >= 1, got "
                          f"{tuple(images.shape)}; pass a non-empty image split")
@@ -458,6 +474,7 @@ def run_fit(split_spec: str, out_path, cfg: FitConfig, data_root=None, download:
     from nfgen.data import load_split
 
     cfg.validate()
+    cfg = with_clamp_margin(cfg)  # recorded as a number in the fields' recipe
     distributed.init_from_env(cfg.device)
     split = load_split(split_spec, data_root=data_root, download=download)
     n = len(split.labels)
@@ -477,7 +494,8 @@ def run_fit(split_spec: str, out_path, cfg: FitConfig, data_root=None, download:
     distributed.barrier()
     wall = time.perf_counter() - t0
     summary = {"split": split.spec, "n_fields": n, "rank": rank, "world_size": world, "n_shards": n_shards,
-               "shards_fitted": fitted, "wall_seconds": round(wall, 3), "out": str(out_path), "template": cfg.template}
+               "shards_fitted": fitted, "wall_seconds": round(wall, 3), "out": str(out_path), "template": cfg.template,
+               "clamp_margin": cfg.clamp_margin}
     if distributed.is_main():
         summary.update(_write_merged(split, out_path, cfg, fingerprint))
     distributed.barrier()  # nobody returns before the fields file exists

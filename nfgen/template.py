@@ -8,8 +8,8 @@ its mistakes there render as speckle. Reptile (Nichol et al. 2018) moves the tem
 short fits from it, so every field starts from a "mean digit" and its offset is small and closer to a
 function of the image. Measured on 2000 MNIST fields, held-out images mnist:test[8000:8400], with a
 per-class Gaussian in weight space as a crude stand-in for the GPT (its samples rendered and scored
-against the held-out images), 100 fit steps at 1e-3 (`python -m benchmarks.template_proxy`,
-benchmarks/results/template-proxy-cpu.json):
+against the held-out images), 100 fit steps at 1e-3, no clamp margin (`python -m benchmarks.template_proxy`,
+benchmarks/results/template-proxy-cpu.json; with the margin: template-proxy-margin-cpu.json):
 
     template                   fit PSNR mean/min   R²     Gaussian samples MMD / COV / 1-NNA
     random draw (default)         37.8 / 28.8      0.25        0.359 / 0.43 / 0.998

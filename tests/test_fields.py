@@ -7,7 +7,7 @@ import torch
 import nfgen.fields as fields_mod
 from nfgen.data import load_split
 from nfgen.fields import (FitConfig, fit_fields, fit_targets, load_fields, parse_template, psnr, render_fields, run_fit,
-                          save_fields, spec_for_images)
+                          save_fields, spec_for_images, with_clamp_margin)
 from nfgen.io import NfgenError, save_artifact
 from nfkernels import SirenSpec, coord_grid, siren_forward_reference, siren_init
 
@@ -112,6 +112,18 @@ def test_template_from_fields_file(tmp_path, mnist, monkeypatch):
     with pytest.raises(NfgenError, match="not found"):
         fit_fields(mnist.images[:2], quick(template=str(tmp_path / "missing.safetensors")))
     assert parse_template("a/b.safetensors:12") == (tmp_path.__class__("a/b.safetensors"), 12)
+
+
+def test_clamp_margin_defaults_to_the_templates(tmp_path):
+    spec = SirenSpec()
+    w = siren_init(spec, 1, torch.Generator().manual_seed(9))
+    plain = save_fields(tmp_path / "p.safetensors", w, torch.tensor([0]), torch.full((1,), 30.0), spec, (28, 28), {})
+    learned = save_fields(tmp_path / "t.safetensors", w, torch.tensor([-1]), torch.full((1,), 30.0), spec, (28, 28),
+                          {"kind": "template", "template_recipe": {"clamp_margin": 0.25}})
+    assert with_clamp_margin(quick()).clamp_margin == 0.0  # the random draw: no margin
+    assert with_clamp_margin(quick(template=str(plain))).clamp_margin == 0.0  # fitted fields carry none
+    assert with_clamp_margin(quick(template=f"{learned}:0")).clamp_margin == 0.25
+    assert with_clamp_margin(quick(template=str(learned), clamp_margin=0.0)).clamp_margin == 0.0  # asked for
 
 
 def test_early_stop_freezes_fields(mnist, monkeypatch):

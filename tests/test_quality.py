@@ -87,13 +87,15 @@ def test_ablation_rows_follow_the_main_recipe():
     assert rows["model:kv2"].train == {"n_kv_head": 2, **CONFIGS["full"].ablation_train}
     assert rows["model:ids-only"].train == {"value_embed": False, **CONFIGS["full"].ablation_train}
     assert rows["fit:steps200,lr0.0015"].fit == {"steps": 200, "lr": 1.5e-3}
-    assert rows["fit:clamp-margin0"].fit == {"clamp_margin": 0.0}
+    assert rows["fit:clamp-margin0.3"].fit == {"clamp_margin": 0.3}  # a random-draw main fits without a margin
     assert all(not r.train for n, r in rows.items() if n.startswith("sampling:"))
     assert "baseline:main" not in ablation_recipes(CONFIGS["tiny"], Recipe(), 105)
     # a meta-template main compares with both other inits
     rows = ablation_recipes(CONFIGS["full"], Recipe(init="meta"), 1185)
     assert {"init:shared", "init:independent", "order:independent+canonical"} <= rows.keys()
     assert "init:meta" not in rows and rows["vq:group3"].init == "meta"
+    # ... and, fitting with its template's margin, is compared with a fit without one
+    assert rows["fit:clamp-margin0"].fit == {"clamp_margin": 0.0} and "fit:clamp-margin0.3" not in rows
     # a main without value embedding is compared with it
     rows = ablation_recipes(CONFIGS["full"], Recipe(train={"value_embed": False}), 1185)
     assert rows["model:value-embed"].train["value_embed"] and "model:ids-only" not in rows
@@ -201,14 +203,15 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     assert "Reference generators without a GPT" in out
     assert _finite(r["rows"]["main"]["train"]["marginal_val_loss"]) and "per-position token histograms" in out
     assert [h["step"] for h in r["rows"]["main"]["train_history"]] == [8]  # eval_every 8 of 8 steps
-    assert set(r["rows"]["ablations"]) == {"fit:steps60", "fit:clamp-margin0", "init:meta", "order:canonical", "vq:group3",
+    assert set(r["rows"]["ablations"]) == {"fit:steps60", "fit:clamp-margin0.3", "init:meta", "order:canonical", "vq:group3",
                                            "model:kv1", "sampling:cfg2"}
     # the meta row fits from a template learned on the training split, which is an artifact of its own
     template = [k for k in r["summaries"] if k.startswith("template-")]
     assert len(template) == 1 and r["summaries"][template[0]]["split"] == "mnist:test[:120]"
     assert _finite(r["seconds"]["template"])
     assert r["rows"]["ablations"]["fit:steps60"]["fields_psnr"] > r["rows"]["main"]["fields_psnr"]  # 60 vs 40 steps
-    assert r["rows"]["ablations"]["fit:clamp-margin0"]["recipe"]["fit"] == {"clamp_margin": 0.0}
+    # the tiny main fits from the random draw, so without a margin: the row fits with one
+    assert r["rows"]["ablations"]["fit:clamp-margin0.3"]["recipe"]["fit"] == {"clamp_margin": 0.3}
     assert r["rows"]["ablations"]["order:canonical"]["canonical"]["max_abs_render_delta"] < 1e-4
     for row in r["rows"]["ablations"].values():
         assert all(_finite(row["metrics"][name]["mean"]) for name in HEADLINE)

@@ -56,7 +56,7 @@ def test_template_moves_toward_the_data(learned, data_root):
 def test_template_learns_the_fits_clamp_margin(mnist, learned):
     """With a clamp margin (the default) the template fits the pushed-out targets: its background renders
     further below 0 than without one, while the PSNR it reports is of the clamped render against the image."""
-    assert TemplateConfig().clamp_margin == FitConfig().clamp_margin > 0  # a template fits like the fits it serves
+    assert TemplateConfig().clamp_margin > 0
     plain, plain_history = meta_template(mnist.images, TemplateConfig(**SMALL, clamp_margin=0.0))
     background = mnist.images[0] == 0
     raw = {name: siren_forward(t, coord_grid((28, 28)), _spec()).reshape(28, 28)[background].mean()
@@ -120,11 +120,14 @@ def test_cli_template_then_fit_uses_it(tmp_path, capsys):
     assert json.loads(out)["template"] == path
     config = json.loads((tmp_path / "run" / "fit.config.json").read_text())
     assert config["recipe"]["template"] == path
+    # ... and its clamp margin (the template's default), recorded as a number
+    assert config["recipe"]["clamp_margin"] == json.loads(out)["clamp_margin"] == TemplateConfig().clamp_margin > 0
     # ... unless the fit asks for independent inits, which cannot use one
     code, out, err = cli("fit", "--run", run, "--split", "mnist:test[:8]", "--hidden", "16", "--steps", "5",
                          "--init", "independent", "--out", str(tmp_path / "ind.safetensors"), "--device", "cpu",
                          "--quiet")
     assert code == 0 and json.loads(out)["template"] is None, err
+    assert json.loads(out)["clamp_margin"] == 0.0  # no template, no margin unless asked for
 
 
 def test_linear_r2_tells_a_function_of_the_image_from_noise():
