@@ -72,9 +72,9 @@ class FitConfig:
     target_psnr: float | None = None  # freeze a field once it reaches this PSNR (dB; of the fit targets, see below)
     # Pixels at exactly 0 (1) are fitted to -clamp_margin (1 + clamp_margin); the renderer's clamp to [0, 1] maps
     # them back, so a field renders its image unchanged while any weight error (tokenizing, a GPT's sampling) that
-    # moves such a pixel by less than the margin stays invisible. MNIST is 82 % exact zeros, where those errors
-    # showed as grey speckle. None: the margin the template was learned with (`nfgen template` uses 0.3), 0 without
-    # a template: from the random draw the margin made the demo's samples worse (README, "Clamp margin").
+    # moves such a pixel by less than the margin stays invisible. MNIST's test set is 81 % exact zeros, where those
+    # errors showed as grey speckle. None: the margin the template was learned with (`nfgen template` uses 0.3), 0
+    # without a template: from the random draw the margin made the demo's samples worse (README, "Clamp margin").
     clamp_margin: float | None = None
     steps_per_call: int = 25  # fused steps per siren_fit_steps call (progress and early stop run between)
     backend: str = "auto"

@@ -59,3 +59,9 @@ def test_truncated_and_corrupt_files(tmp_path, data_root):
 def test_parse_split():
     assert parse_split("mnist:test[8000:]") == ("mnist", "test", slice(8000, None))
     assert parse_split("mnist:train") == ("mnist", "train", slice(None, None))
+
+
+def test_mnist_background_is_mostly_exact_zeros(data_root):
+    """The figure README and FitConfig.clamp_margin cite: 81 % of the test set's pixels are exactly 0."""
+    images = load_split("mnist:test", data_root=data_root).images.float()
+    assert 0.80 < float((images == 0).float().mean()) < 0.82
