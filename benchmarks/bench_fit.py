@@ -179,6 +179,14 @@ def sweep_triton(spec, device, n=10000, steps=20, repeats=3):
     configs = [dict(kernel="scratch", dot_precision="ieee", block_c=64, num_warps=4, programs_per_sm=8)]
     configs += [dict(kernel="regs", dot_precision=p, block_c=bc, num_warps=w, programs_per_sm=g)
                 for p in ("ieee", "tf32") for bc in (16, 32, 64) for w in (4, 8) for g in (2, 4, 8, 16)]
+    # The regs kernel's code variants (benchmarks.ptxas_siren counts what each saves): each change alone at the
+    # tf32 default launch, then all three over the launches their register counts make plausible.
+    fast = dict(sincos="mufu", defer_sums=True, moments="memory")
+    configs += [dict(kernel="regs", dot_precision="tf32", block_c=16, num_warps=4, programs_per_sm=8, **v)
+                for v in (dict(sincos="mufu"), dict(defer_sums=True), dict(moments="memory"),
+                          dict(sincos="mufu", defer_sums=True))]
+    configs += [dict(kernel="regs", dot_precision=p, block_c=bc, num_warps=w, programs_per_sm=g, **fast)
+                for p, bc in (("tf32", 16), ("tf32", 32), ("ieee", 32)) for w in (2, 4) for g in (4, 8, 12, 16)]
     for cfg in configs:
         row = {"n_fields": n, "steps": steps, **cfg}
         try:
@@ -284,10 +292,13 @@ def main(argv=None):
 
     sweep = sweep_triton(spec, device) if on_gpu and args.sweep else []
     best = {k: v for k, v in sweep[0].items() if k in ("kernel", "dot_precision", "block_c", "num_warps",
-                                                       "programs_per_sm")} if sweep else None
+                                                       "programs_per_sm", "sincos", "defer_sums", "moments")} \
+        if sweep else None
     nfgen_variants = [("nfgen[triton]", {}), ("nfgen[triton,regs]", {"kernel": "regs"}),
-                      ("nfgen[triton,regs,tf32]", {"kernel": "regs", "dot_precision": "tf32"})] if on_gpu else \
-        [("nfgen[cpp]", {})]
+                      ("nfgen[triton,regs,tf32]", {"kernel": "regs", "dot_precision": "tf32"}),
+                      ("nfgen[triton,regs,tf32,mufu+defer+memory]",
+                       {"kernel": "regs", "dot_precision": "tf32", "sincos": "mufu", "defer_sums": True,
+                        "moments": "memory"})] if on_gpu else [("nfgen[cpp]", {})]
     if best:
         nfgen_variants.append(("nfgen[triton,best-of-sweep]", best))
     rows = []

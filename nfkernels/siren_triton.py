@@ -51,6 +51,23 @@ if HAS_TRITON:
         return s, c
 
     @triton.jit
+    def _sincos_mufu(x):
+        # The GPU's special-function unit: sin.approx / cos.approx are one MUFU op each after one shared FMUL to
+        # turns (abs error ~5e-7 on [-pi, pi], growing like |x|·6e-8 beyond it, as the fp32 rounding of x
+        # itself does), against ~20 instructions a pair for the polynomial. PTX only: the interpreter and the
+        # CPU take _sincos.
+        return tl.inline_asm_elementwise("sin.approx.f32 $0, $2;\n\tcos.approx.f32 $1, $2;", "=r,=r,r", [x],
+                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+
+    @triton.jit
+    def _sincos_by(x, SINCOS: tl.constexpr):
+        if SINCOS == "mufu":
+            s, c = _sincos_mufu(x)
+        else:
+            s, c = _sincos(x)
+        return s, c
+
+    @triton.jit
     def _first_layer(pf, x_ptr, rows, rmask, offs_h, hmask, omega0, IN: tl.constexpr, H: tl.constexpr,
                      BLOCK_C: tl.constexpr, HP: tl.constexpr):
         # in_dim is 1-4: a few broadcast FMAs beat a padded tl.dot.
@@ -200,6 +217,18 @@ if HAS_TRITON:
         return tl.where(upd, w_new, w), tl.where(upd, m_new, m), tl.where(upd, v_new, v)
 
     @triton.jit
+    def _adam_in_memory(w, g, m_at, v_at, mask, on, lr, beta1, beta2, eps, bc1, bc2):
+        # _adam_tensor with the moments read from and written back to global memory (L1/L2-resident), so they
+        # hold no registers through the pixel loop. The caller puts a barrier between a step's stores and the
+        # next step's loads: a replicated value is stored by one of the threads holding it.
+        m = tl.load(m_at, mask=mask, other=0.0)
+        v = tl.load(v_at, mask=mask, other=0.0)
+        w, m, v = _adam_tensor(w, g, m, v, mask, on, lr, beta1, beta2, eps, bc1, bc2)
+        tl.store(m_at, m, mask=mask)
+        tl.store(v_at, v, mask=mask)
+        return w
+
+    @triton.jit
     def _store_state(pf, mf, vf, off, mask, w, m, v):
         tl.store(pf + off, w, mask=mask)
         tl.store(mf + off, m, mask=mask)
@@ -210,7 +239,8 @@ if HAS_TRITON:
                          N, C, P, n_steps, lr, beta1, beta2, eps, omega0, grad_scale, inv_count,
                          HAS_ACTIVE: tl.constexpr, IN: tl.constexpr, INP: tl.constexpr, H: tl.constexpr,
                          HP: tl.constexpr, NS: tl.constexpr, OUT: tl.constexpr, OUTP: tl.constexpr,
-                         BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+                         BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, SINCOS: tl.constexpr = "poly",
+                         DEFER: tl.constexpr = False, MOMENTS: tl.constexpr = "regs"):
         # The one- and two-sine-layer SIRENs (the default 2→32→32→1 among them) with everything in registers: a
         # field's weights, Adam moments and gradient sums stay in registers across all pixel tiles and all steps,
         # and a tile's sin/cos go straight from the forward into the backward, so global memory sees only the
@@ -253,24 +283,25 @@ if HAS_TRITON:
                 b2 = tl.zeros((HP,), dtype=tl.float32)
             wo = tl.load(pf + wo_off, mask=oh_mask, other=0.0)
             bo = tl.load(pf + bo_off, mask=omask, other=0.0)
-            m_w1 = tl.load(mf + w1_off, mask=w1_mask, other=0.0)
-            v_w1 = tl.load(vf + w1_off, mask=w1_mask, other=0.0)
-            m_b1 = tl.load(mf + b1_off, mask=hmask, other=0.0)
-            v_b1 = tl.load(vf + b1_off, mask=hmask, other=0.0)
-            if NS == 2:
-                m_w2 = tl.load(mf + w2_off, mask=hh_mask, other=0.0)
-                v_w2 = tl.load(vf + w2_off, mask=hh_mask, other=0.0)
-                m_b2 = tl.load(mf + b2_off, mask=hmask, other=0.0)
-                v_b2 = tl.load(vf + b2_off, mask=hmask, other=0.0)
-            else:
-                m_w2 = tl.zeros((HP, HP), dtype=tl.float32)
-                v_w2 = tl.zeros((HP, HP), dtype=tl.float32)
-                m_b2 = tl.zeros((HP,), dtype=tl.float32)
-                v_b2 = tl.zeros((HP,), dtype=tl.float32)
-            m_wo = tl.load(mf + wo_off, mask=oh_mask, other=0.0)
-            v_wo = tl.load(vf + wo_off, mask=oh_mask, other=0.0)
-            m_bo = tl.load(mf + bo_off, mask=omask, other=0.0)
-            v_bo = tl.load(vf + bo_off, mask=omask, other=0.0)
+            if MOMENTS == "regs":
+                m_w1 = tl.load(mf + w1_off, mask=w1_mask, other=0.0)
+                v_w1 = tl.load(vf + w1_off, mask=w1_mask, other=0.0)
+                m_b1 = tl.load(mf + b1_off, mask=hmask, other=0.0)
+                v_b1 = tl.load(vf + b1_off, mask=hmask, other=0.0)
+                if NS == 2:
+                    m_w2 = tl.load(mf + w2_off, mask=hh_mask, other=0.0)
+                    v_w2 = tl.load(vf + w2_off, mask=hh_mask, other=0.0)
+                    m_b2 = tl.load(mf + b2_off, mask=hmask, other=0.0)
+                    v_b2 = tl.load(vf + b2_off, mask=hmask, other=0.0)
+                else:
+                    m_w2 = tl.zeros((HP, HP), dtype=tl.float32)
+                    v_w2 = tl.zeros((HP, HP), dtype=tl.float32)
+                    m_b2 = tl.zeros((HP,), dtype=tl.float32)
+                    v_b2 = tl.zeros((HP,), dtype=tl.float32)
+                m_wo = tl.load(mf + wo_off, mask=oh_mask, other=0.0)
+                v_wo = tl.load(vf + wo_off, mask=oh_mask, other=0.0)
+                m_bo = tl.load(mf + bo_off, mask=omask, other=0.0)
+                v_bo = tl.load(vf + bo_off, mask=omask, other=0.0)
             for s in range(n_run):
                 gw1 = tl.zeros((HP, INP), dtype=tl.float32)
                 gb1 = tl.zeros((HP,), dtype=tl.float32)
@@ -279,6 +310,17 @@ if HAS_TRITON:
                 gwo = tl.zeros((OUTP, HP), dtype=tl.float32)
                 gbo = tl.zeros((OUTP,), dtype=tl.float32)
                 sq = tl.zeros((BLOCK_C,), dtype=tl.float32)
+                # DEFER: the sums over pixels of the bias, first-layer and (one output) output-layer gradients
+                # are kept per (row of the tile, neuron) in registers and summed over the rows once a step, not
+                # once a tile: a sum over the rows of a tile crosses threads and warps (shuffles, shared memory,
+                # barriers) where these accumulators cost one FMA an element.
+                a_b1 = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
+                a_b2 = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
+                a_wo = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
+                a_w1_0 = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
+                a_w1_1 = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
+                a_w1_2 = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
+                a_w1_3 = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
                 w2t = tl.trans(w2)
                 for c0 in range(0, C, BLOCK_C):
                     rows = c0 + offs_c
@@ -287,9 +329,9 @@ if HAS_TRITON:
                     for i in tl.static_range(IN):  # in_dim 1-4: broadcast FMAs, not a padded dot
                         xi = tl.load(x_ptr + rows * IN + i, mask=rmask, other=0.0)
                         z1 += xi[:, None] * tl.sum(tl.where(offs_i[None, :] == i, w1, 0.0), axis=1)[None, :]
-                    s1, c1 = _sincos(z1 * omega0)
+                    s1, c1 = _sincos_by(z1 * omega0, SINCOS)
                     if NS == 2:
-                        s2, c2 = _sincos((tl.dot(s1, w2t, input_precision=PRECISION) + b2[None, :]) * omega0)
+                        s2, c2 = _sincos_by((tl.dot(s1, w2t, input_precision=PRECISION) + b2[None, :]) * omega0, SINCOS)
                     else:
                         s2, c2 = s1, c1
                     # The output layer one output at a time, in 2-D tiles only. Triton turns a sum over a
@@ -309,35 +351,82 @@ if HAS_TRITON:
                     dh = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
                     for o in tl.static_range(OUT):
                         dy_o = tl.sum(tl.where(offs_o[None, :] == o, dy, 0.0), axis=1)  # [BLOCK_C]
-                        gwo += tl.where(offs_o[:, None] == o, tl.sum(dy_o[:, None] * s2, axis=0)[None, :], 0.0)
+                        if DEFER and OUT == 1:
+                            a_wo += dy_o[:, None] * s2
+                        else:
+                            gwo += tl.where(offs_o[:, None] == o, tl.sum(dy_o[:, None] * s2, axis=0)[None, :], 0.0)
                         dh += dy_o[:, None] * _row(wo, offs_o, o)[None, :]
                     if NS == 2:
                         g2 = dh * omega0 * c2
                         gw2 += tl.dot(tl.trans(g2), s1, input_precision=PRECISION)
-                        gb2 += tl.sum(g2, axis=0)
+                        if DEFER:
+                            a_b2 += g2
+                        else:
+                            gb2 += tl.sum(g2, axis=0)
                         dh = tl.dot(g2, w2, input_precision=PRECISION)
                     g1 = dh * omega0 * c1
-                    for i in tl.static_range(IN):
-                        xi = tl.load(x_ptr + rows * IN + i, mask=rmask, other=0.0)
-                        gw1 += tl.where(offs_i[None, :] == i, tl.sum(g1 * xi[:, None], axis=0)[:, None], 0.0)
-                    gb1 += tl.sum(g1, axis=0)
+                    if DEFER:
+                        a_b1 += g1
+                        a_w1_0 += g1 * tl.load(x_ptr + rows * IN, mask=rmask, other=0.0)[:, None]
+                        if IN > 1:
+                            a_w1_1 += g1 * tl.load(x_ptr + rows * IN + 1, mask=rmask, other=0.0)[:, None]
+                        if IN > 2:
+                            a_w1_2 += g1 * tl.load(x_ptr + rows * IN + 2, mask=rmask, other=0.0)[:, None]
+                        if IN > 3:
+                            a_w1_3 += g1 * tl.load(x_ptr + rows * IN + 3, mask=rmask, other=0.0)[:, None]
+                    else:
+                        for i in tl.static_range(IN):
+                            xi = tl.load(x_ptr + rows * IN + i, mask=rmask, other=0.0)
+                            gw1 += tl.where(offs_i[None, :] == i, tl.sum(g1 * xi[:, None], axis=0)[:, None], 0.0)
+                        gb1 += tl.sum(g1, axis=0)
+                if DEFER:
+                    gb1 = tl.sum(a_b1, axis=0)
+                    gb2 = tl.sum(a_b2, axis=0)
+                    if OUT == 1:
+                        gwo = tl.sum(a_wo, axis=0)[None, :]
+                    gw1 = tl.where(offs_i[None, :] == 0, tl.sum(a_w1_0, axis=0)[:, None], 0.0)
+                    gw1 += tl.where(offs_i[None, :] == 1, tl.sum(a_w1_1, axis=0)[:, None], 0.0)
+                    gw1 += tl.where(offs_i[None, :] == 2, tl.sum(a_w1_2, axis=0)[:, None], 0.0)
+                    gw1 += tl.where(offs_i[None, :] == 3, tl.sum(a_w1_3, axis=0)[:, None], 0.0)
                 tl.store(loss_ptr + f, tl.sum(sq, axis=0) * inv_count)
                 bc1 = tl.load(bc_ptr + 2 * s)
                 bc2 = tl.load(bc_ptr + 2 * s + 1)
-                w1, m_w1, v_w1 = _adam_tensor(w1, gw1, m_w1, v_w1, w1_mask, on, lr, beta1, beta2, eps, bc1, bc2)
-                b1, m_b1, v_b1 = _adam_tensor(b1, gb1, m_b1, v_b1, hmask, on, lr, beta1, beta2, eps, bc1, bc2)
+                if MOMENTS == "memory":
+                    w1 = _adam_in_memory(w1, gw1, mf + w1_off, vf + w1_off, w1_mask, on, lr, beta1, beta2, eps, bc1, bc2)
+                    b1 = _adam_in_memory(b1, gb1, mf + b1_off, vf + b1_off, hmask, on, lr, beta1, beta2, eps, bc1, bc2)
+                    if NS == 2:
+                        w2 = _adam_in_memory(w2, gw2, mf + w2_off, vf + w2_off, hh_mask, on, lr, beta1, beta2, eps,
+                                             bc1, bc2)
+                        b2 = _adam_in_memory(b2, gb2, mf + b2_off, vf + b2_off, hmask, on, lr, beta1, beta2, eps, bc1,
+                                             bc2)
+                    wo = _adam_in_memory(wo, gwo, mf + wo_off, vf + wo_off, oh_mask, on, lr, beta1, beta2, eps, bc1, bc2)
+                    bo = _adam_in_memory(bo, gbo, mf + bo_off, vf + bo_off, omask, on, lr, beta1, beta2, eps, bc1, bc2)
+                    tl.debug_barrier()
+                else:
+                    w1, m_w1, v_w1 = _adam_tensor(w1, gw1, m_w1, v_w1, w1_mask, on, lr, beta1, beta2, eps, bc1, bc2)
+                    b1, m_b1, v_b1 = _adam_tensor(b1, gb1, m_b1, v_b1, hmask, on, lr, beta1, beta2, eps, bc1, bc2)
+                    if NS == 2:
+                        w2, m_w2, v_w2 = _adam_tensor(w2, gw2, m_w2, v_w2, hh_mask, on, lr, beta1, beta2, eps, bc1,
+                                                      bc2)
+                        b2, m_b2, v_b2 = _adam_tensor(b2, gb2, m_b2, v_b2, hmask, on, lr, beta1, beta2, eps, bc1, bc2)
+                    wo, m_wo, v_wo = _adam_tensor(wo, gwo, m_wo, v_wo, oh_mask, on, lr, beta1, beta2, eps, bc1, bc2)
+                    bo, m_bo, v_bo = _adam_tensor(bo, gbo, m_bo, v_bo, omask, on, lr, beta1, beta2, eps, bc1, bc2)
+            if MOMENTS == "memory":
+                tl.store(pf + w1_off, w1, mask=w1_mask)
+                tl.store(pf + b1_off, b1, mask=hmask)
                 if NS == 2:
-                    w2, m_w2, v_w2 = _adam_tensor(w2, gw2, m_w2, v_w2, hh_mask, on, lr, beta1, beta2, eps, bc1, bc2)
-                    b2, m_b2, v_b2 = _adam_tensor(b2, gb2, m_b2, v_b2, hmask, on, lr, beta1, beta2, eps, bc1, bc2)
-                wo, m_wo, v_wo = _adam_tensor(wo, gwo, m_wo, v_wo, oh_mask, on, lr, beta1, beta2, eps, bc1, bc2)
-                bo, m_bo, v_bo = _adam_tensor(bo, gbo, m_bo, v_bo, omask, on, lr, beta1, beta2, eps, bc1, bc2)
-            _store_state(pf, mf, vf, w1_off, w1_mask, w1, m_w1, v_w1)
-            _store_state(pf, mf, vf, b1_off, hmask, b1, m_b1, v_b1)
-            if NS == 2:
-                _store_state(pf, mf, vf, w2_off, hh_mask, w2, m_w2, v_w2)
-                _store_state(pf, mf, vf, b2_off, hmask, b2, m_b2, v_b2)
-            _store_state(pf, mf, vf, wo_off, oh_mask, wo, m_wo, v_wo)
-            _store_state(pf, mf, vf, bo_off, omask, bo, m_bo, v_bo)
+                    tl.store(pf + w2_off, w2, mask=hh_mask)
+                    tl.store(pf + b2_off, b2, mask=hmask)
+                tl.store(pf + wo_off, wo, mask=oh_mask)
+                tl.store(pf + bo_off, bo, mask=omask)
+            else:
+                _store_state(pf, mf, vf, w1_off, w1_mask, w1, m_w1, v_w1)
+                _store_state(pf, mf, vf, b1_off, hmask, b1, m_b1, v_b1)
+                if NS == 2:
+                    _store_state(pf, mf, vf, w2_off, hh_mask, w2, m_w2, v_w2)
+                    _store_state(pf, mf, vf, b2_off, hmask, b2, m_b2, v_b2)
+                _store_state(pf, mf, vf, wo_off, oh_mask, wo, m_wo, v_wo)
+                _store_state(pf, mf, vf, bo_off, omask, bo, m_bo, v_bo)
 
 
 def _launch_shape(spec):
@@ -392,6 +481,12 @@ def _num_programs(n: int, device: torch.device, per_sm: int = 8) -> int:
 
 
 DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+# The regs kernel's code variant when siren_fit_steps is not told one (the dispatcher and `nfgen fit` never tell
+# it): the measured one until a GPU has timed the others. benchmarks.fit_precision sets FAST_VARIANT here to
+# see what it does to the fitted fields.
+DEFAULT_VARIANT = dict(sincos="poly", defer_sums=False, moments="regs")
+FAST_VARIANT = dict(sincos="mufu", defer_sums=True, moments="memory")
+REGS_VARIANT = dict(DEFAULT_VARIANT)
 
 
 def fits_in_registers(spec) -> bool:
@@ -401,7 +496,8 @@ def fits_in_registers(spec) -> bool:
 
 def siren_fit_steps(params, exp_avg, exp_avg_sq, step, coords, target, spec, *, lr, betas, eps, n_steps,
                     active, dot_precision: str = "ieee", kernel: str = "auto", block_c: int | None = None,
-                    num_warps: int = 4, programs_per_sm: int = 8) -> torch.Tensor:
+                    num_warps: int = 4, programs_per_sm: int = 8, sincos: str | None = None,
+                    defer_sums: bool | None = None, moments: str | None = None) -> torch.Tensor:
     """In-place fused fit on contiguous float32 [N, P] buffers; target [N, C, out_dim]; returns loss [N].
 
     kernel: "regs" (weights, Adam moments and gradient sums in registers; 1-2 sine layers, width ≤ 64),
@@ -409,15 +505,29 @@ def siren_fit_steps(params, exp_avg, exp_avg_sq, step, coords, target, spec, *, 
     "auto" (regs where it takes the shape, else scratch: on the H100 regs fits the default SIREN 2.2× (fp32) to
     4.6× (tf32) faster, benchmarks/results/fit-h100.json). dot_precision: the hidden×hidden products in exact
     fp32 ("ieee") or on tensor cores ("tf32", "tf32x3"). block_c / num_warps / programs_per_sm are launch
-    knobs for benchmarks.
+    knobs for benchmarks, and so are the regs kernel's code variants, until a GPU has timed them:
+    sincos "mufu" (the GPU's sin.approx / cos.approx instead of the polynomial; CUDA only), defer_sums (sum the
+    bias and first/output-layer gradients over pixels once a step, not once a tile) and moments "memory" (Adam
+    moments in global memory, freeing their registers); None takes REGS_VARIANT's. Compiled for sm_90 the three
+    cut the tf32 pixel loop from 4064 to 2064 instructions a pixel and the registers from 204 to 168
+    (`python -m benchmarks.ptxas_siren`, benchmarks/results/ptxas-siren-sm90.json).
     """
+    sincos = REGS_VARIANT["sincos"] if sincos is None else sincos
+    defer_sums = REGS_VARIANT["defer_sums"] if defer_sums is None else defer_sums
+    moments = REGS_VARIANT["moments"] if moments is None else moments
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
+    if sincos not in ("poly", "mufu") or moments not in ("regs", "memory"):
+        raise ValueError(f"sincos must be poly or mufu and moments regs or memory, got {sincos!r} and {moments!r}")
+    if sincos == "mufu" and params.device.type != "cuda":
+        raise ValueError("sincos='mufu' is a PTX instruction and needs a CUDA GPU; use sincos='poly'")
     if kernel == "auto":
         kernel = "regs" if fits_in_registers(spec) else "scratch"
     if kernel not in ("regs", "scratch") or (kernel == "regs" and not fits_in_registers(spec)):
         raise ValueError(f"kernel {kernel!r} does not take {spec}; use auto, regs (≤ 2 sine layers, width ≤ 64) "
                          "or scratch")
+    if kernel == "scratch" and (sincos, defer_sums, moments) != ("poly", False, "regs"):
+        raise ValueError("sincos, defer_sums and moments are options of the regs kernel, not of scratch")
     n, c = params.shape[0], coords.shape[0]
     loss = torch.zeros(n, device=params.device, dtype=torch.float32)
     if n == 0 or c == 0:
@@ -437,7 +547,7 @@ def siren_fit_steps(params, exp_avg, exp_avg_sq, step, coords, target, spec, *, 
                                HAS_ACTIVE=active is not None, IN=spec.in_dim, INP=triton.next_power_of_2(spec.in_dim),
                                H=spec.hidden, HP=hp, NS=spec.hidden_layers, OUT=spec.out_dim,
                                OUTP=triton.next_power_of_2(spec.out_dim), BLOCK_C=block_c, PRECISION=dot_precision,
-                               num_warps=num_warps)
+                               SINCOS=sincos, DEFER=bool(defer_sums), MOMENTS=moments, num_warps=num_warps)
         return loss
     grad = torch.empty(g, spec.num_params, device=params.device, dtype=torch.float32)
     scratch = torch.empty(g, 2 * spec.hidden_layers * block_c * hp, device=params.device, dtype=torch.float32)

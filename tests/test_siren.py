@@ -119,20 +119,26 @@ def test_fused_adam_steps_match_reference(backend, shape):
 
 
 @pytest.mark.skipif(not _TRITON_RUNS, reason="Triton cannot run here")
-@pytest.mark.parametrize("kernel,block_c,shape", [("regs", 16, (3, 24, 2, 3, 5, 21)), ("regs", 64, (3, 24, 2, 3, 5, 21)),
-                                                 ("regs", 16, (2, 16, 1, 2, 5, 37)), ("scratch", 32, (3, 24, 2, 3, 5, 21))])
-def test_triton_fit_kernels_match_reference(kernel, block_c, shape):
+@pytest.mark.parametrize("kernel,block_c,shape,variant", [
+    ("regs", 16, (3, 24, 2, 3, 5, 21), {}), ("regs", 64, (3, 24, 2, 3, 5, 21), {}),
+    ("regs", 16, (2, 16, 1, 2, 5, 37), {}), ("scratch", 32, (3, 24, 2, 3, 5, 21), {}),
+    # the regs kernel's variants: one output (its output-layer sums deferred too), three, one sine layer, 4-D input
+    ("regs", 16, (2, 32, 2, 1, 5, 37), {"defer_sums": True, "moments": "memory"}),
+    ("regs", 16, (3, 24, 2, 3, 5, 21), {"defer_sums": True}),
+    ("regs", 32, (4, 16, 1, 2, 5, 37), {"defer_sums": True, "moments": "memory"}),
+    ("regs", 64, (2, 16, 2, 1, 3, 21), {"moments": "memory"})], ids=str)
+def test_triton_fit_kernels_match_reference(kernel, block_c, shape, variant):
     # Shapes both Triton kernels take, with pixel tiles that do not divide the pixel count, inactive fields and a
     # nonzero step count.
     from nfkernels import siren_triton
 
     spec, params, coords, target = _problem(shape, _device_for("triton"), seed=9)
-    active = torch.tensor([True, False, True, True, False], device=params.device)
+    active = torch.tensor([True, False, True, True, False], device=params.device)[:params.shape[0]]
     ref = [params.clone(), torch.zeros_like(params), torch.zeros_like(params)]
     fast = [t.clone() for t in ref]
     loss_ref = siren_fit_steps_reference(*ref, 3, coords, target, spec, lr=1e-3, n_steps=3, active=active)
     loss = siren_triton.siren_fit_steps(*fast, 3, coords, target, spec, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                                        n_steps=3, active=active, kernel=kernel, block_c=block_c)
+                                        n_steps=3, active=active, kernel=kernel, block_c=block_c, **variant)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-7)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
@@ -140,9 +146,11 @@ def test_triton_fit_kernels_match_reference(kernel, block_c, shape):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="many warps per field need a GPU")
-@pytest.mark.parametrize("kernel", ["regs", "scratch"])
+@pytest.mark.parametrize("kernel,variant", [("regs", {}), ("scratch", {}),
+                                            ("regs", {"sincos": "mufu", "defer_sums": True, "moments": "memory"}),
+                                            ("regs", {"sincos": "mufu"})], ids=str)
 @pytest.mark.parametrize("shape", [(2, 32, 2, 1, 67, 784), (2, 64, 1, 1, 13, 1024), (3, 48, 2, 3, 9, 4096)], ids=str)
-def test_triton_fit_kernels_match_reference_at_full_size(kernel, shape):
+def test_triton_fit_kernels_match_reference_at_full_size(kernel, variant, shape):
     # The launch the fit uses (default tile and warps, 25 steps a call) at MNIST and larger sizes. Two regs
     # kernels passed the interpreter and failed here: one read back what another warp wrote without a barrier
     # (parameters off by about one learning rate), one overcounted in a dot Triton made of a broadcast sum (Adam
@@ -156,7 +164,9 @@ def test_triton_fit_kernels_match_reference_at_full_size(kernel, shape):
     fast = [t.clone() for t in ref]
     loss_ref = siren_fit_steps_reference(*ref, 0, coords, target, spec, lr=1e-3, n_steps=25, active=active)
     loss = siren_triton.siren_fit_steps(*fast, 0, coords, target, spec, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                                        n_steps=25, active=active, kernel=kernel)
+                                        n_steps=25, active=active, kernel=kernel, **variant)
+    # sin.approx / cos.approx ("mufu") are off by ~5e-7 where the polynomial is off by ~1e-7: emulated on the CPU
+    # as ±1e-6 noise on every sine, that moved the parameters by 2e-6 after these 25 steps.
     torch.testing.assert_close(loss, loss_ref, rtol=1e-3, atol=1e-6)
     # 25 Adam steps of fp32 gradients summed in another order: the parameters and first moments agree to ~1e-5
     # (the racing kernel missed by ~1e-3), the second moments (squared gradients) to their own scale.
@@ -179,10 +189,22 @@ def test_regs_kernel_dots_have_a_long_reduction_on_sm90():
     out = subprocess.run([sys.executable, "-m", "benchmarks.ptxas_siren", "--json"], env=env, capture_output=True,
                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
-    reports = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    reports = result["specs"]
     assert len(reports) == 5 and any(r["dots_mkn"] for r in reports)  # the two-layer specs keep their hidden dots
-    for r in reports:
+    for r in reports + result["pixel_tile_loops"]:
         assert all(k >= 16 for _, k, _ in r["dots_mkn"]), r
+    # The code variants do what they are for: with tf32 dots the MUFU sines replace the polynomial (its FRND
+    # range reduction) and cut the loop by a third, deferring the sums takes out the cross-warp reductions'
+    # shuffles and barriers, and moving the Adam moments to memory frees registers.
+    tf32 = {r["variant"]: r for r in result["pixel_tile_loops"] if r["precision"] == "tf32"}
+    poly, mufu, defer, fast = tf32["poly"], tf32["mufu"], tf32["mufu+defer"], tf32["mufu+defer+memory"]
+    assert poly["tile_ops"].get("FRND", 0) > 0 and "MUFU" not in poly["tile_ops"]
+    assert mufu["tile_ops"].get("MUFU", 0) > 0 and "FRND" not in mufu["tile_ops"]
+    assert mufu["tile_instructions"] < 0.75 * poly["tile_instructions"]
+    assert defer["tile_ops"].get("SHFL", 0) < mufu["tile_ops"].get("SHFL", 0)
+    assert defer["tile_ops"].get("BAR", 0) < mufu["tile_ops"].get("BAR", 0)
+    assert fast["registers"] < min(defer["registers"], poly["registers"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tensor-core dots need a GPU")
@@ -210,6 +232,12 @@ def test_triton_fit_options_are_checked():
         siren_triton.siren_fit_steps(*state, 0, coords, target, spec, dot_precision="fp16", **kw)
     with pytest.raises(ValueError, match="does not take"):  # three sine layers: only the scratch kernel
         siren_triton.siren_fit_steps(*state, 0, coords, target, spec, kernel="regs", **kw)
+    with pytest.raises(ValueError, match="sincos must be"):
+        siren_triton.siren_fit_steps(*state, 0, coords, target, spec, sincos="sin", **kw)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        siren_triton.siren_fit_steps(*state, 0, coords, target, spec, sincos="mufu", **kw)
+    with pytest.raises(ValueError, match="options of the regs kernel"):  # auto picks scratch for three layers
+        siren_triton.siren_fit_steps(*state, 0, coords, target, spec, moments="memory", **kw)
 
 
 @pytest.mark.parametrize("backend", FAST)
