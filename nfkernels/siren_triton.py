@@ -317,6 +317,7 @@ if HAS_TRITON:
                 a_b1 = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
                 a_b2 = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
                 a_wo = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
+                a_bo = tl.zeros((BLOCK_C, OUTP), dtype=tl.float32)
                 a_w1_0 = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
                 a_w1_1 = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
                 a_w1_2 = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
@@ -347,7 +348,10 @@ if HAS_TRITON:
                                  0.0)
                     sq += tl.sum(e * e, axis=1)
                     dy = e * grad_scale
-                    gbo += tl.sum(dy, axis=0)
+                    if DEFER:
+                        a_bo += dy
+                    else:
+                        gbo += tl.sum(dy, axis=0)
                     dh = tl.zeros((BLOCK_C, HP), dtype=tl.float32)
                     for o in tl.static_range(OUT):
                         dy_o = tl.sum(tl.where(offs_o[None, :] == o, dy, 0.0), axis=1)  # [BLOCK_C]
@@ -380,6 +384,7 @@ if HAS_TRITON:
                             gw1 += tl.where(offs_i[None, :] == i, tl.sum(g1 * xi[:, None], axis=0)[:, None], 0.0)
                         gb1 += tl.sum(g1, axis=0)
                 if DEFER:
+                    gbo = tl.sum(a_bo, axis=0)
                     gb1 = tl.sum(a_b1, axis=0)
                     gb2 = tl.sum(a_b2, axis=0)
                     if OUT == 1:
