@@ -514,7 +514,7 @@ def siren_fit_steps(params, exp_avg, exp_avg_sq, step, coords, target, spec, *, 
     sincos "mufu" (the GPU's sin.approx / cos.approx instead of the polynomial; CUDA only), defer_sums (sum the
     bias and first/output-layer gradients over pixels once a step, not once a tile) and moments "memory" (Adam
     moments in global memory, freeing their registers); None takes REGS_VARIANT's. Compiled for sm_90 the three
-    cut the tf32 pixel loop from 4064 to 2064 instructions a pixel and the registers from 204 to 168
+    cut the tf32 pixel loop from 4064 to 2008 instructions a pixel and the registers from 204 to 168
     (`python -m benchmarks.ptxas_siren`, benchmarks/results/ptxas-siren-sm90.json).
     """
     sincos = REGS_VARIANT["sincos"] if sincos is None else sincos
