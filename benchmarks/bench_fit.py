@@ -172,21 +172,27 @@ def nfgen_fit(spec, coords, target, template, backend="auto", steps_per_call=10,
     return run
 
 
-def sweep_triton(spec, device, n=10000, steps=20, repeats=3):
-    """Field-steps/s of the Triton fit kernels over launch configurations, best first (to choose defaults by)."""
+def sweep_triton(spec, device, n=10000, steps=20, repeats=3, which="all"):
+    """Field-steps/s of the Triton fit kernels over launch configurations (which: "launch", "variants" or "all"),
+    best first (to choose defaults by)."""
     coords, target, template = make_problem(n, device, spec)
     rows = []
-    configs = [dict(kernel="scratch", dot_precision="ieee", block_c=64, num_warps=4, programs_per_sm=8)]
-    configs += [dict(kernel="regs", dot_precision=p, block_c=bc, num_warps=w, programs_per_sm=g)
-                for p in ("ieee", "tf32") for bc in (16, 32, 64) for w in (4, 8) for g in (2, 4, 8, 16)]
-    # The regs kernel's code variants (benchmarks.ptxas_siren counts what each saves): each change alone at the
-    # tf32 default launch, then all three over the launches their register counts make plausible.
-    fast = dict(sincos="mufu", defer_sums=True, moments="memory")
-    configs += [dict(kernel="regs", dot_precision="tf32", block_c=16, num_warps=4, programs_per_sm=8, **v)
-                for v in (dict(sincos="mufu"), dict(defer_sums=True), dict(moments="memory"),
-                          dict(sincos="mufu", defer_sums=True))]
-    configs += [dict(kernel="regs", dot_precision=p, block_c=bc, num_warps=w, programs_per_sm=g, **fast)
-                for p, bc in (("tf32", 16), ("tf32", 32), ("ieee", 32)) for w in (2, 4) for g in (4, 8, 12, 16)]
+    default = dict(kernel="regs", dot_precision="tf32", block_c=16, num_warps=4, programs_per_sm=8)
+    configs = []
+    if which in ("launch", "all"):
+        configs += [dict(kernel="scratch", dot_precision="ieee", block_c=64, num_warps=4, programs_per_sm=8)]
+        configs += [dict(kernel="regs", dot_precision=p, block_c=bc, num_warps=w, programs_per_sm=g)
+                    for p in ("ieee", "tf32") for bc in (16, 32, 64) for w in (4, 8) for g in (2, 4, 8, 16)]
+    if which in ("variants", "all"):
+        # The regs kernel's code variants (benchmarks.ptxas_siren counts what each saves): the default launch
+        # without and with each change alone, then all three over the launches their registers make plausible.
+        fast = dict(sincos="mufu", defer_sums=True, moments="memory")
+        configs += [{**default, **v} for v in ({}, dict(sincos="mufu"), dict(defer_sums=True),
+                                               dict(moments="memory"), dict(sincos="mufu", defer_sums=True))]
+        configs += [dict(kernel="regs", dot_precision="tf32", block_c=bc, num_warps=w, programs_per_sm=g, **fast)
+                    for bc in (16, 32) for w in (2, 4) for g in (4, 8, 16)]
+        configs += [dict(kernel="regs", dot_precision="ieee", block_c=bc, num_warps=4, programs_per_sm=8, **fast)
+                    for bc in (32, 64)]
     for cfg in configs:
         row = {"n_fields": n, "steps": steps, **cfg}
         try:
@@ -259,7 +265,9 @@ def main(argv=None):
     ap.add_argument("--n", type=int, nargs="*", help="field counts (default: 1000 on CPU; 1000 10000 60000 on CUDA)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", help="write every row and the environment as JSON")
-    ap.add_argument("--sweep", action="store_true", help="CUDA: also time the Triton kernels' launch configurations")
+    ap.add_argument("--sweep", nargs="?", const="all", choices=("launch", "variants", "all"),
+                    help="CUDA: also time the Triton kernels' launch configurations, the regs kernel's code variants, "
+                         "or both (the default)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -290,7 +298,7 @@ def main(argv=None):
     print(f"device: {device_name} ({device}); torch {torch.__version__}; threads {torch.get_num_threads()}")
     print(f"FP32 peak: {peak_note}; measured torch sgemm {sgemm / 1e9:.1f} GFLOP/s; {flop / 1e6:.2f} MFLOP/field-step")
 
-    sweep = sweep_triton(spec, device) if on_gpu and args.sweep else []
+    sweep = sweep_triton(spec, device, which=args.sweep) if on_gpu and args.sweep else []
     best = {k: v for k, v in sweep[0].items() if k in ("kernel", "dot_precision", "block_c", "num_warps",
                                                        "programs_per_sm", "sincos", "defer_sums", "moments")} \
         if sweep else None
