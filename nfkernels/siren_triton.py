@@ -217,22 +217,25 @@ if HAS_TRITON:
         return tl.where(upd, w_new, w), tl.where(upd, m_new, m), tl.where(upd, v_new, v)
 
     @triton.jit
-    def _adam_in_memory(w, g, m_at, v_at, mask, on, lr, beta1, beta2, eps, bc1, bc2):
-        # _adam_tensor with the moments read from and written back to global memory (L1/L2-resident), so they
-        # hold no registers through the pixel loop. The caller puts a barrier between a step's stores and the
-        # next step's loads: a replicated value is stored by one of the threads holding it.
-        m = tl.load(m_at, mask=mask, other=0.0)
-        v = tl.load(v_at, mask=mask, other=0.0)
-        w, m, v = _adam_tensor(w, g, m, v, mask, on, lr, beta1, beta2, eps, bc1, bc2)
-        tl.store(m_at, m, mask=mask)
-        tl.store(v_at, v, mask=mask)
-        return w
+    def _load_pair(mf, vf, off, mask):
+        return tl.load(mf + off, mask=mask, other=0.0), tl.load(vf + off, mask=mask, other=0.0)
 
     @triton.jit
-    def _store_state(pf, mf, vf, off, mask, w, m, v):
-        tl.store(pf + off, w, mask=mask)
+    def _store_pair(mf, vf, off, mask, m, v):
         tl.store(mf + off, m, mask=mask)
         tl.store(vf + off, v, mask=mask)
+
+    @triton.jit
+    def _adam_in_memory(w, g, mf, vf, off, mask, on, lr, beta1, beta2, eps, bc1, bc2):
+        # _adam_tensor with the moments read from and written back to global memory (L1/L2-resident), so they
+        # hold no registers through the pixel loop. A value held by several threads is stored by one of them,
+        # which must not run ahead of another's load: hence the barrier between them, one tensor at a time so
+        # that only one tensor's moments are live at once. The caller puts a barrier after the step as well.
+        m, v = _load_pair(mf, vf, off, mask)
+        tl.debug_barrier()
+        w, m, v = _adam_tensor(w, g, m, v, mask, on, lr, beta1, beta2, eps, bc1, bc2)
+        _store_pair(mf, vf, off, mask, m, v)
+        return w
 
     @triton.jit
     def _fit_kernel_regs(p_ptr, m_ptr, v_ptr, loss_ptr, x_ptr, y_ptr, act_ptr, bc_ptr,
@@ -248,6 +251,7 @@ if HAS_TRITON:
         # loop is read back: Triton stores a value held by several threads from one of them only, so a
         # store-then-load through global memory would race across threads without a barrier (an earlier version
         # kept m and v in global memory and lost updates that way on the H100; the interpreter cannot show it).
+        # MOMENTS "memory" does keep m and v there again, with barriers between loads and stores (_adam_in_memory).
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
         offs_c = tl.arange(0, BLOCK_C)
@@ -284,24 +288,13 @@ if HAS_TRITON:
             wo = tl.load(pf + wo_off, mask=oh_mask, other=0.0)
             bo = tl.load(pf + bo_off, mask=omask, other=0.0)
             if MOMENTS == "regs":
-                m_w1 = tl.load(mf + w1_off, mask=w1_mask, other=0.0)
-                v_w1 = tl.load(vf + w1_off, mask=w1_mask, other=0.0)
-                m_b1 = tl.load(mf + b1_off, mask=hmask, other=0.0)
-                v_b1 = tl.load(vf + b1_off, mask=hmask, other=0.0)
+                m_w1, v_w1 = _load_pair(mf, vf, w1_off, w1_mask)
+                m_b1, v_b1 = _load_pair(mf, vf, b1_off, hmask)
                 if NS == 2:
-                    m_w2 = tl.load(mf + w2_off, mask=hh_mask, other=0.0)
-                    v_w2 = tl.load(vf + w2_off, mask=hh_mask, other=0.0)
-                    m_b2 = tl.load(mf + b2_off, mask=hmask, other=0.0)
-                    v_b2 = tl.load(vf + b2_off, mask=hmask, other=0.0)
-                else:
-                    m_w2 = tl.zeros((HP, HP), dtype=tl.float32)
-                    v_w2 = tl.zeros((HP, HP), dtype=tl.float32)
-                    m_b2 = tl.zeros((HP,), dtype=tl.float32)
-                    v_b2 = tl.zeros((HP,), dtype=tl.float32)
-                m_wo = tl.load(mf + wo_off, mask=oh_mask, other=0.0)
-                v_wo = tl.load(vf + wo_off, mask=oh_mask, other=0.0)
-                m_bo = tl.load(mf + bo_off, mask=omask, other=0.0)
-                v_bo = tl.load(vf + bo_off, mask=omask, other=0.0)
+                    m_w2, v_w2 = _load_pair(mf, vf, w2_off, hh_mask)
+                    m_b2, v_b2 = _load_pair(mf, vf, b2_off, hmask)
+                m_wo, v_wo = _load_pair(mf, vf, wo_off, oh_mask)
+                m_bo, v_bo = _load_pair(mf, vf, bo_off, omask)
             for s in range(n_run):
                 gw1 = tl.zeros((HP, INP), dtype=tl.float32)
                 gb1 = tl.zeros((HP,), dtype=tl.float32)
@@ -397,16 +390,15 @@ if HAS_TRITON:
                 bc1 = tl.load(bc_ptr + 2 * s)
                 bc2 = tl.load(bc_ptr + 2 * s + 1)
                 if MOMENTS == "memory":
-                    w1 = _adam_in_memory(w1, gw1, mf + w1_off, vf + w1_off, w1_mask, on, lr, beta1, beta2, eps, bc1, bc2)
-                    b1 = _adam_in_memory(b1, gb1, mf + b1_off, vf + b1_off, hmask, on, lr, beta1, beta2, eps, bc1, bc2)
+                    adam = (on, lr, beta1, beta2, eps, bc1, bc2)
+                    w1 = _adam_in_memory(w1, gw1, mf, vf, w1_off, w1_mask, *adam)
+                    b1 = _adam_in_memory(b1, gb1, mf, vf, b1_off, hmask, *adam)
                     if NS == 2:
-                        w2 = _adam_in_memory(w2, gw2, mf + w2_off, vf + w2_off, hh_mask, on, lr, beta1, beta2, eps,
-                                             bc1, bc2)
-                        b2 = _adam_in_memory(b2, gb2, mf + b2_off, vf + b2_off, hmask, on, lr, beta1, beta2, eps, bc1,
-                                             bc2)
-                    wo = _adam_in_memory(wo, gwo, mf + wo_off, vf + wo_off, oh_mask, on, lr, beta1, beta2, eps, bc1, bc2)
-                    bo = _adam_in_memory(bo, gbo, mf + bo_off, vf + bo_off, omask, on, lr, beta1, beta2, eps, bc1, bc2)
-                    tl.debug_barrier()
+                        w2 = _adam_in_memory(w2, gw2, mf, vf, w2_off, hh_mask, *adam)
+                        b2 = _adam_in_memory(b2, gb2, mf, vf, b2_off, hmask, *adam)
+                    wo = _adam_in_memory(wo, gwo, mf, vf, wo_off, oh_mask, *adam)
+                    bo = _adam_in_memory(bo, gbo, mf, vf, bo_off, omask, *adam)
+                    tl.debug_barrier()  # the stores land before the next step's loads
                 else:
                     w1, m_w1, v_w1 = _adam_tensor(w1, gw1, m_w1, v_w1, w1_mask, on, lr, beta1, beta2, eps, bc1, bc2)
                     b1, m_b1, v_b1 = _adam_tensor(b1, gb1, m_b1, v_b1, hmask, on, lr, beta1, beta2, eps, bc1, bc2)
@@ -416,22 +408,21 @@ if HAS_TRITON:
                         b2, m_b2, v_b2 = _adam_tensor(b2, gb2, m_b2, v_b2, hmask, on, lr, beta1, beta2, eps, bc1, bc2)
                     wo, m_wo, v_wo = _adam_tensor(wo, gwo, m_wo, v_wo, oh_mask, on, lr, beta1, beta2, eps, bc1, bc2)
                     bo, m_bo, v_bo = _adam_tensor(bo, gbo, m_bo, v_bo, omask, on, lr, beta1, beta2, eps, bc1, bc2)
-            if MOMENTS == "memory":
-                tl.store(pf + w1_off, w1, mask=w1_mask)
-                tl.store(pf + b1_off, b1, mask=hmask)
+            tl.store(pf + w1_off, w1, mask=w1_mask)
+            tl.store(pf + b1_off, b1, mask=hmask)
+            if NS == 2:
+                tl.store(pf + w2_off, w2, mask=hh_mask)
+                tl.store(pf + b2_off, b2, mask=hmask)
+            tl.store(pf + wo_off, wo, mask=oh_mask)
+            tl.store(pf + bo_off, bo, mask=omask)
+            if MOMENTS == "regs":
+                _store_pair(mf, vf, w1_off, w1_mask, m_w1, v_w1)
+                _store_pair(mf, vf, b1_off, hmask, m_b1, v_b1)
                 if NS == 2:
-                    tl.store(pf + w2_off, w2, mask=hh_mask)
-                    tl.store(pf + b2_off, b2, mask=hmask)
-                tl.store(pf + wo_off, wo, mask=oh_mask)
-                tl.store(pf + bo_off, bo, mask=omask)
-            else:
-                _store_state(pf, mf, vf, w1_off, w1_mask, w1, m_w1, v_w1)
-                _store_state(pf, mf, vf, b1_off, hmask, b1, m_b1, v_b1)
-                if NS == 2:
-                    _store_state(pf, mf, vf, w2_off, hh_mask, w2, m_w2, v_w2)
-                    _store_state(pf, mf, vf, b2_off, hmask, b2, m_b2, v_b2)
-                _store_state(pf, mf, vf, wo_off, oh_mask, wo, m_wo, v_wo)
-                _store_state(pf, mf, vf, bo_off, omask, bo, m_bo, v_bo)
+                    _store_pair(mf, vf, w2_off, hh_mask, m_w2, v_w2)
+                    _store_pair(mf, vf, b2_off, hmask, m_b2, v_b2)
+                _store_pair(mf, vf, wo_off, oh_mask, m_wo, v_wo)
+                _store_pair(mf, vf, bo_off, omask, m_bo, v_bo)
 
 
 def _launch_shape(spec):
