@@ -51,7 +51,8 @@ def main(argv=None) -> int:
             fit_fields(images[:64], cfg)  # compiles the kernel outside the timing
             res = fit_fields(images, cfg)
             ref = res if ref is None else ref
-            row = {"dot_precision": precision, "variant": variant, "n": args.n, "steps": args.steps, "seconds": res.seconds,
+            row = {"dot_precision": precision, "variant": variant, "n": args.n, "steps": args.steps,
+                   "seconds": res.seconds,
                    "psnr_mean": res.psnr.mean().item(), "psnr_min": res.psnr.min().item(),
                    "psnr_mean_minus_fp32": (res.psnr.mean() - ref.psnr.mean()).item(),
                    "max_abs_weight_diff_vs_fp32": (res.weights - ref.weights).abs().max().item(),

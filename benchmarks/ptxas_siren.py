@@ -32,7 +32,7 @@ SPECS = [(2, 32, 2, 1), (3, 48, 2, 3), (2, 32, 1, 1), (2, 64, 2, 3), (1, 16, 1, 
 
 def regs_kernel_report(spec: tuple[int, int, int, int], arch: int = 90, num_warps: int = 4, precision: str = "ieee",
                        loops: bool = False, module=siren_triton, block_c: int | None = None, **knobs) -> dict:
-    """knobs: further constexprs of the kernel (SINCOS, DEFER), for the versions that have them."""
+    """knobs: further constexprs of the kernel (SINCOS, DEFER, MOMENTS), for the versions that have them."""
     in_dim, hidden, layers, out_dim = spec
     hp, default_block_c = module._launch_shape(SirenSpec(in_dim, hidden, layers, out_dim))
     block_c = block_c or default_block_c
@@ -66,7 +66,8 @@ def tile_loops(arch: int = 90, module=siren_triton, variants=VARIANTS) -> list[d
     """The pixel-tile loop of the default SIREN for each dot precision (at the block_c siren_fit_steps launches
     it with) and code variant: SASS instructions a thread, registers, spills, and the issue bound on 28 x 28."""
     pixels, loops = 28 * 28, []
-    has_knobs = "SINCOS" in inspect.signature(getattr(module._fit_kernel_regs, "fn", module._fit_kernel_regs)).parameters
+    kernel = module._fit_kernel_regs
+    has_knobs = "SINCOS" in inspect.signature(getattr(kernel, "fn", kernel)).parameters  # older versions: no variants
     for precision, block_c in (("ieee", 64), ("tf32", 16)):
         for name, knobs in (variants.items() if has_knobs else [("poly", {})]):
             if precision == "ieee" and name not in ("poly", "mufu+defer+memory"):
