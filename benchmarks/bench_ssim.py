@@ -117,11 +117,15 @@ def skimage_pairs(x, y, pairs):
 # Harness
 
 # the CUDA-only nfgen rows besides the default backend: (kernel, precision) of nfkernels.ssim_triton
-# the GEMM kernel's (BN, BM, num_warps, num_stages) that --sweep times, per precision; the first is the default
-GEMM_SWEEP = (("fp16x3", [(64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2),
-                          (128, 32, 8, 2), (64, 32, 8, 2)]),
-              ("tf32x3", [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)]))
-TRITON_VARIANTS = [("tile", "ieee"), ("gemm", "fp16x3"), ("gemm", "tf32x3")]  # beside the default (tile, tf32x3)
+# the GEMM kernels' (BN, BM, num_warps, num_stages) that --sweep times, per layout and precision; the first is
+# the default
+GEMM_SWEEP = (("patches", "fp16x3", [(64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2),
+                                     (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)]),
+              ("patches", "tf32x3", [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)]),
+              ("images", "fp16x3", [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2),
+                                    (128, 32, 8, 2), (128, 128, 8, 2)]))
+# beside the default (tile, tf32x3)
+TRITON_VARIANTS = [("tile", "ieee"), ("gemm", "fp16x3"), ("gemm", "tf32x3"), ("gemm-images", "fp16x3")]
 
 
 def sync(device):
@@ -181,8 +185,9 @@ def bench_size(n, m, device, repeats, quick):
     sec, ts = timed(lambda: ssim_nearest(x, y, backend=nf_backend), device, repeats)
     add(f"nfgen ssim_nearest[{nf_backend}] (fused reduction)", sec, pairs, ts)
     if on_cuda:
-        sec, ts = timed(lambda: ssim_nearest_triton(xp, yp, kernel="gemm"), device, repeats)
-        add("nfgen ssim_nearest[triton-gemm, fp16x3] (fused reduction)", sec, pairs, ts)
+        for kernel in ("gemm", "gemm-images"):
+            sec, ts = timed(lambda: ssim_nearest_triton(xp, yp, kernel=kernel), device, repeats)
+            add(f"nfgen ssim_nearest[triton-{kernel}, fp16x3] (fused reduction)", sec, pairs, ts)
 
     # peers, on as many rows as the budget allows
     peer_rows = min(n, 16 if not on_cuda else (200 if quick else 1000))
@@ -235,23 +240,25 @@ def summary(rows) -> str:
 
 
 def sweep_gemm_tiles(n, device, repeats):
-    """Time the GEMM kernel's (BN, BM, num_warps, num_stages) choices at N = M = n (CUDA): rows for the JSON."""
+    """Time the GEMM kernels' (BN, BM, num_warps, num_stages) choices at N = M = n (CUDA): rows for the JSON."""
     from nfkernels.ssim_gemm_triton import pairwise_ssim_gemm
 
     x, y = load_images(n, n, device)
     xp, yp = x.unsqueeze(1), y.unsqueeze(1)
     rows = []
-    for precision, configs in GEMM_SWEEP:
+    for layout, precision, configs in GEMM_SWEEP:
         for tiles in configs:
+            key = {"sweep": "gemm", "layout": layout, "precision": precision, "tiles": tiles}
             try:
-                sec, ts = timed(lambda: pairwise_ssim_gemm(xp, yp, precision=precision, tiles=tiles), device, repeats)
+                sec, ts = timed(lambda: pairwise_ssim_gemm(xp, yp, precision=precision, layout=layout, tiles=tiles),
+                                device, repeats)
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: a row that says so
-                rows.append({"sweep": "gemm", "precision": precision, "tiles": tiles, "error": str(exc)[:200]})
-                print(f"gemm {precision} tiles {tiles}: failed ({str(exc).splitlines()[0][:100]})")
+                rows.append({**key, "error": str(exc)[:200]})
+                print(f"gemm {layout} {precision} tiles {tiles}: failed ({str(exc).splitlines()[0][:100]})")
                 continue
-            rows.append({"sweep": "gemm", "precision": precision, "tiles": tiles, "n": n, "m": n, "seconds": sec,
-                         "pairs_per_s": n * n / sec, "repeat_seconds": ts})
-            print(f"gemm {precision} tiles (BN, BM, warps, stages) {tiles}: {sec:.4f} s, {n * n / sec:.4g} pairs/s")
+            rows.append({**key, "n": n, "m": n, "seconds": sec, "pairs_per_s": n * n / sec, "repeat_seconds": ts})
+            print(f"gemm {layout} {precision} tiles (BN, BM, warps, stages) {tiles}: {sec:.4f} s, "
+                  f"{n * n / sec:.4g} pairs/s")
     return rows
 
 

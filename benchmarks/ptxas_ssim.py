@@ -1,8 +1,9 @@
 """Registers, spills, shared memory and pixel-loop instructions of the Triton SSIM GEMM kernel compiled for sm_90
 (H100), no GPU needed.
 
-For each precision and the tiles `bench_ssim --sweep` times ((BN, BM, num_warps, num_stages); the first is
-the default), in both modes (the N x M matrix, the fused nearest-neighbour reduction).
+For each layout ("patches": windows laid out once, _ssim_gemm_kernel; "images": windows gathered from the
+images, _ssim_gather_kernel), precision and the tiles `bench_ssim --sweep` times ((BN, BM, num_warps,
+num_stages); the first is the default), in both modes (the N x M matrix, the fused nearest-neighbour reduction).
 
 It also counts the SASS instructions of the loop over output pixels (the GEMMs and the SSIM formula for a tile
 of pairs) and prints the issue-bound time of a 10k x 10k MNIST matrix on an H100 SXM (every instruction one
@@ -30,13 +31,22 @@ ARGS = {"xmu_ptr": "*fp32", "xvar_ptr": "*fp32", "ymu_ptr": "*fp32", "yvar_ptr":
 MNIST_PIXELS = 18 * 18  # output pixels of a 28 x 28 image: the 11 x 11 window's 5-pixel border is cropped
 
 
-def _compile(precision: str, tiles: tuple[int, int, int, int], reduce: bool, arch: int, module=ssim_gemm_triton):
+def _compile(precision: str, tiles: tuple[int, int, int, int], reduce: bool, arch: int, module=ssim_gemm_triton,
+             layout: str = "patches"):
     bn, bm, num_warps, num_stages = tiles
     split = precision == "fp16x3"
     operand = "*fp16" if split else "*fp32"
-    signature = {**dict.fromkeys(("ah_ptr", "al_ptr", "bh_ptr", "bl_ptr"), operand), **ARGS}
     constexprs = {"KP": KP, "BN": bn, "BM": bm, "SPLIT": split, "PRECISION": "ieee" if split else precision,
                   "REDUCE": reduce, "EXCLUDE_SELF": reduce}
+    if layout == "images":  # 28 x 28 MNIST: windows gathered from the images, the y side fp32
+        args = {k: v for k, v in ARGS.items() if k != "P"}
+        signature = {"xh_ptr": operand, "xl_ptr": operand, "y_ptr": "*fp32", "wk_ptr": "*fp32", **args,
+                     "lo_scale": "fp32", **dict.fromkeys(("C", "H", "W", "K"), "constexpr"), "KP": "constexpr"}
+        constexprs.update(C=1, H=28, W=28, K=11, APPROX=module.APPROX_DIV)
+        signature["APPROX"] = "constexpr"
+        return compile_for(module._ssim_gather_kernel, signature, constexprs, arch, num_warps=num_warps,
+                           num_stages=num_stages)
+    signature = {**dict.fromkeys(("ah_ptr", "al_ptr", "bh_ptr", "bl_ptr"), operand), **ARGS}
     if hasattr(module, "APPROX_DIV"):  # commits before the Triton 3.6 fallback had no APPROX argument
         signature["APPROX"] = "constexpr"
         constexprs["APPROX"] = module.APPROX_DIV
@@ -50,13 +60,15 @@ def _pixel_loop(kernel, tiles: tuple[int, int, int, int]) -> dict:
     return {**loop, "per_pair_pixel": loop["instructions"] / (bn * bm / (32 * num_warps))}
 
 
-def resource_usage(precision: str, tiles: tuple[int, int, int, int], reduce: bool, arch: int) -> dict:
-    return usage(_compile(precision, tiles, reduce, arch))
+def resource_usage(precision: str, tiles: tuple[int, int, int, int], reduce: bool, arch: int,
+                   layout: str = "patches") -> dict:
+    return usage(_compile(precision, tiles, reduce, arch, layout=layout))
 
 
-def pixel_loop(precision: str, tiles: tuple[int, int, int, int], reduce: bool, arch: int) -> dict:
+def pixel_loop(precision: str, tiles: tuple[int, int, int, int], reduce: bool, arch: int,
+               layout: str = "patches") -> dict:
     """The output-pixel loop's SASS: {"instructions" (per thread and trip), "per_pair_pixel", "ops"}."""
-    return _pixel_loop(_compile(precision, tiles, reduce, arch), tiles)
+    return _pixel_loop(_compile(precision, tiles, reduce, arch, layout=layout), tiles)
 
 
 def main(argv=None) -> int:
@@ -67,16 +79,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     module = module_at(args.at, "nfkernels/ssim_gemm_triton.py", ssim_gemm_triton)
     rows = []
-    for precision, configs in GEMM_SWEEP:
+    for layout, precision, configs in GEMM_SWEEP:
+        if layout == "images" and not hasattr(module, "_ssim_gather_kernel"):
+            continue  # an older commit, before the gather kernel
         for tiles in configs:
             for reduce in (False, True):
-                kernel = _compile(precision, tiles, reduce, args.arch, module)
+                kernel = _compile(precision, tiles, reduce, args.arch, module, layout)
                 use, loop = usage(kernel), _pixel_loop(kernel, tiles)
                 seconds = 1e8 * MNIST_PIXELS * loop["per_pair_pixel"] / H100_ISSUE_PER_S
-                rows.append({"precision": precision, "tiles": list(tiles), "mode": "reduce" if reduce else "matrix",
-                             **use, "per_pair_pixel": loop["per_pair_pixel"], "loop_ops": loop["ops"],
-                             "bound_10k_s": seconds})
-                print(f"{precision} tiles {tiles} {rows[-1]['mode']:6s}: {use['registers']:3d} registers, "
+                rows.append({"layout": layout, "precision": precision, "tiles": list(tiles),
+                             "mode": "reduce" if reduce else "matrix", **use, "per_pair_pixel": loop["per_pair_pixel"],
+                             "loop_ops": loop["ops"], "bound_10k_s": seconds})
+                print(f"{layout} {precision} tiles {tiles} {rows[-1]['mode']:6s}: {use['registers']:3d} registers, "
                       f"{use['stack_bytes']:4d} B stack{'  (spills)' if use['stack_bytes'] else '':10s} "
                       f"{use['shared_bytes'] // 1024:3d} KB shared; pixel loop {loop['per_pair_pixel']:5.1f} SASS "
                       f"instructions a pair and pixel ({loop['ops'].get('HGMMA', 0)} HGMMA a trip), issue bound "

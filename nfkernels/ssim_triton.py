@@ -26,9 +26,11 @@ import triton.language as tl
 from nfkernels.ssim import C1, C2, gaussian_window, image_stats
 
 PRECISION = "tf32x3"
-# "tile" (this file's kernel) or "gemm" (ssim_gemm_triton: one tensor-core GEMM per output pixel). On the H100
-# the GEMM kernel beat tf32x3 tiles at 10k x 10k (0.44-0.52 s against 0.79 s) and lost at 1k x 1k (0.035 s
-# against 0.009 s), so it stays opt-in until a size-based choice is measured between the two.
+# "tile" (this file's kernel), "gemm" (ssim_gemm_triton: one tensor-core GEMM per output pixel over laid-out
+# patches) or "gemm-images" (the same GEMMs, windows gathered from the images; not timed yet). On the H100 the
+# GEMM kernel beat tf32x3 tiles at 10k x 10k (0.44-0.52 s against 0.79 s) and lost at 1k x 1k (0.035 s against
+# 0.009 s), so it stays opt-in until a size-based choice is measured between the two.
+KERNELS = ("tile", "gemm", "gemm-images")
 KERNEL = "tile"
 _TILE_ELEMS = 4096  # BN * BM * BH * BW products held by one program
 
@@ -168,11 +170,22 @@ def _launch(xp: torch.Tensor, yp: torch.Tensor, *, reduce: bool, exclude_self: b
 def pairwise_ssim_triton(xp: torch.Tensor, yp: torch.Tensor, *, kernel: str | None = None,
                          precision: str | None = None) -> torch.Tensor:
     """[N, C, H, W], [M, C, H, W] → float32 [N, M]. ``kernel`` / ``precision``: None for the defaults."""
-    if (kernel or KERNEL) == "gemm":
+    kernel = _kernel(kernel)
+    if kernel != "tile":
         from nfkernels.ssim_gemm_triton import pairwise_ssim_gemm
 
-        return pairwise_ssim_gemm(xp, yp, precision=precision or "fp16x3")
+        return pairwise_ssim_gemm(xp, yp, precision=precision or "fp16x3", layout=_GEMM_LAYOUT[kernel])
     return _launch(xp, yp, reduce=False, precision=precision or PRECISION)
+
+
+_GEMM_LAYOUT = {"gemm": "patches", "gemm-images": "images"}
+
+
+def _kernel(kernel: str | None) -> str:
+    kernel = kernel or KERNEL
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel
 
 
 def ssim_nearest_triton(xp: torch.Tensor, yp: torch.Tensor, *, exclude_self: bool = False,
@@ -181,10 +194,12 @@ def ssim_nearest_triton(xp: torch.Tensor, yp: torch.Tensor, *, exclude_self: boo
     if xp.shape[0] == 0 or yp.shape[0] == 0:
         return (torch.full((xp.shape[0],), float("-inf"), device=xp.device),
                 torch.full((xp.shape[0],), -1, dtype=torch.long, device=xp.device))
-    if (kernel or KERNEL) == "gemm":
+    kernel = _kernel(kernel)
+    if kernel != "tile":
         from nfkernels.ssim_gemm_triton import launch_gemm
 
-        best, arg = launch_gemm(xp, yp, reduce=True, exclude_self=exclude_self, precision=precision or "fp16x3")
+        best, arg = launch_gemm(xp, yp, reduce=True, exclude_self=exclude_self, precision=precision or "fp16x3",
+                                layout=_GEMM_LAYOUT[kernel])
     else:
         best, arg = _launch(xp, yp, reduce=True, exclude_self=exclude_self, precision=precision or PRECISION)
     split = best.argmax(dim=1, keepdim=True)  # partials are in y order: the first maximum has the lowest index
