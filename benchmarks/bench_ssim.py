@@ -9,8 +9,9 @@ image of x against every image of y, x = MNIST test[:N], y = MNIST test[-M:] (ra
   matmul-batched   the same with the separable filter as batched matmuls, Gh @ (x*y) @ Gw^T (a stronger peer)
   skimage          structural_similarity on a sample of pairs, extrapolated (CPU only)
   nfgen[...]       nfkernels.pairwise_ssim (cpp on CPU, triton on CUDA) and the fused nearest-neighbour
-                   reduction ssim_nearest (no N x M matrix); on CUDA also both Triton kernels (tile, gemm)
-                   at each precision, and with --sweep the GEMM kernel's tile choices
+                   reduction ssim_nearest (no N x M matrix); on CUDA also each Triton kernel (tile, gemm over
+                   laid-out patches, gemm-images over windows gathered from the images) at its precisions,
+                   and with --sweep the GEMM kernels' tile choices
 Slow peers run a subset of rows and are extrapolated to N x M; their rows say so. Times are medians over
 repeats; "nfgen x" is nfgen's pairs/s over the row's.
 
@@ -119,13 +120,14 @@ def skimage_pairs(x, y, pairs):
 # the CUDA-only nfgen rows besides the default backend: (kernel, precision) of nfkernels.ssim_triton
 # the GEMM kernels' (BN, BM, num_warps, num_stages) that --sweep times, per layout and precision; the first is
 # the default
-GEMM_SWEEP = (("patches", "fp16x3", [(64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 4, 2),
-                                     (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)]),
+GEMM_SWEEP = (("patches", "fp16x3", [(128, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 3), (32, 64, 4, 2),
+                                     (64, 64, 4, 2), (128, 32, 8, 2), (128, 128, 8, 2)]),
               ("patches", "tf32x3", [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)]),
               ("images", "fp16x3", [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2),
                                     (128, 32, 8, 2), (128, 128, 8, 2)]))
-# beside the default (tile, tf32x3)
-TRITON_VARIANTS = [("tile", "ieee"), ("gemm", "fp16x3"), ("gemm", "tf32x3"), ("gemm-images", "fp16x3")]
+# beside the default (KERNEL "auto": the tile kernel at 1k x 1k, the patches GEMM kernel at 10k x 10k)
+TRITON_VARIANTS = [("tile", "tf32x3"), ("tile", "ieee"), ("gemm", "fp16x3"), ("gemm", "tf32x3"),
+                   ("gemm-images", "fp16x3")]
 
 
 def sync(device):

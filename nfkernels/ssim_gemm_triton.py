@@ -243,13 +243,13 @@ def _operands(planes: torch.Tensor, weight: torch.Tensor | None, split: bool, ti
 def _tiles(device: torch.device, layout: str = "patches") -> tuple[int, int, int, int]:
     """(BN, BM, num_warps, num_stages). Off the GPU (the interpreter) the smallest tiles tl.dot allows.
 
-    On CUDA, patches: 64 x 32 pairs, 4 warps, 2 stages. Compiled for sm_90 (no GPU here) that is the largest
-    tile whose fp16x3 kernel does not spill in either mode (146-160 registers; 64 x 64 and 128 x 64 spill 56 B
-    at 255 when writing the matrix), and tf32x3 spills even there. Images: TILES_IMAGES below.
-    Not yet timed: `bench_ssim --sweep` times the others."""
+    On CUDA, patches: 128 x 64 pairs, 8 warps, 2 stages, the fastest of `bench_ssim --sweep` on the H100
+    (0.436 s for 10k x 10k against 0.517 s for the 64 x 32 tiles it was chosen over by ptxas alone;
+    ssim-h100.json, 25e7f50). Compiled for sm_90 it spills 56 B when writing the matrix, outside the pixel
+    loop. Images: TILES_IMAGES, not timed yet."""
     if device.type != "cuda":
         return 16, 16, 4, 1
-    return (64, 32, 4, 2) if layout == "patches" else TILES_IMAGES
+    return (128, 64, 8, 2) if layout == "patches" else TILES_IMAGES
 
 
 def launch_gemm(xp: torch.Tensor, yp: torch.Tensor, *, reduce: bool, exclude_self: bool = False,

@@ -27,11 +27,15 @@ from nfkernels.ssim import C1, C2, gaussian_window, image_stats
 
 PRECISION = "tf32x3"
 # "tile" (this file's kernel), "gemm" (ssim_gemm_triton: one tensor-core GEMM per output pixel over laid-out
-# patches) or "gemm-images" (the same GEMMs, windows gathered from the images; not timed yet). On the H100 the
-# GEMM kernel beat tf32x3 tiles at 10k x 10k (0.44-0.52 s against 0.79 s) and lost at 1k x 1k (0.035 s against
-# 0.009 s), so it stays opt-in until a size-based choice is measured between the two.
-KERNELS = ("tile", "gemm", "gemm-images")
-KERNEL = "tile"
+# patches), "gemm-images" (the same GEMMs, windows gathered from the images; not timed yet), or "auto": the GEMM
+# kernel from GEMM_MIN_PAIR_PIXELS pairs x output pixels on, the tile kernel below. On the H100
+# (ssim-h100.json, 25e7f50; 324 output pixels a 28x28 pair) the tile kernel in tf32x3 took 0.0088 s at
+# 1k x 1k and 0.786 s at 10k x 10k, the GEMM kernel (fp16x3, 128 x 64 tiles) 0.035 s and 0.436 s: a line
+# through each pair of points crosses at about 8e6 pairs. An interpolation between two measured sizes, not a
+# measured crossover: `bench_ssim` times both kernels beside the default at 1k and 10k.
+KERNELS = ("auto", "tile", "gemm", "gemm-images")
+KERNEL = "auto"
+GEMM_MIN_PAIR_PIXELS = 8_000_000 * 324
 _TILE_ELEMS = 4096  # BN * BM * BH * BW products held by one program
 
 
@@ -170,7 +174,7 @@ def _launch(xp: torch.Tensor, yp: torch.Tensor, *, reduce: bool, exclude_self: b
 def pairwise_ssim_triton(xp: torch.Tensor, yp: torch.Tensor, *, kernel: str | None = None,
                          precision: str | None = None) -> torch.Tensor:
     """[N, C, H, W], [M, C, H, W] → float32 [N, M]. ``kernel`` / ``precision``: None for the defaults."""
-    kernel = _kernel(kernel)
+    kernel = pick_kernel(kernel, xp, yp)
     if kernel != "tile":
         from nfkernels.ssim_gemm_triton import pairwise_ssim_gemm
 
@@ -181,10 +185,16 @@ def pairwise_ssim_triton(xp: torch.Tensor, yp: torch.Tensor, *, kernel: str | No
 _GEMM_LAYOUT = {"gemm": "patches", "gemm-images": "images"}
 
 
-def _kernel(kernel: str | None) -> str:
+def pick_kernel(kernel: str | None, xp: torch.Tensor, yp: torch.Tensor) -> str:
+    """The kernel that runs for ``kernel`` (None: KERNEL) on [N, C, H, W] x [M, C, H, W]; "auto" by size."""
     kernel = kernel or KERNEL
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        k = gaussian_window().numel()
+        _, c, h, w = xp.shape
+        pair_pixels = xp.shape[0] * yp.shape[0] * c * max(0, h - k + 1) * max(0, w - k + 1)
+        return "gemm" if pair_pixels >= GEMM_MIN_PAIR_PIXELS else "tile"
     return kernel
 
 
@@ -194,7 +204,7 @@ def ssim_nearest_triton(xp: torch.Tensor, yp: torch.Tensor, *, exclude_self: boo
     if xp.shape[0] == 0 or yp.shape[0] == 0:
         return (torch.full((xp.shape[0],), float("-inf"), device=xp.device),
                 torch.full((xp.shape[0],), -1, dtype=torch.long, device=xp.device))
-    kernel = _kernel(kernel)
+    kernel = pick_kernel(kernel, xp, yp)
     if kernel != "tile":
         from nfkernels.ssim_gemm_triton import launch_gemm
 

@@ -266,11 +266,23 @@ def test_gemm_chunks_and_fallback(layout):
 
 
 
+def test_auto_kernel_picks_by_size():
+    from nfkernels.ssim_triton import GEMM_MIN_PAIR_PIXELS, pick_kernel
+
+    small, mnist_like = torch.zeros(1000, 1, 28, 28), torch.zeros(10_000, 1, 28, 28)
+    assert pick_kernel("auto", small, small) == "tile"
+    assert pick_kernel("auto", mnist_like, mnist_like) == "gemm"
+    assert pick_kernel("auto", small, mnist_like) == ("gemm" if 1000 * 10_000 * 324 >= GEMM_MIN_PAIR_PIXELS else "tile")
+    assert pick_kernel("gemm-images", small, small) == "gemm-images"
+    with pytest.raises(ValueError, match="kernel"):
+        pick_kernel("fast", small, small)
+
+
 @pytest.mark.parametrize("layout", ["patches", "images"])
 def test_gemm_default_tiles_do_not_spill_on_sm90(layout):
     """The GEMM kernels' default tiles (fp16x3, both modes) compile for an H100 with their pixel loop running the
-    three GEMMs as warpgroup MMAs and no local-memory traffic (no GPU needed); the patches kernel without any
-    spill. In a subprocess without TRITON_INTERPRET: under the interpreter its jit helper cannot be compiled."""
+    three GEMMs as warpgroup MMAs and no local-memory traffic (no GPU needed). In a subprocess without
+    TRITON_INTERPRET: under the interpreter its jit helper cannot be compiled."""
     if not HAS_TRITON:
         pytest.skip("triton not available")
     from benchmarks._ptxas import has_tools
@@ -289,10 +301,8 @@ def test_gemm_default_tiles_do_not_spill_on_sm90(layout):
         assert 0 < use["registers"] <= 255, use
         # 3 GEMMs of K = 128 in k-steps of 16
         assert loop["ops"].get("HGMMA", 0) >= 24 and not {"LDL", "STL"} & set(loop["ops"]), loop["ops"]
-        if layout == "patches":  # 35-36 instructions a pair and pixel with Triton 3.9
-            assert use["stack_bytes"] == 0, use
-            assert loop["per_pair_pixel"] <= 45, loop
-        else:  # 44-45 with Triton 3.9 (the gathers, the weighting and the hi / lo split of y); 64 B spilled
-            # outside the loop at 128 x 64 when writing the matrix
-            assert use["stack_bytes"] <= 128, use
-            assert loop["per_pair_pixel"] <= 55, loop
+        # 128 x 64 tiles spill 56-64 B when writing the matrix, outside the loop
+        assert use["stack_bytes"] <= 128, use
+        # Triton 3.9: 27 instructions a pair and pixel over patches; 44-45 gathering from the images (the
+        # gathers, the weighting and the hi / lo split of y)
+        assert loop["per_pair_pixel"] <= (35 if layout == "patches" else 55), loop
