@@ -289,6 +289,7 @@ def launch_gemm(xp: torch.Tensor, yp: torch.Tensor, *, reduce: bool, exclude_sel
         return (torch.empty(N, 0, device=dev), torch.empty(N, 0, dtype=torch.long, device=dev)) if reduce else out
     # patches weight the x side, images the y side (in the kernel)
     x_weight, y_weight = (weight, None) if layout == "patches" else (None, weight)
+    y_scaled_weight = weight * (A_SCALE if split else 1.0)  # what the gather kernel multiplies y's windows by
     x_chunks = [(i, min(N, i + x_rows)) for i in range(0, N, x_rows)]
     x_cache = _operands(x, x_weight, split, bn, layout) if len(x_chunks) == 1 else None
     programs = 4 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
@@ -322,7 +323,7 @@ def launch_gemm(xp: torch.Tensor, yp: torch.Tensor, *, reduce: bool, exclude_sel
                     1.0 / LO_SCALE, **common)
             else:
                 _ssim_gather_kernel[(n_blocks, splits)](
-                    ah, al if split else ah, bh, weight * (A_SCALE if split else 1.0), xmu, xvar, ymu, yvar, target,
+                    ah, al if split else ah, bh, y_scaled_weight, xmu, xvar, ymu, yvar, target,
                     stride, best, arg, nc, mc, xmu.shape[1], ymu.shape[1], i0, j0, m_step, splits, C1, C2, scale,
                     1.0 / LO_SCALE, LO_SCALE, C=C, H=H, W=W, K=k, **common)
             if reduce:

@@ -272,7 +272,9 @@ def test_auto_kernel_picks_by_size():
     small, mnist_like = torch.zeros(1000, 1, 28, 28), torch.zeros(10_000, 1, 28, 28)
     assert pick_kernel("auto", small, small) == "tile"
     assert pick_kernel("auto", mnist_like, mnist_like) == "gemm"
-    assert pick_kernel("auto", small, mnist_like) == ("gemm" if 1000 * 10_000 * 324 >= GEMM_MIN_PAIR_PIXELS else "tile")
+    assert pick_kernel("auto", small[:800], mnist_like) == "gemm"  # 8e6 pairs: the threshold itself
+    assert pick_kernel("auto", small[:799], mnist_like) == "tile"
+    assert GEMM_MIN_PAIR_PIXELS == 8_000_000 * 324
     assert pick_kernel("gemm-images", small, small) == "gemm-images"
     with pytest.raises(ValueError, match="kernel"):
         pick_kernel("fast", small, small)
