@@ -30,7 +30,7 @@ Protocol (fixed; the sizes are the only thing the configs change)
   the init (a meta-learned template, the seeded random draw, independent draws); canonical neuron order
   (`canonical_order`) vs none; scalar VQ vs grouped (d = the divisors of P in the config: 3 and 5 for P = 1185)
   vs residual (2 levels) vs codes centred on the mean field (256 and 64 codes); codebook 64 vs 256 vs 1024; two
-  model sizes; a sampling sweep (temperature, top-k, top-p, CFG). A config may train the ablation rows' GPTs for
+  model sizes; a sampling sweep (temperature, top-k, top-p, CFG, expected code values as the weights). A config may train the ablation rows' GPTs for
   fewer steps than the main row's; it then adds a "baseline:main" row (the main recipe at that budget) to
   compare them with. Artifacts are shared between rows (every tokenizer row reuses the main fit, every sampling
   row the main model) and cached in the run directory, keyed by their full recipe, so a rerun only redoes what
@@ -65,7 +65,7 @@ from nfgen.common import make_generator, pick_device
 from nfgen.data import load_split
 from nfgen.fields import (Fields, FitConfig, load_fields, psnr, render_fields, run_fit, save_fields,
                           spec_for_images)
-from nfgen.generate import SampleConfig, generate_tokens
+from nfgen.generate import SampleConfig, generate_weights
 from nfgen.io import NfgenError, write_json
 from nfgen.metrics import distance_metrics, evaluate, memorisation, save_nearest_grid
 from nfgen.model import load_model
@@ -144,7 +144,7 @@ CONFIGS = {
         train=dict(n_layer=1, n_head=2, n_embd=32, steps=8, batch_size=8, lr=3e-3, warmup=2, eval_every=8,
                    checkpoint_every=10_000),
         classifier_epochs=1, alt_model=dict(n_layer=1, n_head=2, n_embd=16), alt_fit=dict(steps=60), alt_kv_head=1,
-        sampling_sweep={"t0.8": dict(temperature=0.8), "cfg2": dict(cfg_scale=2.0)},
+        sampling_sweep={"t0.8": dict(temperature=0.8), "cfg2-expected": dict(cfg_scale=2.0, weights="expected")},
         template=dict(outer=3, batch=32, inner_steps=5), nefgpt_n_generated=8, nefgpt_n_references=6,
         note="smoke test only: tiny SIREN, few fields, a few GPT steps"),
     # The 2-core CPU run (≤ 30 min): the full run's recipe (fields fitted gently from a Reptile template,
@@ -160,6 +160,9 @@ CONFIGS = {
                    lr=3e-3, warmup=40, eval_every=100, checkpoint_every=10_000),
         sample=dict(temperature=0.8, top_k=3, batch_size=200),
         alt_model=dict(n_layer=2, n_head=4, n_embd=64), ablation_seeds=1,
+        sampling_sweep={"T1": dict(temperature=1.0, top_k=0), "T0.8-topk10": dict(top_k=10),
+                        "cfg1.5": dict(cfg_scale=1.5), "expected": dict(weights="expected"),
+                        "T1-expected": dict(temperature=1.0, top_k=0, weights="expected")},
         note="CPU scale-down of the protocol: 4000 training fields from the Reptile template, 200 held-out "
              "references, a 0.46M GPT"),
     # The GPU run of issue 8: every image, fitted from a Reptile template learned on the training split
@@ -190,7 +193,11 @@ CONFIGS = {
                         # top-k 10 covered half again as much as top-k 3 for 2 points of accuracy, and CFG 1.5 bought
                         # accuracy 0.999 (86d514f): together they may keep both
                         "T0.8-topk10-cfg1.5": dict(top_k=10, cfg_scale=1.5),
-                        "T1-topk10": dict(temperature=1.0, top_k=10)},
+                        "T1-topk10": dict(temperature=1.0, top_k=10),
+                        # the same draws with each weight the mean code value of its token's distribution
+                        # (SampleConfig.weights): the main rows' sampling, and T 1 where the draws scatter most
+                        "expected": dict(weights="expected"),
+                        "T1-expected": dict(temperature=1.0, top_k=0, weights="expected")},
         ablation_seeds=1,
         note="issue 8 protocol at full size"),
 }
@@ -488,9 +495,7 @@ class Harness:
         sample_cfg = SampleConfig(**{**self.cfg.sample, **recipe.sample, **sample_overrides}, seed=seed,
                                   quiet=self.quiet)
         vocab = Vocab(tok.n_codes, int(meta["n_classes"]))
-        tokens = generate_tokens(model, vocab, classes, tok.tokens_per_field, sample_cfg, self.device,
-                                 tok.token_ranges())
-        weights = tok.decode(tokens).float().cpu()
+        _, weights = generate_weights(model, vocab, classes, tok, sample_cfg, self.device)
         images = render_fields(weights, ts.spec, ts.image_shape, device=self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -274,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                     ("backend", "sampling backend: auto, torch, cpp or triton")]:
         _opt(p, name, SampleConfig, h, type_=int if name == "batch-size" else None)
     _opt(p, "attention", SampleConfig, "decode-step attention: sdpa, or triton (a split-K kernel that reads only "
-         "the filled KV cache, one CUDA graph)", choices=("sdpa", "triton"))
+         "the filled KV cache, one CUDA graph)")
+    _opt(p, "weights", SampleConfig, "a field's weights: its drawn tokens' code values (sampled), or each token's "
+         "mean code value under the distribution it was drawn from (expected)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("baseline", help="sample a per-class Gaussian over the fitted weights: the no-GPT reference "

@@ -33,8 +33,9 @@ from nfgen.io import NfgenError
 from nfgen.model import ATTENTION, GPT, load_model
 from nfgen.vocab import Vocab
 from nfkernels._ext import BACKENDS, HAS_TRITON, resolve_backend
-from nfkernels.sampling import draw_seed, sample_next
+from nfkernels.sampling import draw_seed, filtered_logits, sample_next
 
+WEIGHTS = ("sampled", "expected")  # what a generated field's weights are (SampleConfig.weights)
 GRID_COLUMNS = 20  # samples.png shows at most this many samples per class (the fields file has them all)
 GRAPH_BUCKET = 128  # CUDA graphs are captured per attended-length bucket, so early steps read a short cache
 
@@ -50,6 +51,11 @@ class SampleConfig:
     backend: str = "auto"  # sampling op backend
     attention: str = "sdpa"  # decode-step attention: sdpa (a graph per 128-slot bucket) or triton (one graph)
     cuda_graph: bool = True  # capture the decode step in CUDA graphs (CUDA only)
+    # "sampled": a field's weights are its drawn tokens' code values. "expected": each weight is instead the mean
+    # code value under the distribution its token was drawn from (after temperature / top-k / top-p / CFG),
+    # while the drawn token still conditions the rest of the sequence: the same samples with the draw's
+    # scatter around the model's prediction taken out of the weights.
+    weights: str = "sampled"
     quiet: bool = False
 
     def validate(self) -> None:
@@ -62,6 +68,7 @@ class SampleConfig:
             (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}"),
             (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
             (self.attention in ATTENTION, f"--attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}"),
+            (self.weights in WEIGHTS, f"--weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -80,10 +87,15 @@ def default_batch_size(model: GPT, length: int, device: torch.device, guided: bo
 
 
 class Decoder:
-    """Generates `batch_size` token sequences of length `length` at a time through a static KV cache."""
+    """Generates `batch_size` token sequences of length `length` at a time through a static KV cache.
+
+    With `code_vectors` [n_codes, g] it also records, per position, the mean of those vectors under the
+    distribution the token was drawn from (`self.values` [batch, length, g]).
+    """
 
     def __init__(self, model: GPT, vocab: Vocab, batch_size: int, length: int, cfg: SampleConfig,
-                 device: torch.device, token_ranges: torch.Tensor | None = None, static_shapes: bool = False):
+                 device: torch.device, token_ranges: torch.Tensor | None = None, static_shapes: bool = False,
+                 code_vectors: torch.Tensor | None = None):
         self.model, self.vocab, self.cfg, self.device = model, vocab, cfg, device
         self.batch, self.length = batch_size, length
         self.guided = cfg.cfg_scale != 1.0
@@ -97,6 +109,12 @@ class Decoder:
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         self.seeds = torch.zeros(length, dtype=torch.long, device=device)
         self.out = torch.zeros(batch_size, length, dtype=torch.long, device=device)
+        self.code_vectors = self.values = None
+        if code_vectors is not None:
+            if code_vectors.dim() != 2 or code_vectors.shape[0] != vocab.n_codes:
+                raise ValueError(f"code_vectors must be [{vocab.n_codes}, g], got {tuple(code_vectors.shape)}")
+            self.code_vectors = code_vectors.float().to(device)
+            self.values = torch.zeros(batch_size, length, code_vectors.shape[1], device=device)
         self.allowed = None  # [L, n_codes] bool: which codes each position may take (residual VQ levels)
         if token_ranges is not None:
             codes = torch.arange(vocab.n_codes)
@@ -112,21 +130,29 @@ class Decoder:
             self._capture()
             self.static_shapes = True
 
-    def _sample(self, logits: torch.Tensor, seed: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, seed: torch.Tensor,
+                allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """→ the drawn tokens [batch], and (with code_vectors) the mean code vector of the draw's distribution."""
         logits = logits[:, :self.vocab.n_codes]  # only code tokens may be sampled
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
         c = self.cfg
         cond, uncond = (logits[:self.batch], logits[self.batch:]) if self.guided else (logits, None)
-        return sample_next(cond, c.temperature, c.top_k, c.top_p, uncond_logits=uncond,
-                           cfg_scale=c.cfg_scale, seed=seed, backend=c.backend)
+        nxt = sample_next(cond, c.temperature, c.top_k, c.top_p, uncond_logits=uncond,
+                          cfg_scale=c.cfg_scale, seed=seed, backend=c.backend)
+        if self.code_vectors is None:
+            return nxt, None
+        probs = torch.softmax(filtered_logits(cond, c.temperature, c.top_k, c.top_p, uncond, c.cfg_scale), dim=1)
+        return nxt, probs @ self.code_vectors
 
     def _decode_step(self, kv_len: int | None) -> None:
         """Feed self.tok at self.pos, sample token number self.step, advance. Device tensors only."""
         logits = self.model.forward_cached(self.tok, self.pos, kv_len=kv_len, attention=self.cfg.attention)[:, -1]
         allowed = None if self.allowed is None else self.allowed.index_select(0, self.step)
-        nxt = self._sample(logits, self.seeds.index_select(0, self.step), allowed)
+        nxt, mean = self._sample(logits, self.seeds.index_select(0, self.step), allowed)
         self.out.index_copy_(1, self.step, nxt[:, None])
+        if mean is not None:
+            self.values.index_copy_(1, self.step, mean[:, None])
         self.tok.copy_((nxt.repeat(2) if self.guided else nxt)[:, None])
         self.pos.add_(1)
         self.step.add_(1)
@@ -159,14 +185,17 @@ class Decoder:
             self.graphs[kv_len] = graph
 
     def run(self, class_tokens: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        """class_tokens [batch] (CLASS_c or NO_CLASS ids), seeds [L] → tokens [batch, L] (a view of a buffer)."""
+        """class_tokens [batch] (CLASS_c or NO_CLASS ids), seeds [L] → tokens [batch, L] (a view of a buffer;
+        self.values holds the matching mean code vectors when the decoder has code_vectors)."""
         v = self.vocab
         cls = torch.cat([class_tokens, torch.full_like(class_tokens, v.no_class)]) if self.guided else class_tokens
         idx = torch.stack([torch.full_like(cls, v.sos), cls], dim=1)
         self.seeds.copy_(seeds)
         logits = self.model.forward_cached(idx, torch.arange(2, device=self.device), kv_len=2)[:, -1]
-        first = self._sample(logits, seeds[:1], None if self.allowed is None else self.allowed[:1])
+        first, mean = self._sample(logits, seeds[:1], None if self.allowed is None else self.allowed[:1])
         self.out[:, 0] = first
+        if mean is not None:
+            self.values[:, 0] = mean
         self.tok.copy_((first.repeat(2) if self.guided else first)[:, None])
         self.pos.fill_(2)
         self.step.fill_(1)
@@ -187,10 +216,13 @@ class Decoder:
 
 @torch.no_grad()
 def generate_tokens(model: GPT, vocab: Vocab, classes: torch.Tensor, length: int, cfg: SampleConfig,
-                    device="cpu", token_ranges: torch.Tensor | None = None) -> torch.Tensor:
+                    device="cpu", token_ranges: torch.Tensor | None = None,
+                    code_vectors: torch.Tensor | None = None):
     """Sample one L-token sequence per entry of `classes` [B] (-1: unconditional) → int64 [B, L] on `device`.
 
     `token_ranges` [L, 2] optionally restricts position i to codes [lo, hi) (residual VQ levels).
+    With `code_vectors` [n_codes, g] → (tokens, float32 [B, L, g]): also each position's mean code vector under
+    the distribution its token was drawn from.
     Under torchrun each rank decodes its share of the batches and every rank returns all B rows.
     """
     cfg.validate()
@@ -218,8 +250,9 @@ def generate_tokens(model: GPT, vocab: Vocab, classes: torch.Tensor, length: int
         model = copy.deepcopy(model).to(torch.bfloat16)  # decoding is bandwidth-bound: halve the bytes
     n = classes.numel()
     out = torch.empty(n, length, dtype=torch.long, device=device)
+    values = None if code_vectors is None else torch.empty(n, length, code_vectors.shape[-1], device=device)
     if n == 0:
-        return out
+        return out if values is None else (out, values)
     bs = min(cfg.batch_size or default_batch_size(model, length, device, cfg.cfg_scale != 1.0), n)
     if cfg.batch_size is None:
         bs = distributed.all_reduce_min(bs)  # under torchrun every rank must cut the same batches
@@ -236,9 +269,29 @@ def generate_tokens(model: GPT, vocab: Vocab, classes: torch.Tensor, length: int
         chunk = class_tokens[start:start + bs]
         if chunk.numel() not in decoders:  # the full size, and once the smaller last batch
             decoders.clear()
-            decoders[chunk.numel()] = Decoder(model, vocab, chunk.numel(), length, cfg, device, token_ranges)
-        out[start:start + bs] = decoders[chunk.numel()].run(chunk, draw_seed(gen, device, length))
-    return distributed.all_gather_rows(out[mine.start:mine.stop], [len(r) for r in rows])
+            decoders[chunk.numel()] = Decoder(model, vocab, chunk.numel(), length, cfg, device, token_ranges,
+                                              code_vectors=code_vectors)
+        decoder = decoders[chunk.numel()]
+        out[start:start + bs] = decoder.run(chunk, draw_seed(gen, device, length))
+        if values is not None:
+            values[start:start + bs] = decoder.values
+    counts = [len(r) for r in rows]
+    out = distributed.all_gather_rows(out[mine.start:mine.stop], counts)
+    return out if values is None else (out, distributed.all_gather_rows(values[mine.start:mine.stop], counts))
+
+
+def generate_weights(model: GPT, vocab: Vocab, classes: torch.Tensor, tokenizer, cfg: SampleConfig,
+                     device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one field per entry of `classes` → (tokens [B, L], float32 weights [B, P] on CPU).
+
+    The weights are the tokens de-tokenized, or with cfg.weights "expected" each one's mean code value under
+    the distribution its token was drawn from (SampleConfig.weights)."""
+    args = (model, vocab, classes, tokenizer.tokens_per_field, cfg, device, tokenizer.token_ranges())
+    if cfg.weights == "expected":
+        tokens, vectors = generate_tokens(*args, code_vectors=tokenizer.code_vectors())
+        return tokens, tokenizer.decode_vectors(vectors.cpu())
+    tokens = generate_tokens(*args)
+    return tokens, tokenizer.decode(tokens.cpu()).float()
 
 
 def _grid_rows(classes: torch.Tensor, n_classes: int, per_row: int) -> tuple[list[int], list[str]]:
@@ -316,14 +369,13 @@ def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, uncon
     vocab = Vocab(tok.n_codes, n_classes)
     classes = classes_to_sample(n_classes, per_class, unconditional)
     t0 = time.perf_counter()
-    tokens = generate_tokens(model, vocab, classes, tok.tokens_per_field, cfg, device, tok.token_ranges())
+    _, weights = generate_weights(model, vocab, classes, tok, cfg, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     n = classes.numel()
     fields_path, png_path = sample_paths(out_dir)
     if distributed.is_main():  # every rank holds all the tokens; rank 0 writes
-        weights = tok.decode(tokens).float().cpu()
         save_samples(out_dir, weights, classes, ts.spec, ts.image_shape, n_classes,
                      {"model": str(model_path), "tokens": str(tokens_path), "sampling": asdict(cfg)})
     distributed.barrier()  # no rank returns before the samples exist

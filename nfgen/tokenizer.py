@@ -205,11 +205,23 @@ class WeightTokenizer:
             raise NfgenError(f"{int(bad.sum())} token(s) are outside their level's id range (codes are "
                              f"[0, {self.n_codes}), level j at positions ≡ j mod {self.cfg.levels}); "
                              f"sample only code tokens for the right level")
-        K, levels, g = self.cfg.codebook_size, self.cfg.levels, self.cfg.group
-        flat = self.codebooks.to(tokens.device).reshape(levels * K, g)  # id j*K+c is row j*K+c
-        vectors = flat[tokens.reshape(-1, levels)].sum(dim=1)  # residual levels add up
-        weights = vectors.reshape(tokens.shape[0], self.spec.num_params)
-        return weights * self.scale_vector(tokens.device) + self.center.to(tokens.device)
+        return self.decode_vectors(self.code_vectors(tokens.device)[tokens])
+
+    def code_vectors(self, device=None) -> torch.Tensor:
+        """[n_codes, group]: the vector each code token stands for (token id j*K + c is code c of level j)."""
+        return self.codebooks.to(device).reshape(self.n_codes, self.cfg.group)
+
+    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Code vectors [N, L, group] (one per token, e.g. `code_vectors()[tokens]`, or a mean of code vectors
+        per position) → float32 weights [N, P]. Linear in `vectors`: residual levels add up, then scale, centre."""
+        L, g = self.tokens_per_field, self.cfg.group
+        if vectors.dim() != 3 or tuple(vectors.shape[1:]) != (L, g):
+            raise NfgenError(f"code vectors {tuple(vectors.shape)} are not [N, {L}, {g}] for this tokenizer; "
+                             f"use the tokens file the model was trained on")
+        n = vectors.shape[0]
+        weights = vectors.float().reshape(n, L // self.cfg.levels, self.cfg.levels, g).sum(dim=2)
+        weights = weights.reshape(n, self.spec.num_params)
+        return weights * self.scale_vector(vectors.device) + self.center.to(vectors.device)
 
     # ------------------------------------------------------------------ storage
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -134,12 +134,25 @@ def test_mismatched_artifacts(cli, tmp_path, run_dir, data_root):
     (["--top-k", "0"], "--top-k must be ≥ 1"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--weights", "mean"], "--weights must be one of sampled, expected"),
+    (["--attention", "flash"], "--attention must be one of sdpa, triton"),
 ])
 def test_impossible_sampling_options(cli, tmp_path, run_dir, args, pattern):
     proc = cli("generate", "--run", str(tmp_path), "--model", str(run_dir / "model.safetensors"),
                "--tokens", str(run_dir / "tokens.safetensors"), *args)
     assert_clean_error(proc, pattern)
     assert not any(tmp_path.iterdir())
+
+
+def test_generate_expected_weights(tmp_path, run_dir):
+    """--weights expected: the same draws (same seed), each weight the mean code of its token's distribution."""
+    common = ["--model", str(run_dir / "model.safetensors"), "--tokens", str(run_dir / "tokens.safetensors"),
+              "--per-class", "1", "--temperature", "1.5", "--quiet"]
+    for weights in ("sampled", "expected"):
+        assert main(["generate", "--run", str(tmp_path / weights), *common, "--weights", weights]) == 0
+    sampled, expected = (load_fields(tmp_path / w / "samples.safetensors") for w in ("sampled", "expected"))
+    assert expected.meta["sampling"]["weights"] == "expected" and expected.weights.shape == sampled.weights.shape
+    assert torch.isfinite(expected.weights).all() and not torch.equal(expected.weights, sampled.weights)
 
 
 def test_group_must_divide_params(cli, tmp_path, run_dir):

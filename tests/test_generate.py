@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nfgen.generate import SampleConfig, generate_tokens, run_generate
+from nfgen.generate import SampleConfig, generate_tokens, generate_weights, run_generate
 from nfgen.io import NfgenError
 from nfgen.model import GPT, GPTConfig, save_model
 from nfgen.vocab import Vocab
@@ -112,9 +112,60 @@ def test_token_ranges_restrict_each_position():
     assert ((toks >= ranges[:, 0]) & (toks < ranges[:, 1])).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expected_values_are_the_draw_distributions_means(backend):
+    """With code vectors the decoder draws the same tokens, and records at each position the mean code vector
+    under softmax(filtered logits) of a full recompute over the drawn prefix (CFG-mixed with the NO_CLASS run)."""
+    from nfkernels.sampling import filtered_logits
+
+    model = small_model(6)
+    classes = torch.tensor([0, 2, -1, 1, 1])
+    vectors = torch.randn(VOCAB.n_codes, 2, generator=torch.Generator().manual_seed(1))
+    opts = dict(temperature=1.3, top_k=7, top_p=0.95, cfg_scale=1.5)
+    cfg = SampleConfig(**opts, seed=5, batch_size=2, backend=backend, quiet=True)
+    tokens, values = generate_tokens(model, VOCAB, classes, L, cfg, code_vectors=vectors)
+    assert torch.equal(tokens, generate_tokens(model, VOCAB, classes, L, cfg))
+    cls = torch.where(classes < 0, VOCAB.no_class, VOCAB.n_codes + 2 + classes)
+    sos = torch.full_like(cls, VOCAB.sos)
+    seq = torch.cat([torch.stack([sos, cls], 1), tokens], 1)
+    unc = torch.cat([torch.stack([sos, torch.full_like(cls, VOCAB.no_class)], 1), tokens], 1)
+    with torch.no_grad():
+        lc = model(seq[:, :-1])[0][:, 1:, :VOCAB.n_codes]  # logits for positions 0 … L-1 given the drawn prefix
+        lu = model(unc[:, :-1])[0][:, 1:, :VOCAB.n_codes]
+    probs = torch.softmax(filtered_logits(lc.reshape(-1, VOCAB.n_codes), uncond_logits=lu.reshape(-1, VOCAB.n_codes),
+                                          **opts), dim=1)
+    torch.testing.assert_close(values, (probs @ vectors).view(len(classes), L, 2), rtol=1e-4, atol=1e-5)
+    drawn = vectors[tokens]
+    assert (values - drawn).abs().max() > 0.05  # the means are not the drawn codes' vectors
+
+
+def test_generate_weights_expected_is_sampled_under_top_k_1_and_differs_otherwise(tmp_path):
+    tok = _tokens_file(tmp_path / "tokens.safetensors")  # two residual levels
+    vocab = Vocab(tok.n_codes, 3)
+    model = small_model(4, vocab, tok.tokens_per_field)
+    classes = torch.tensor([0, 1, 2, -1])
+
+    def both(**kw):
+        return [generate_weights(model, vocab, classes, tok, SampleConfig(**kw, weights=w, seed=2, quiet=True))
+                for w in ("sampled", "expected")]
+
+    (t_s, w_s), (t_e, w_e) = both(top_k=1)
+    assert torch.equal(t_s, t_e) and torch.equal(w_s, tok.decode(t_s))
+    torch.testing.assert_close(w_e, w_s, rtol=0, atol=1e-6)  # a one-code distribution's mean is that code
+    (t_s, w_s), (t_e, w_e) = both(temperature=3.0)
+    assert torch.equal(t_s, t_e) and w_e.shape == w_s.shape == (4, 17)
+    assert (w_e - w_s).abs().max() > 1e-3
+    # each expected weight lies within its levels' code ranges summed: a mean of codes, not an extrapolation
+    cb = tok.codebooks[:, :, 0]
+    assert (w_e >= cb.min(dim=1).values.sum() - 1e-6).all() and (w_e <= cb.max(dim=1).values.sum() + 1e-6).all()
+    with pytest.raises(NfgenError, match="code vectors"):
+        tok.decode_vectors(torch.zeros(1, tok.tokens_per_field - 1, 1))
+
+
 def test_bad_options_and_mismatches():
     model = small_model()
-    for bad in [dict(temperature=0.0), dict(top_k=-1), dict(top_p=1.5), dict(batch_size=0), dict(backend="gpu")]:
+    for bad in [dict(temperature=0.0), dict(top_k=-1), dict(top_p=1.5), dict(batch_size=0), dict(backend="gpu"),
+                dict(weights="mean")]:
         with pytest.raises(NfgenError):
             generate_tokens(model, VOCAB, torch.tensor([0]), L, SampleConfig(**bad))
     with pytest.raises(NfgenError, match="vocabulary"):

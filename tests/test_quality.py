@@ -176,7 +176,7 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
               "--data-root", str(data_root)]
     assert quality.main(common + ["--results", str(results), "--only", "main,nefgpt,ablations",
                                   "--ablations", "fit,init:meta,order:canonical,vq:group3,model:kv1,"
-                                  "sampling:cfg2"]) == 0
+                                  "sampling:cfg2-expected"]) == 0
     out = capsys.readouterr().out
     r = json.loads(results.read_text())
     for key in ("device", "torch", "triton", "commit", "command", "config", "seconds", "goals", "psnr", "protocol"):
@@ -204,7 +204,7 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     assert _finite(r["rows"]["main"]["train"]["marginal_val_loss"]) and "per-position token histograms" in out
     assert [h["step"] for h in r["rows"]["main"]["train_history"]] == [8]  # eval_every 8 of 8 steps
     assert set(r["rows"]["ablations"]) == {"fit:steps60", "fit:clamp-margin0.3", "init:meta", "order:canonical", "vq:group3",
-                                           "model:kv1", "sampling:cfg2"}
+                                           "model:kv1", "sampling:cfg2-expected"}
     # the meta row fits from a template learned on the training split, which is an artifact of its own
     template = [k for k in r["summaries"] if k.startswith("template-")]
     assert len(template) == 1 and r["summaries"][template[0]]["split"] == "mnist:test[:120]"
