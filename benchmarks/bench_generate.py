@@ -17,6 +17,9 @@ contender, float32 on CPU. Every contender samples with temperature 1 from the 2
               the split-K Triton kernel nfkernels.decode_attention, one CUDA graph for all steps, reading
               exactly the filled KV-cache slots.
 Batches {1, 64, 1024} on CUDA, 16 on CPU. --quick (CPU): 2 layers, 4 heads, width 128, L = 127.
+  nfgen-total (--total-fields, default 10,000 on CUDA) issue 5's "10,000 fields in ≤ 30 s": one call of
+              generate_tokens for that many fields, timed whole (setup and capture included), at the batch size
+              `nfgen generate` picks from free memory and at each of --total-batches.
 --n-kv-head K times the same model with grouped-query attention (K key/value heads; every contender uses
 them, the eager ones by expanding K/V to all heads as a plain implementation would).
 Times are medians over --repeats; "x recompute" / "x eager-kv" are nfgen's tokens/s over theirs. nfgen rows
@@ -156,10 +159,11 @@ def kv_bytes_per_field(model: GPT, length: int, device, attention: str = "sdpa")
     return c.n_layer * 2 * c.n_kv_head * c.head_dim * elem * slots
 
 
-def nfgen_generate(model: GPT, vocab: Vocab, batch: int, length: int, device, n_batches: int = 1,
-                   attention: str = "sdpa"):
-    """`n_batches` batches in one call, as `nfgen generate` runs: setup (cache, graph capture) is amortised."""
-    classes = torch.arange(batch * n_batches) % vocab.n_classes
+def nfgen_generate(model: GPT, vocab: Vocab, batch: int | None, length: int, device, n_batches: int = 1,
+                   attention: str = "sdpa", n_fields: int | None = None):
+    """`n_batches` batches (or `n_fields` fields) in one call, as `nfgen generate` runs: setup (cache, graph
+    capture) is amortised. batch None: the batch size generate picks from free memory."""
+    classes = torch.arange(n_fields or batch * n_batches) % vocab.n_classes
     cfg = SampleConfig(batch_size=batch, attention=attention, quiet=True)
     return generate_tokens(model, vocab, classes, length, cfg, device)
 
@@ -173,6 +177,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--recompute-budget", type=float, default=120.0,
                     help="seconds a full recompute run may take before it is estimated instead")
+    ap.add_argument("--total-fields", type=int, default=None,
+                    help="also time one run of this many fields (default: 10000 on CUDA, none on CPU)")
+    ap.add_argument("--total-batches", default="2048",
+                    help="comma-separated batch sizes for the --total-fields run, beside the free-memory default")
     ap.add_argument("--out", default=None, help="write every row as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -247,6 +255,20 @@ def main(argv=None):
         if "nfgen-triton" in results:
             results["nfgen-triton"]["x_nfgen"] = results["nfgen-triton"]["tokens_per_s"] / ours
             print(f"  nfgen-triton x nfgen {results['nfgen-triton']['x_nfgen']:.2f}  (batch {batch})")
+
+    total = args.total_fields if args.total_fields is not None else (10_000 if on_cuda else 0)
+    if total > 0:
+        from nfgen.generate import default_batch_size
+
+        auto = default_batch_size(model, length, device, guided=False)
+        for batch in dict.fromkeys([auto] + [int(b) for b in args.total_batches.split(",") if b]):
+            sec = timed(lambda: nfgen_generate(model, vocab, batch, length, device, n_fields=total), device)
+            row = {"method": "nfgen-total", "batch": batch, "batch_is_default": batch == auto, "fields": total,
+                   "length": length, "seconds": sec, "seconds_all": [sec], "tokens_per_s": total * length / sec,
+                   "fields_per_s": total / sec, "ms_per_step": None, "estimated": False}
+            rows.append(row)
+            print(f"{'nfgen-total':<13}{batch:>6}{sec:>10.3f}{row['tokens_per_s']:>12.0f}{row['fields_per_s']:>10.2f}"
+                  f"  {total} fields in one call{' (default batch)' if batch == auto else ''}", flush=True)
 
     if args.out:
         write_result(args.out, {**environment("benchmarks.bench_generate", device),

@@ -71,9 +71,9 @@ for part in "$@"; do
       timeout "${QUALITY_TIMEOUT:-420}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
         --results "$OUT/quality-$dev.json" 2>&1 | tee -a "$LOG" | tail -60 ;;
     quality-sampling)  # the sampling sweep on the main model (cached in the run dir by the quality part); its 8 rows
-      # took more than 150 s on the H100 (15 s a row, 30 s with CFG), and a killed sweep writes nothing
+      # took more than 150 s on the H100 (15 s a row, 30 s with CFG), it has 12 now, and a killed sweep writes nothing
       stamp quality-sampling
-      timeout "${SAMPLING_TIMEOUT:-240}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
+      timeout "${SAMPLING_TIMEOUT:-360}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
         --only ablations --ablations sampling --seeds 1 --results "$OUT/quality-$dev-sampling.json" 2>&1 \
         | tee -a "$LOG" | tail -30 ;;
     quality-ablations)  # ABLATIONS: the rows that train their own GPT (a comma list; see benchmarks/quality.py).
