@@ -245,6 +245,9 @@ def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[
     # code tokens embedded with their values, or by id alone
     value_embed = {**asdict(TrainConfig()), **cfg.train, **main.train}["value_embed"]
     rows["model:ids-only" if value_embed else "model:value-embed"] = main.but(train={"value_embed": not value_embed})
+    # the class embedding added to every position's input, or the class token at position 1 only
+    class_embed = {**asdict(TrainConfig()), **cfg.train, **main.train}["class_embed"]
+    rows["model:no-class-embed" if class_embed else "model:class-embed"] = main.but(train={"class_embed": not class_embed})
     if cfg.ablation_train:
         rows = {name: r.but(train=cfg.ablation_train) for name, r in rows.items()}
         rows = {"baseline:main": main.but(train=cfg.ablation_train), **rows}

@@ -252,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                     ("n-kv-head", "key/value heads, a divisor of --n-head (grouped-query attention; 0: --n-head)"),
                     ("dropout", "dropout"),
                     ("value-embed", "embed each code token's value as well as its id, so the model sees which "
-                     "codes are close"), ("steps", "optimizer steps"), ("batch-size", "sequences per step"),
+                     "codes are close"),
+                    ("class-embed", "add the class (or NO_CLASS) embedding to every position's input"),
+                    ("steps", "optimizer steps"), ("batch-size", "sequences per step"),
                     ("lr", "peak learning rate"), ("warmup", "warmup steps"), ("weight-decay", "AdamW weight decay"),
                     ("grad-clip", "gradient-norm clip"), ("class-dropout", "probability of NO_CLASS in training"),
                     ("val-fraction", "fields held out for validation loss"), ("eval-every", "steps between validations"),

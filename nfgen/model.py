@@ -42,6 +42,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     value_features: int = 0  # width of each code token's value features (value_feature_width); 0: ids only
+    # add the embedding of the sequence's conditioning token (position 1: CLASS_c or NO_CLASS) to every position's
+    # input, so each weight token sees its class directly instead of only through attention to position 1
+    class_embed: bool = False
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -173,6 +176,8 @@ class GPT(nn.Module):
             self.transformer["wve"] = nn.Linear(config.value_features, config.n_embd, bias=False)
             # rows of the special tokens (SOS, NO_CLASS, classes) stay zero
             self.register_buffer("code_features", torch.zeros(config.vocab_size, config.value_features))
+        if config.class_embed:  # indexed by token id; only the rows of NO_CLASS and the classes are ever used
+            self.transformer["wce"] = nn.Embedding(config.vocab_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
@@ -200,11 +205,22 @@ class GPT(nn.Module):
         self.code_features.zero_()
         self.code_features[:len(features)] = features.to(self.code_features)
 
-    def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Token + position (+ code value) (+ conditioning token `cond` [B], with class_embed) embeddings."""
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         if self.config.value_features:
             x = x + self.transformer.wve(self.code_features[idx])
+        if self.config.class_embed:
+            x = x + self.transformer.wce(cond)[:, None, :]
         return x
+
+    def _cond(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The conditioning token of sequences that start at position 0 ([SOS, CLASS, …]); None unless class_embed."""
+        if not self.config.class_embed:
+            return None
+        if idx.shape[1] < 2:
+            raise ValueError("a class-embedding GPT needs [SOS, CLASS, …] inputs of at least 2 tokens")
+        return idx[:, 1]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx [B, T] → (logits [B, T, V], mean cross-entropy over targets != -1, or None)."""
@@ -212,7 +228,7 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.embed(idx, pos))
+        x = self.transformer.drop(self.embed(idx, pos, self._cond(idx)))
         for block in self.transformer.h:
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))
@@ -231,12 +247,16 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, c.n_kv_head, max_len, c.head_dim, device, dtype)
         self.cache_max_len = max_len
+        # each row's conditioning token, set by the prefill and read by every decode step (a static tensor, so
+        # CUDA graphs of decode steps see the current batch's classes)
+        self.cond_token = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def forward_cached(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None,
                        attention: str = "sdpa") -> torch.Tensor:
         """idx [B, T] at positions input_pos [T] (device LongTensor) → logits [B, T, V], through the cache.
 
-        Works for prefill (T > 1) and decode (T = 1). Token t attends to cached positions <= input_pos[t].
+        Works for prefill (T > 1, from position 0) and decode (T = 1). Token t attends to cached positions
+        <= input_pos[t]. With class_embed the prefill's token 1 is remembered as the rows' conditioning token.
         `kv_len` (a Python int, optional) limits attention to the first kv_len cache slots — cheaper in an
         eager loop; leave it None for fixed shapes (CUDA graphs). Every position < kv_len that a query may
         see must already be written.
@@ -254,7 +274,12 @@ class GPT(nn.Module):
         else:
             n_keys = self.cache_max_len if kv_len is None else kv_len
             mask = torch.arange(n_keys, device=idx.device)[None, :] <= input_pos[:, None]  # [T, n_keys]
-        x = self.embed(idx, input_pos)
+        cond = None
+        if self.config.class_embed:
+            if idx.shape[1] > 1:
+                self.cond_token.copy_(self._cond(idx))
+            cond = self.cond_token
+        x = self.embed(idx, input_pos, cond)
         for block in self.transformer.h:
             x = block(x, input_pos, mask, kv_len)
         return self.lm_head(self.transformer.ln_f(x))

@@ -42,6 +42,7 @@ class TrainConfig:
     # embed each code token's value too (GPTConfig.value_features): at the default size it won on the H100
     # (accuracy 0.920 against 0.869 at 1000 steps; benchmarks/results/quality-h100-ablations-*.json)
     value_embed: bool = True
+    class_embed: bool = False  # GPTConfig.class_embed: the class embedding added to every position's input
     steps: int = 5000
     batch_size: int = 32
     lr: float = 6e-4
@@ -213,7 +214,8 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
     torch.manual_seed(cfg.seed)
     gcfg = GPTConfig(vocab_size=vocab.size, block_size=seq_len - 1, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_embd=cfg.n_embd, n_kv_head=cfg.n_kv_head, dropout=cfg.dropout,
-                     value_features=value_feature_width(ts.tokenizer.cfg.group) if cfg.value_embed else 0)
+                     value_features=value_feature_width(ts.tokenizer.cfg.group) if cfg.value_embed else 0,
+                     class_embed=cfg.class_embed)
     model = GPT(gcfg)
     if cfg.value_embed:
         model.set_code_values(ts.tokenizer.codebooks)

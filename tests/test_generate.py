@@ -12,10 +12,10 @@ VOCAB = Vocab(n_codes=19, n_classes=3)
 L = 21
 
 
-def small_model(seed=0, vocab=VOCAB, length=L, n_kv_head=0):
+def small_model(seed=0, vocab=VOCAB, length=L, n_kv_head=0, class_embed=False):
     torch.manual_seed(seed)
     cfg = GPTConfig(vocab_size=vocab.size, block_size=length + 1, n_layer=2, n_head=2, n_embd=16,
-                    n_kv_head=n_kv_head)
+                    n_kv_head=n_kv_head, class_embed=class_embed)
     model = GPT(cfg).eval()
     with torch.no_grad():  # make the distribution far from uniform so greedy and sampling are sensitive
         model.lm_head.weight.mul_(40)
@@ -42,9 +42,10 @@ BACKENDS = ["torch"] + (["cpp"] if has_op("sample_next") else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cfg_scale,n_kv_head", [(1.0, 0), (2.5, 0), (2.5, 1)])
-def test_greedy_equals_full_recompute(backend, cfg_scale, n_kv_head):
-    model = small_model(n_kv_head=n_kv_head)
+@pytest.mark.parametrize("cfg_scale,n_kv_head,class_embed", [(1.0, 0, False), (2.5, 0, False), (2.5, 1, False),
+                                                             (2.5, 1, True)])
+def test_greedy_equals_full_recompute(backend, cfg_scale, n_kv_head, class_embed):
+    model = small_model(n_kv_head=n_kv_head, class_embed=class_embed)
     classes = torch.tensor([0, 2, -1, 1, 1])
     want = greedy_by_recompute(model, VOCAB, classes, L, cfg_scale)
     cfg = SampleConfig(top_k=1, cfg_scale=cfg_scale, batch_size=2, backend=backend, quiet=True)
@@ -64,14 +65,15 @@ def test_triton_backend_greedy_and_range():
     assert toks.min() >= 0 and toks.max() < VOCAB.n_codes
 
 
-@pytest.mark.parametrize("bucket,n_kv_head", [(4, 0), (7, 0), (128, 0), (7, 1)])
-def test_static_shapes_path_equals_eager(monkeypatch, bucket, n_kv_head):
+@pytest.mark.parametrize("bucket,n_kv_head,class_embed", [(4, 0, False), (7, 0, False), (128, 0, False), (7, 1, False),
+                                                         (7, 1, True)])
+def test_static_shapes_path_equals_eager(monkeypatch, bucket, n_kv_head, class_embed):
     """What the CUDA graphs compute (attention over a whole, partly stale bucket of the cache, masked by
     position), run eagerly on CPU: same tokens as the prefix-only eager loop. Two batches share one
     decoder, so the second one starts on the first one's stale cache."""
     import nfgen.generate as G
 
-    model = small_model(5, n_kv_head=n_kv_head)
+    model = small_model(5, n_kv_head=n_kv_head, class_embed=class_embed)
     classes = torch.tensor([0, 1, 2, -1, 0, 2])
     cfg = SampleConfig(temperature=1.2, top_k=7, cfg_scale=1.5, seed=4, backend="torch", quiet=True)
     monkeypatch.setattr(G, "GRAPH_BUCKET", bucket)

@@ -30,14 +30,18 @@ def test_forward_loss_ignores_minus_one():
     torch.testing.assert_close(loss, want)
 
 
-# MHA, MQA, GQA, and MQA with value features (every path must see the same embeddings)
+# MHA, MQA, GQA, MQA with value features, and GQA with value features and the class embedding (every path must
+# see the same embeddings)
 HEADS = [dict(n_head=3), dict(n_head=3, n_kv_head=1), dict(n_head=4, n_kv_head=2),
-         dict(n_head=3, n_kv_head=1, value_features=value_feature_width(1))]
+         dict(n_head=3, n_kv_head=1, value_features=value_feature_width(1)),
+         dict(n_head=4, n_kv_head=2, value_features=value_feature_width(1), class_embed=True)]
 
 
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("prefill", [1, 2, 7])
 def test_forward_cached_matches_forward(prefill, heads):
+    if heads.get("class_embed") and prefill < 2:
+        pytest.skip("a class-embedding model takes its class from a prefill of [SOS, CLASS]")
     m = small_model(**heads)
     idx = torch.randint(0, 23, (5, 19))
     with torch.no_grad():
@@ -148,6 +152,21 @@ def test_value_features_embed_code_values_and_only_code_values():
         m.set_code_values(torch.randn(1, 5, 3))  # wrong group
     with pytest.raises(ValueError, match="do not fit"):
         small_model().set_code_values(codebooks)  # a model without value features
+
+
+def test_class_embedding_reaches_every_position():
+    """Sequences that differ only in their conditioning token (position 1): with class_embed even position 0's
+    logits differ (the class is added to every input), without it position 0 cannot see position 1."""
+    idx = torch.randint(0, 20, (2, 9))
+    idx[:, 0], idx[0, 1], idx[1, 1] = 20, 21, 22
+    for class_embed in (False, True):
+        m = small_model(class_embed=class_embed)
+        with torch.no_grad():
+            logits, _ = m(idx)
+        assert torch.equal(logits[0, 0], logits[1, 0]) != class_embed
+        assert not torch.equal(logits[0, 2:], logits[1, 2:])
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        small_model(class_embed=True)(idx[:, :1])
 
 
 def test_checkpoint_from_before_grouped_attention_loads(tmp_path):

@@ -61,14 +61,16 @@ def test_lr_schedule():
     assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(109, cfg) == pytest.approx(0.1, abs=1e-3)
 
 
-@pytest.mark.parametrize("n_kv_head,value_embed", [(0, False), (1, False), (1, True)])
-def test_train_learns_and_writes_loadable_model(tokens_file, tmp_path, n_kv_head, value_embed):
+@pytest.mark.parametrize("n_kv_head,value_embed,class_embed", [(0, False, False), (1, False, False), (1, True, False),
+                                                               (1, True, True)])
+def test_train_learns_and_writes_loadable_model(tokens_file, tmp_path, n_kv_head, value_embed, class_embed):
     run = tmp_path / "run"
-    summary = train(tokens_file, run, small(steps=40, n_kv_head=n_kv_head, value_embed=value_embed))
+    summary = train(tokens_file, run, small(steps=40, n_kv_head=n_kv_head, value_embed=value_embed,
+                                            class_embed=class_embed))
     assert (run / "model.safetensors").is_file() and (run / "train_state.safetensors").is_file()
     model, meta = load_model(run / "model.safetensors")
     assert model.config.n_kv_head == (n_kv_head or 2)
-    assert bool(model.config.value_features) == value_embed
+    assert bool(model.config.value_features) == value_embed and model.config.class_embed == class_embed
     if value_embed:  # the features travel with the model: those of the tokens file's codebook
         codebooks = load_tokens(tokens_file).tokenizer.codebooks
         torch.testing.assert_close(model.code_features[:16], code_value_features(codebooks[0]))
