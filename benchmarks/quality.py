@@ -173,7 +173,8 @@ CONFIGS = {
     # issue 8's 40, and 120 moves the weights barely further: offset rms 0.0094 against 0.0093,
     # benchmarks/results/tokenize-quality-meta-8000-cpu.json), the default tokenizer (raw scalar VQ,
     # 256 codes; the vq:center-mean rows try centred codes), the default 11.3M GPT (sized for fast decoding)
-    # with code values embedded (they won in the small config; the model:ids-only row drops them) for 4000
+    # with code values embedded (they won in the small config; the model:ids-only row drops them) and the class
+    # embedded at every position (it won in the small config; model:no-class-embed drops it) for 4000
     # steps of 64 fields (~32 epochs; dropout against memorising), sampling at T 0.8 with top-k 3 (the best of
     # an H100 sweep). Ablations that train their own GPT do so for 1000 steps, beside a baseline row of the
     # main recipe at 1000 steps; the model-size rows try a 25M GPT and 2 key/value heads (a 4x smaller KV

@@ -42,7 +42,11 @@ class TrainConfig:
     # embed each code token's value too (GPTConfig.value_features): at the default size it won on the H100
     # (accuracy 0.920 against 0.869 at 1000 steps; benchmarks/results/quality-h100-ablations-*.json)
     value_embed: bool = True
-    class_embed: bool = False  # GPTConfig.class_embed: the class embedding added to every position's input
+    # GPTConfig.class_embed: the class embedding added to every position's input. It won on the CPU quality run
+    # (accuracy 0.47 against 0.23, MMD 0.334 against 0.355, COV 0.15 against 0.105; 3 generation seeds, one
+    # training run each, benchmarks/results/quality-cpu-small-{class-embed,margin}.json): the GPT no longer has
+    # to learn to look back at position 1 before its samples can follow their class
+    class_embed: bool = True
     steps: int = 5000
     batch_size: int = 32
     lr: float = 6e-4
@@ -81,6 +85,8 @@ class TrainConfig:
 # Options that may differ between a run and its resumption. None changes the batches or the init; --steps
 # (raised to extend a finished run) also stretches the cosine lr schedule from the resumed step on.
 _RESUME_FREE = {"steps", "eval_every", "checkpoint_every", "device", "quiet", "compile"}
+# Options added with a default other than what runs before them did: a state that lacks one ran with this value.
+_BEFORE_OPTION = {"class_embed": False}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -140,7 +146,7 @@ def _restore(path: Path, model: GPT, opt: torch.optim.Optimizer, gen: torch.Gene
         raise NfgenError(f"--resume with other training data than the original run ({meta.get('tokens_path')}); "
                          "pass its --tokens or start a new run directory")
     old = meta.get("train_config", {})
-    known = asdict(TrainConfig())  # an option newer than the checkpoint had its default then
+    known = {**asdict(TrainConfig()), **_BEFORE_OPTION}  # an option newer than the checkpoint: what ran then
     diff = {k: (old.get(k, known[k]), v) for k, v in asdict(cfg).items()
             if k not in _RESUME_FREE and old.get(k, known[k]) != v}
     if diff:

@@ -151,6 +151,20 @@ def test_resume_of_an_older_state_takes_its_missing_options_as_defaults(tokens_f
     assert history[0] == history[1] and len(history[0]) == 6
 
 
+def test_resume_of_a_state_from_before_class_embed_ran_without_it(tokens_file, tmp_path, monkeypatch, die_at_step):
+    """class_embed came with the default True; states written before it existed ran without it."""
+    run = tmp_path / "run"
+    die_at_step(5)
+    with pytest.raises(KeyboardInterrupt):
+        train(tokens_file, run, small(steps=6, checkpoint_every=3, class_embed=False))
+    monkeypatch.undo()
+    _older_state(run, "class_embed")
+    with pytest.raises(NfgenError, match=r"\(class_embed: False → True\)"):
+        train(tokens_file, run, small(steps=6, checkpoint_every=3), resume=True)
+    train(tokens_file, run, small(steps=6, checkpoint_every=3, class_embed=False), resume=True)
+    assert not load_model(run / "model.safetensors")[0].config.class_embed
+
+
 def test_resume_refuses_other_training_data(tokens_file, tmp_path):
     ts = load_tokens(tokens_file)
     other = tmp_path / "other.safetensors"  # same vocabulary and length, other sequences
