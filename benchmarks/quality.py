@@ -225,7 +225,18 @@ def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[
         if num_params % d == 0 and d != tok["group"]:
             rows[f"vq:group{d}"] = main.but(tokenize={"group": d})
     rows["vq:residual2"] = main.but(tokenize={"levels": 2})
-    if tok["center"] == "none":
+    # tokens for the fields' principal components (coarse to fine, in units of their std) instead of the weights,
+    # sampled from the whole distribution: each component's codes spread over its range like a Gaussian's, so
+    # top-k 3 of them would pin every component near its mode
+    if tok["basis"] == "weights":
+        rows["vq:pca"] = main.but(tokenize={"basis": "pca"}, sample={"temperature": 1.0, "top_k": 0})
+        rows["vq:pca-t0.8"] = main.but(tokenize={"basis": "pca"}, sample={"temperature": 0.8, "top_k": 0})
+        # the class only shifts the first (largest) components; guidance amplifies what the GPT learned of it
+        rows["vq:pca-cfg3"] = main.but(tokenize={"basis": "pca"}, sample={"temperature": 1.0, "top_k": 0,
+                                                                          "cfg_scale": 3.0})
+    else:
+        rows["vq:weights"] = main.but(tokenize={"basis": "weights"})
+    if tok["center"] == "none" and tok["basis"] == "weights":
         rows["vq:center-mean"] = main.but(tokenize={"center": "mean"})
         # centred codes are finer (more codes per position): also sample them with a wider top-k (same GPT)
         rows["vq:center-mean-topk10"] = main.but(tokenize={"center": "mean"}, sample={"top_k": 10})
@@ -234,7 +245,7 @@ def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[
             # nats per position; 256 raw codes keep 33.3 dB at 3.46 (2000 fields,
             # benchmarks/results/tokenize-quality-meta-cpu.json)
             rows["vq:center-mean-k64"] = main.but(tokenize={"center": "mean", "codebook_size": 64})
-    else:
+    elif tok["center"] != "none":
         rows["vq:center-none"] = main.but(tokenize={"center": "none"})
     for other_k in (64, 256, 1024):  # coarser codes (fewer choices per token) and finer ones
         if other_k != tok["codebook_size"]:
@@ -249,6 +260,9 @@ def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[
     # the class embedding added to every position's input, or the class token at position 1 only
     class_embed = {**asdict(TrainConfig()), **cfg.train, **main.train}["class_embed"]
     rows["model:no-class-embed" if class_embed else "model:class-embed"] = main.but(train={"class_embed": not class_embed})
+    # each predicted weight's network nodes embedded, or its position alone
+    roles = {**asdict(TrainConfig()), **cfg.train, **main.train}["weight_roles"]
+    rows["model:no-weight-roles" if roles else "model:weight-roles"] = main.but(train={"weight_roles": not roles})
     if cfg.ablation_train:
         rows = {name: r.but(train=cfg.ablation_train) for name, r in rows.items()}
         rows = {"baseline:main": main.but(train=cfg.ablation_train), **rows}

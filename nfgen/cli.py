@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, h in [("codebook-size", "codes per level"), ("group", "weights per token (vector VQ when > 1)"),
                     ("levels", "residual VQ levels"), ("normalize", "layer (per-tensor scale) or none"),
                     ("center", "mean (quantise each weight's offset from the mean field) or none"),
+                    ("basis", "weights (a token per weight) or pca (a token per principal component of the "
+                     "training fields, largest first)"),
                     ("iters", "Lloyd iterations"), ("sample", "points used to learn the codebook"),
                     ("seed", "k-means seed"), ("backend", "auto, torch, cpp or triton")]:
         _opt(p, name, TokenizerConfig, h)
@@ -254,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                     ("value-embed", "embed each code token's value as well as its id, so the model sees which "
                      "codes are close"),
                     ("class-embed", "add the class (or NO_CLASS) embedding to every position's input"),
+                    ("weight-roles", "embed the two network nodes (neurons) that each predicted weight joins"),
                     ("steps", "optimizer steps"), ("batch-size", "sequences per step"),
                     ("lr", "peak learning rate"), ("warmup", "warmup steps"), ("weight-decay", "AdamW weight decay"),
                     ("grad-clip", "gradient-norm clip"), ("class-dropout", "probability of NO_CLASS in training"),

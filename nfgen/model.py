@@ -45,6 +45,10 @@ class GPTConfig:
     # add the embedding of the sequence's conditioning token (position 1: CLASS_c or NO_CLASS) to every position's
     # input, so each weight token sees its class directly instead of only through attention to position 1
     class_embed: bool = False
+    # > 0: the network node ids of WeightTokenizer.token_roles (n_role_nodes). Each position's input gets the
+    # embeddings of the source and destination node of the weight it predicts, so weights of one neuron share
+    # an embedding wherever they sit in the sequence
+    role_nodes: int = 0
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -178,6 +182,10 @@ class GPT(nn.Module):
             self.register_buffer("code_features", torch.zeros(config.vocab_size, config.value_features))
         if config.class_embed:  # indexed by token id; only the rows of NO_CLASS and the classes are ever used
             self.transformer["wce"] = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.role_nodes:  # id role_nodes: no weight (position 0, which predicts the class)
+            self.transformer["wse"] = nn.Embedding(config.role_nodes + 1, config.n_embd)
+            self.transformer["wde"] = nn.Embedding(config.role_nodes + 1, config.n_embd)
+            self.register_buffer("roles", torch.full((config.block_size, 2), config.role_nodes, dtype=torch.long))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
@@ -205,6 +213,16 @@ class GPT(nn.Module):
         self.code_features.zero_()
         self.code_features[:len(features)] = features.to(self.code_features)
 
+    def set_roles(self, token_roles: torch.Tensor) -> None:
+        """token_roles [block_size - 1, 2]: (source, destination) node of the weight of t_1 … t_L
+        (WeightTokenizer.token_roles); input position p predicts t_p, so it gets row p - 1."""
+        c = self.config
+        if not c.role_nodes or tuple(token_roles.shape) != (c.block_size - 1, 2) \
+                or not 0 <= int(token_roles.min()) <= int(token_roles.max()) < c.role_nodes:
+            raise ValueError(f"token roles {tuple(token_roles.shape)} do not fit role_nodes {c.role_nodes} and "
+                             f"block_size {c.block_size}")
+        self.roles[1:] = token_roles.to(self.roles)
+
     def embed(self, idx: torch.Tensor, pos: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Token + position (+ code value) (+ conditioning token `cond` [B], with class_embed) embeddings."""
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
@@ -212,6 +230,9 @@ class GPT(nn.Module):
             x = x + self.transformer.wve(self.code_features[idx])
         if self.config.class_embed:
             x = x + self.transformer.wce(cond)[:, None, :]
+        if self.config.role_nodes:
+            roles = self.roles[pos]
+            x = x + self.transformer.wse(roles[:, 0]) + self.transformer.wde(roles[:, 1])
         return x
 
     def _cond(self, idx: torch.Tensor) -> torch.Tensor | None:

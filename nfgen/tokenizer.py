@@ -19,6 +19,15 @@ of the samples is 0.535 with raw codes, 0.10 with centred codes (K = 256) and 0.
 (K = 64, whose per-position entropy matches the raw codes'). The full-size GPU run measures it again
 (the quality ablation rows vq:center-mean).
 
+Principal components (--basis pca) are the third option: token i quantises the field's i-th principal
+component over the training fields (largest first, divided by its std), so a field is described coarse to
+fine and any sampled token moves it along a direction that real fields vary in. It keeps nearly all of a
+field (42.07 of the fitted 42.21 dB on the CPU quality run's 4000 fields, against 36.9 dB for raw codes),
+and its samples cover the data as raw codes' do not (at T 1: COV 0.495 against 0.395, 1-NNA 0.83 against
+0.985). But the small GPT's samples ignore their class (accuracy 0.14 against 0.26, both at T 1): the class
+shifts only the first ~20 components, where it shifts every raw weight (README, Measured;
+benchmarks/results/quality-cpu-small-roles-pca.json). Hence an option, with the quality ablation rows vq:pca*.
+
 Per-tensor normalisation (--normalize layer) is an option: the first layer's weights are ~30x larger
 than the later layers', so a shared codebook spends most codes on layer 0. Measured, that is the right
 call: layer 0 feeds sin(omega0 * .), so its errors cost the most PSNR; hence the default "none".
@@ -40,6 +49,10 @@ from nfkernels.vq import MAX_DIM, kmeans, vq_assign
 TOKENIZE_HINT = "run `nfgen tokenize` first"
 NORMALIZE = ("layer", "none")
 CENTER = ("mean", "none")
+BASIS = ("weights", "pca")
+# "pca": principal directions with a std below this fraction of the first's (none when there are fewer fields
+# than weights) keep this std, so encoding a new field cannot divide by zero
+PCA_MIN_STD = 1e-4
 ENCODE_CHUNK = 1 << 22  # vectors per vq_assign call: bounds the temporaries, not the result
 
 
@@ -54,6 +67,11 @@ class TokenizerConfig:
     # the most.
     normalize: str = "none"
     center: str = "none"  # "mean": quantise each weight's offset from its mean over the fields; "none": raw
+    # "weights": token i quantises weight i (in the spec's flattening order); "pca": token i quantises the
+    # field's i-th principal component over the training fields (largest variance first), in units of its std,
+    # so the sequence runs coarse to fine and a sampled token moves a field along a direction real fields vary
+    # in. "pca" does its own centring and scaling (--center none --normalize none)
+    basis: str = "weights"
     iters: int = 30  # Lloyd iterations per level
     sample: int = 1_000_000  # vectors k-means learns from (0 = all)
     seed: int = 0
@@ -71,6 +89,11 @@ class TokenizerConfig:
             raise NfgenError(f"unknown normalisation {self.normalize!r}; use --normalize layer or none")
         if self.center not in CENTER:
             raise NfgenError(f"unknown centring {self.center!r}; use --center mean or none")
+        if self.basis not in BASIS:
+            raise NfgenError(f"unknown basis {self.basis!r}; use --basis weights or pca")
+        if self.basis == "pca" and (self.center != "none" or self.normalize != "none"):
+            raise NfgenError("--basis pca centres and scales the principal components itself; "
+                             "drop --center / --normalize (use none)")
         if self.iters < 0 or self.sample < 0:
             raise NfgenError("--iters and --sample must be ≥ 0")
         if self.backend not in ("auto", "torch", "cpp", "cuda", "triton"):
@@ -82,21 +105,29 @@ class TokenizerConfig:
 
 
 class WeightTokenizer:
-    """Centre [P] + per-tensor scales [T] + codebooks [levels, K, group]; maps weights [N, P] ↔ tokens [N, L]."""
+    """Centre [P] + per-tensor scales [T] (+ basis [P, P] and its stds [P], with basis "pca") + codebooks
+    [levels, K, group]; maps weights [N, P] ↔ tokens [N, L]."""
 
     def __init__(self, spec: SirenSpec, cfg: TokenizerConfig, codebooks: torch.Tensor, scales: torch.Tensor,
-                 center: torch.Tensor | None = None):
+                 center: torch.Tensor | None = None, basis: torch.Tensor | None = None,
+                 basis_stds: torch.Tensor | None = None):
         cfg.validate(spec.num_params)
-        n_tensors = len(spec.param_layout())
-        center = torch.zeros(spec.num_params) if center is None else center
+        n_tensors, P = len(spec.param_layout()), spec.num_params
+        center = torch.zeros(P) if center is None else center
+        pca = cfg.basis == "pca"
         if (codebooks.shape != (cfg.levels, cfg.codebook_size, cfg.group) or scales.shape != (n_tensors,)
-                or center.shape != (spec.num_params,)):
+                or center.shape != (P,) or pca != (basis is not None) or pca != (basis_stds is not None)
+                or (pca and (basis.shape != (P, P) or basis_stds.shape != (P,) or not bool((basis_stds > 0).all())))):
             raise NfgenError(f"tokenizer tensors do not match its config (codebooks {tuple(codebooks.shape)}, "
-                             f"scales {tuple(scales.shape)}, center {tuple(center.shape)}); recreate the tokens file")
+                             f"scales {tuple(scales.shape)}, center {tuple(center.shape)}, basis "
+                             f"{None if basis is None else tuple(basis.shape)}); recreate the tokens file")
         self.spec, self.cfg = spec, cfg
         self.codebooks = codebooks.float()
         self.scales = scales.float()
         self.center = center.float()
+        # columns: orthonormal principal directions; a field is center + basis @ (basis_stds * components)
+        self.basis = None if basis is None else basis.float()
+        self.basis_stds = None if basis_stds is None else basis_stds.float()
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -117,6 +148,34 @@ class WeightTokenizer:
         level = torch.arange(self.tokens_per_field) % self.cfg.levels
         return torch.stack([level * K, (level + 1) * K], dim=1)
 
+    @property
+    def n_role_nodes(self) -> int:
+        """Node ids that token_roles uses: every input, neuron and output, plus one for the biases' source."""
+        spec = self.spec
+        return spec.in_dim + spec.hidden * spec.hidden_layers + spec.out_dim + 1
+
+    def token_roles(self) -> torch.Tensor:
+        """[L, 2] int64: each token's place in the network, as the edge (source node, destination node) of its
+        vector's first weight. Nodes are numbered layer by layer (input coordinates, each hidden layer's
+        neurons, outputs); W_l[n, m] joins node m of boundary l to node n of boundary l + 1, and a bias's source
+        is the extra node n_role_nodes - 1. So the weights into a neuron, its bias and the weights out of it
+        all name that neuron's node."""
+        if self.cfg.basis != "weights":
+            raise NfgenError("weight roles need tokens that stand for weights, and these stand for principal "
+                             "components (--basis pca); train without --weight-roles or tokenize with --basis weights")
+        spec = self.spec
+        widths = [spec.in_dim] + [spec.hidden] * spec.hidden_layers + [spec.out_dim]
+        first = [sum(widths[:i]) for i in range(len(widths))]
+        bias_node = self.n_role_nodes - 1
+        edges = []
+        for li, (fan_in, fan_out) in enumerate(spec.layer_dims):
+            out_nodes = first[li + 1] + torch.arange(fan_out)
+            edges.append(torch.stack([(first[li] + torch.arange(fan_in)).repeat(fan_out),
+                                      out_nodes.repeat_interleave(fan_in)], dim=1))  # W_l, row-major [out, in]
+            edges.append(torch.stack([torch.full((fan_out,), bias_node), out_nodes], dim=1))  # b_l
+        per_weight = torch.cat(edges)
+        return per_weight[::self.cfg.group].repeat_interleave(self.cfg.levels, dim=0)
+
     # ------------------------------------------------------------------ maths
     def scale_vector(self, device=None) -> torch.Tensor:
         """[P]: each weight's tensor scale, following the spec's flattening order."""
@@ -129,6 +188,19 @@ class WeightTokenizer:
         if center == "none":
             return torch.zeros(weights.shape[1])
         return weights.double().mean(dim=0).float().cpu()
+
+    @staticmethod
+    def principal_basis(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean [P], principal directions [P, P] (columns, largest variance first) and their stds [P] of the
+        fields [N, P], in float64 on CPU (P x P is small: 1185 for the default SIREN)."""
+        w = weights.double().cpu()
+        mean = w.mean(dim=0)
+        cov = (w - mean).T @ (w - mean) / w.shape[0]
+        variances, directions = torch.linalg.eigh(cov)  # ascending
+        variances, directions = variances.flip(0).clamp_min(0), directions.flip(1)
+        stds = variances.sqrt()
+        stds = stds.clamp_min(PCA_MIN_STD * float(stds[0]) if float(stds[0]) > 0 else 1.0)
+        return mean.float(), directions.float(), stds.float()
 
     @staticmethod
     def tensor_scales(weights: torch.Tensor, spec: SirenSpec, normalize: str) -> torch.Tensor:
@@ -144,7 +216,10 @@ class WeightTokenizer:
             raise NfgenError(f"weights {tuple(weights.shape)} do not match the tokenizer's architecture "
                              f"(P={self.spec.num_params}); tokenize fields of the same architecture")
         check_finite("weights", weights, "refit the fields (they diverged) before tokenizing")
-        w = (weights.float() - self.center.to(weights.device)) / self.scale_vector(weights.device)
+        w = weights.float() - self.center.to(weights.device)
+        if self.basis is not None:
+            w = (w @ self.basis.to(w.device)) / self.basis_stds.to(w.device)
+        w = w / self.scale_vector(weights.device)
         return w.reshape(-1, self.cfg.group)
 
     @classmethod
@@ -161,9 +236,13 @@ class WeightTokenizer:
         if n_vectors < cfg.codebook_size:
             raise NfgenError(f"{n_vectors} weight vectors cannot fill {cfg.codebook_size} codes; "
                              f"lower --codebook-size or tokenize more fields")
-        center = cls.mean_field(weights, cfg.center)
+        basis = stds = None
+        if cfg.basis == "pca":
+            center, basis, stds = cls.principal_basis(weights)
+        else:
+            center = cls.mean_field(weights, cfg.center)
         scales = cls.tensor_scales(weights - center.to(weights.device), spec, cfg.normalize)
-        tok = cls(spec, cfg, torch.zeros(cfg.levels, cfg.codebook_size, cfg.group), scales, center)
+        tok = cls(spec, cfg, torch.zeros(cfg.levels, cfg.codebook_size, cfg.group), scales, center, basis, stds)
         residual = tok._vectors(weights)
         codebooks = []
         for level in range(cfg.levels):
@@ -213,19 +292,23 @@ class WeightTokenizer:
 
     def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         """Code vectors [N, L, group] (one per token, e.g. `code_vectors()[tokens]`, or a mean of code vectors
-        per position) → float32 weights [N, P]. Linear in `vectors`: residual levels add up, then scale, centre."""
+        per position) → float32 weights [N, P]. Linear in `vectors`: residual levels add up, then scale, rotate
+        back from the principal components (basis "pca"), centre."""
         L, g = self.tokens_per_field, self.cfg.group
         if vectors.dim() != 3 or tuple(vectors.shape[1:]) != (L, g):
             raise NfgenError(f"code vectors {tuple(vectors.shape)} are not [N, {L}, {g}] for this tokenizer; "
                              f"use the tokens file the model was trained on")
         n = vectors.shape[0]
         weights = vectors.float().reshape(n, L // self.cfg.levels, self.cfg.levels, g).sum(dim=2)
-        weights = weights.reshape(n, self.spec.num_params)
-        return weights * self.scale_vector(vectors.device) + self.center.to(vectors.device)
+        weights = weights.reshape(n, self.spec.num_params) * self.scale_vector(vectors.device)
+        if self.basis is not None:
+            weights = (weights * self.basis_stds.to(weights.device)) @ self.basis.to(weights.device).T
+        return weights + self.center.to(vectors.device)
 
     # ------------------------------------------------------------------ storage
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"codebooks": self.codebooks, "scales": self.scales, "center": self.center}
+        pca = {} if self.basis is None else {"basis": self.basis, "basis_stds": self.basis_stds}
+        return {"codebooks": self.codebooks, "scales": self.scales, "center": self.center, **pca}
 
     def state_meta(self) -> dict:
         cfg = {k: v for k, v in asdict(self.cfg).items() if k != "quiet"}
@@ -237,10 +320,13 @@ class WeightTokenizer:
         known = set(TokenizerConfig.__dataclass_fields__)
         # tokens files from before centring existed hold no centre: they quantised the raw weights
         cfg = TokenizerConfig(**{"center": "none", **{k: v for k, v in meta["tokenizer"].items() if k in known}})
-        if cfg.center != "none" and "center" not in tensors:
-            raise KeyError("no 'center' tensor")
+        needed = (["center"] if cfg.center != "none" else []) + (["center", "basis", "basis_stds"]
+                                                                 if cfg.basis == "pca" else [])
+        for name in needed:
+            if name not in tensors:
+                raise KeyError(f"no {name!r} tensor")
         return cls(SirenSpec.from_dict(meta["spec"]), cfg, tensors["codebooks"], tensors["scales"],
-                   tensors.get("center"))
+                   tensors.get("center"), tensors.get("basis"), tensors.get("basis_stds"))
 
 
 @dataclass

@@ -47,6 +47,8 @@ class TrainConfig:
     # training run each, benchmarks/results/quality-cpu-small-{class-embed,margin}.json): the GPT no longer has
     # to learn to look back at position 1 before its samples can follow their class
     class_embed: bool = True
+    # GPTConfig.role_nodes: embed the network nodes (neurons) each predicted weight joins
+    weight_roles: bool = False
     steps: int = 5000
     batch_size: int = 32
     lr: float = 6e-4
@@ -86,7 +88,7 @@ class TrainConfig:
 # (raised to extend a finished run) also stretches the cosine lr schedule from the resumed step on.
 _RESUME_FREE = {"steps", "eval_every", "checkpoint_every", "device", "quiet", "compile"}
 # Options added with a default other than what runs before them did: a state that lacks one ran with this value.
-_BEFORE_OPTION = {"class_embed": False}
+_BEFORE_OPTION = {"class_embed": False, "weight_roles": False}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -221,10 +223,13 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
     gcfg = GPTConfig(vocab_size=vocab.size, block_size=seq_len - 1, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_embd=cfg.n_embd, n_kv_head=cfg.n_kv_head, dropout=cfg.dropout,
                      value_features=value_feature_width(ts.tokenizer.cfg.group) if cfg.value_embed else 0,
-                     class_embed=cfg.class_embed)
+                     class_embed=cfg.class_embed,
+                     role_nodes=ts.tokenizer.n_role_nodes if cfg.weight_roles else 0)
     model = GPT(gcfg)
     if cfg.value_embed:
         model.set_code_values(ts.tokenizer.codebooks)
+    if cfg.weight_roles:
+        model.set_roles(ts.tokenizer.token_roles())
     model = model.to(device)
     opt = _optimizer(model, cfg)
     gen = make_generator(cfg.seed + 1)

@@ -161,6 +161,25 @@ def test_group_must_divide_params(cli, tmp_path, run_dir):
     assert not any(tmp_path.iterdir())
 
 
+def test_pca_tokens_train_and_generate(cli, tmp_path, run_dir):
+    """--basis pca end to end: tokens for principal components train a GPT whose samples decode to weights."""
+    r = ["--run", str(tmp_path), "--quiet"]
+    assert main(["tokenize", *r, "--fields", str(run_dir / "fields.safetensors"), "--basis", "pca",
+                 "--codebook-size", "16", "--iters", "5"]) == 0
+    assert_clean_error(cli("train", "--run", str(tmp_path), "--weight-roles", "--steps", "2"), "principal components")
+    assert not (tmp_path / "model.safetensors").exists()
+    assert main(["train", *r, "--steps", "2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                 "--batch-size", "8"]) == 0
+    assert main(["generate", *r, "--per-class", "1", "--temperature", "1.0"]) == 0
+    samples = load_fields(tmp_path / "samples.safetensors")
+    assert samples.weights.shape == (10, 33) and torch.isfinite(samples.weights).all()
+    assert_clean_error(cli("tokenize", "--run", str(tmp_path / "x"), "--fields", str(run_dir / "fields.safetensors"),
+                           "--basis", "pca", "--center", "mean"), "--basis pca")
+    assert_clean_error(cli("tokenize", "--run", str(tmp_path / "x"), "--fields", str(run_dir / "fields.safetensors"),
+                           "--basis", "svd"), "unknown basis")
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
 def test_impossible_fit_options(cli, tmp_path):
     assert_clean_error(cli("fit", "--run", str(tmp_path), "--steps", "0"), "steps")
     assert_clean_error(cli("fit", "--run", str(tmp_path), "--init", "zeros"), "init")

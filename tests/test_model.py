@@ -15,6 +15,8 @@ def small_model(seed=0, **kw):
     m = GPT(GPTConfig(**cfg)).eval()
     if m.config.value_features:  # 20 codes: two residual levels of 10
         m.set_code_values(torch.randn(2, 10, m.config.value_features // value_feature_width(1)))
+    if m.config.role_nodes:  # random edges, so a wrong position index shows
+        m.set_roles(torch.randint(0, m.config.role_nodes, (m.config.block_size - 1, 2)))
     return m
 
 
@@ -30,11 +32,12 @@ def test_forward_loss_ignores_minus_one():
     torch.testing.assert_close(loss, want)
 
 
-# MHA, MQA, GQA, MQA with value features, and GQA with value features and the class embedding (every path must
-# see the same embeddings)
+# MHA, MQA, GQA, MQA with value features, GQA with value features and the class embedding, and MQA with the
+# class embedding and weight roles (every path must see the same embeddings)
 HEADS = [dict(n_head=3), dict(n_head=3, n_kv_head=1), dict(n_head=4, n_kv_head=2),
          dict(n_head=3, n_kv_head=1, value_features=value_feature_width(1)),
-         dict(n_head=4, n_kv_head=2, value_features=value_feature_width(1), class_embed=True)]
+         dict(n_head=4, n_kv_head=2, value_features=value_feature_width(1), class_embed=True),
+         dict(n_head=3, n_kv_head=1, class_embed=True, role_nodes=5)]
 
 
 @pytest.mark.parametrize("heads", HEADS)
@@ -167,6 +170,22 @@ def test_class_embedding_reaches_every_position():
         assert not torch.equal(logits[0, 2:], logits[1, 2:])
     with pytest.raises(ValueError, match="at least 2 tokens"):
         small_model(class_embed=True)(idx[:, :1])
+
+
+def test_weight_roles_are_embedded_at_the_position_that_predicts_the_weight():
+    """Position p predicts t_p, so it gets the role of token p - 1; position 0 (it predicts the class) none."""
+    m = small_model(role_nodes=4)
+    roles = torch.randint(0, 4, (18, 2))
+    m.set_roles(roles)
+    pos = torch.arange(19)
+    idx = torch.randint(0, 23, (1, 19))
+    tr = m.transformer
+    base = tr.wte(idx) + tr.wpe(pos)
+    want = base + torch.cat([(tr.wse.weight[4] + tr.wde.weight[4])[None], tr.wse(roles[:, 0]) + tr.wde(roles[:, 1])])
+    torch.testing.assert_close(m.embed(idx, pos), want)
+    for bad in (torch.zeros(17, 2, dtype=torch.long), torch.full((18, 2), 4)):
+        with pytest.raises(ValueError, match="do not fit"):
+            m.set_roles(bad)
 
 
 def test_checkpoint_from_before_grouped_attention_loads(tmp_path):

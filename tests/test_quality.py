@@ -78,6 +78,8 @@ def test_ablation_rows_follow_the_main_recipe():
     assert rows["vq:center-mean-topk10"].sample["top_k"] == 10
     assert rows["vq:center-mean-k64"].tokenize == {"center": "mean", "codebook_size": 64}
     assert "vq:group2" not in rows and "vq:group4" not in rows  # they do not divide 1185
+    assert rows["vq:pca"].tokenize == {"basis": "pca"} and rows["vq:pca"].sample == {"temperature": 1.0, "top_k": 0}
+    assert rows["vq:pca-cfg3"].sample["cfg_scale"] == 3.0 and "vq:weights" not in rows
     assert rows["vq:group3"].tokenize["group"] == 3 and rows["order:canonical"].canonical
     # The full config trains ablation GPTs for fewer steps, beside a baseline of the main recipe at that budget;
     # sampling rows reuse the main model (no train override).
@@ -86,6 +88,7 @@ def test_ablation_rows_follow_the_main_recipe():
     assert rows["model:8x512"].train["n_embd"] == 512 and rows["model:8x512"].train["steps"] == short
     assert rows["model:kv2"].train == {"n_kv_head": 2, **CONFIGS["full"].ablation_train}
     assert rows["model:ids-only"].train == {"value_embed": False, **CONFIGS["full"].ablation_train}
+    assert rows["model:weight-roles"].train == {"weight_roles": True, **CONFIGS["full"].ablation_train}
     assert rows["fit:steps200,lr0.0015"].fit == {"steps": 200, "lr": 1.5e-3}
     assert rows["fit:clamp-margin0.3"].fit == {"clamp_margin": 0.3}  # a random-draw main fits without a margin
     assert all(not r.train for n, r in rows.items() if n.startswith("sampling:"))
@@ -106,7 +109,11 @@ def test_ablation_rows_follow_the_main_recipe():
         quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq,bogus")
     assert set(quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq")) == {"vq:group3", "vq:group5",
                                                                                  "vq:residual2", "vq:center-mean",
-                                                                                 "vq:center-mean-topk10"}
+                                                                                 "vq:center-mean-topk10", "vq:pca",
+                                                                                 "vq:pca-t0.8", "vq:pca-cfg3"}
+    # a main on principal components is compared with weight tokens, and has no centred rows (pca centres)
+    rows = ablation_recipes(CONFIGS["full"], Recipe(tokenize={"basis": "pca"}), 1185)
+    assert rows["vq:weights"].tokenize == {"basis": "weights"} and not any("center" in n for n in rows)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

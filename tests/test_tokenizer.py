@@ -78,6 +78,26 @@ def test_group_and_levels_layout():
         tok.decode(bad)
 
 
+def test_token_roles_name_the_neurons_each_weight_joins():
+    """2→2→1: nodes 0-1 inputs, 2-3 hidden neurons, 4 the output, 5 the biases' source."""
+    spec = SirenSpec(hidden=2, hidden_layers=1)
+
+    def roles(**cfg):
+        tok = WeightTokenizer(spec, TokenizerConfig(codebook_size=4, **cfg), torch.zeros(cfg.get("levels", 1), 4,
+                              cfg.get("group", 1)), torch.ones(4))
+        assert tok.n_role_nodes == 6 and len(tok.token_roles()) == tok.tokens_per_field
+        return tok.token_roles().tolist()
+
+    edges = [[0, 2], [1, 2], [0, 3], [1, 3], [5, 2], [5, 3], [2, 4], [3, 4], [5, 4]]  # W0 (row-major), b0, W1, b1
+    assert roles() == edges
+    assert roles(group=3) == edges[::3]  # a vector's first weight
+    assert roles(levels=2) == [e for e in edges for _ in range(2)]  # a vector's residual tokens share it
+    big = WeightTokenizer(SirenSpec(), TokenizerConfig(), torch.zeros(1, 256, 1), torch.ones(6))
+    r = big.token_roles()  # the default SIREN: W1[i, j] joins hidden neuron j of layer 1 to neuron i of layer 2
+    assert big.n_role_nodes == 2 + 32 + 32 + 1 + 1 and r.shape == (1185, 2)
+    assert r[96 + 5 * 32 + 7].tolist() == [2 + 7, 34 + 5] and r[2 * 7].tolist() == [0, 2 + 7]
+
+
 def test_residual_levels_reduce_error():
     w = _weights(n=8)
     errs = []
@@ -105,6 +125,70 @@ def test_same_tokens_with_every_backend(group):
     for backend, (codes, tokens) in results.items():
         torch.testing.assert_close(codes, ref_codes, rtol=1e-6, atol=1e-7, msg=backend)
         assert torch.equal(tokens, ref_tokens), backend
+
+
+def _low_rank_fields(n=300, rank=6, seed=2):
+    """Fields that vary around a template along a few directions, like fields fitted from one init."""
+    g = torch.Generator().manual_seed(seed)
+    template = siren_init(SPEC, 1, generator=g)
+    directions = torch.linalg.qr(torch.randn(SPEC.num_params, rank, generator=g, dtype=torch.float64))[0].float()
+    z = torch.randn(n, rank, generator=g) * torch.linspace(0.05, 0.01, rank)
+    return template + z @ directions.T + 1e-4 * torch.randn(n, SPEC.num_params, generator=g)
+
+
+@pytest.mark.parametrize("group,levels", [(1, 1), (3, 1), (1, 2)])
+def test_pca_basis_tokens_are_standardised_principal_components(group, levels):
+    w = _low_rank_fields()
+    tok = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=6, basis="pca", group=group,
+                                                       levels=levels))
+    assert tok.tokens_per_field == SPEC.num_params // group * levels
+    eye = torch.eye(SPEC.num_params)
+    torch.testing.assert_close(tok.basis.T @ tok.basis, eye, atol=2e-5, rtol=0)  # orthonormal columns
+    assert bool((tok.basis_stds[:-1] >= tok.basis_stds[1:]).all())  # largest variance first
+    torch.testing.assert_close(tok.center, w.double().mean(0).float(), atol=1e-6, rtol=0)
+    # before quantising, each component of the training fields has mean 0 and std 1 (up to the 6-dim rank, after
+    # which the stds stop at PCA_MIN_STD of the first and the components are ~0)
+    comps = tok._vectors(w).reshape(w.shape[0], SPEC.num_params)
+    torch.testing.assert_close(comps[:, :6].mean(0), torch.zeros(6), atol=1e-3, rtol=0)
+    torch.testing.assert_close(comps[:, :6].std(0, unbiased=False), torch.ones(6), atol=1e-3, rtol=0)
+    tokens = tok.encode(w)
+    torch.testing.assert_close(tok.decode(tokens), tok.decode_vectors(tok.code_vectors()[tokens]), rtol=0, atol=0)
+    # the codes resolve what differs between fields: 16 codes leave a small fraction of the offsets' variance
+    # (16 codes for 3-dim vectors of unit-variance components, a quarter of it)
+    offsets = (w - tok.center).pow(2).mean()
+    assert float((tok.decode(tokens) - w).pow(2).mean()) < (0.05 if group == 1 else 0.4) * float(offsets)
+
+
+def test_pca_basis_beats_raw_codes_on_fields_from_a_template():
+    w = _low_rank_fields()
+    err = {basis: float((lambda t: (t.decode(t.encode(w)) - w).pow(2).mean())(
+        WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=8, basis=basis)))) for basis in
+        ("weights", "pca")}
+    assert err["pca"] < 0.05 * err["weights"], err
+
+
+def test_pca_basis_options_and_artifacts(tmp_path):
+    with pytest.raises(NfgenError, match="basis"):
+        TokenizerConfig(basis="svd").validate()
+    with pytest.raises(NfgenError, match="--center"):
+        TokenizerConfig(basis="pca", center="mean").validate()
+    w = _low_rank_fields(n=40)  # fewer fields than weights: the missing directions keep a floor std
+    tok = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=4, basis="pca"))
+    assert bool((tok.basis_stds > 0).all()) and torch.isfinite(tok.decode(tok.encode(w))).all()
+    with pytest.raises(NfgenError, match="principal components"):
+        tok.token_roles()
+    ts = TokenSet(tok.encode(w), torch.zeros(40, dtype=torch.long), tok, SPEC, (4, 4))
+    path = save_tokens(tmp_path / "t.safetensors", ts)
+    loaded = load_tokens(path)
+    assert loaded.tokenizer.cfg.basis == "pca"
+    torch.testing.assert_close(loaded.tokenizer.decode(loaded.tokens), tok.decode(ts.tokens), rtol=0, atol=0)
+    from nfgen.io import load_artifact
+
+    tensors, meta = load_artifact(path, "tokens")
+    del tensors["basis"]  # a pca tokens file without its basis cannot decode
+    save_artifact(tmp_path / "bad.safetensors", "tokens", tensors, meta)
+    with pytest.raises(NfgenError, match="invalid tokenizer"):
+        load_tokens(tmp_path / "bad.safetensors")
 
 
 def test_fit_is_deterministic():

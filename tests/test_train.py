@@ -61,12 +61,13 @@ def test_lr_schedule():
     assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(109, cfg) == pytest.approx(0.1, abs=1e-3)
 
 
-@pytest.mark.parametrize("n_kv_head,value_embed,class_embed", [(0, False, False), (1, False, False), (1, True, False),
-                                                               (1, True, True)])
-def test_train_learns_and_writes_loadable_model(tokens_file, tmp_path, n_kv_head, value_embed, class_embed):
+@pytest.mark.parametrize("n_kv_head,value_embed,class_embed,roles", [
+    (0, False, False, False), (1, False, False, False), (1, True, False, False), (1, True, True, False),
+    (1, True, True, True)])
+def test_train_learns_and_writes_loadable_model(tokens_file, tmp_path, n_kv_head, value_embed, class_embed, roles):
     run = tmp_path / "run"
     summary = train(tokens_file, run, small(steps=40, n_kv_head=n_kv_head, value_embed=value_embed,
-                                            class_embed=class_embed))
+                                            class_embed=class_embed, weight_roles=roles))
     assert (run / "model.safetensors").is_file() and (run / "train_state.safetensors").is_file()
     model, meta = load_model(run / "model.safetensors")
     assert model.config.n_kv_head == (n_kv_head or 2)
@@ -77,6 +78,9 @@ def test_train_learns_and_writes_loadable_model(tokens_file, tmp_path, n_kv_head
     assert meta["n_codes"] == 16 and meta["n_classes"] == 2 and meta["tokens_per_field"] == SPEC.num_params
     assert meta["history"][-1]["train_loss"] < meta["history"][0]["train_loss"] * 0.7
     assert summary["val_loss"] is not None and summary["n_val"] == 6
+    if roles:  # the roles travel with the model: those of the tokens file's SIREN
+        assert torch.equal(model.roles[1:], load_tokens(tokens_file).tokenizer.token_roles())
+    assert bool(model.config.role_nodes) == roles
     assert 0 < summary["marginal_val_loss"] < math.log(16)
 
 
