@@ -24,8 +24,8 @@ component over the training fields (largest first, divided by its std), so a fie
 fine and any sampled token moves it along a direction that real fields vary in. It keeps nearly all of a
 field (42.07 of the fitted 42.21 dB on the CPU quality run's 4000 fields, against 36.9 dB for raw codes),
 and its samples cover the data as raw codes' do not (at T 1: COV 0.495 against 0.395, 1-NNA 0.83 against
-0.985). But the small GPT's samples ignore their class (accuracy 0.14 against 0.26, both at T 1): the class
-shifts only the first ~20 components, where it shifts every raw weight (README, Measured;
+0.985). But the small GPT's samples ignore their class (accuracy 0.14 against 0.26, both at T 1); our reading
+is that the class shifts mostly the first few components, where it shifts every raw weight (README, Measured;
 benchmarks/results/quality-cpu-small-roles-pca.json). Hence an option, with the quality ablation rows vq:pca*.
 
 Per-tensor normalisation (--normalize layer) is an option: the first layer's weights are ~30x larger
