@@ -231,7 +231,7 @@ def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[
     if tok["basis"] == "weights":
         rows["vq:pca"] = main.but(tokenize={"basis": "pca"}, sample={"temperature": 1.0, "top_k": 0})
         rows["vq:pca-t0.8"] = main.but(tokenize={"basis": "pca"}, sample={"temperature": 0.8, "top_k": 0})
-        # the class only shifts the first (largest) components; guidance amplifies what the GPT learned of it
+        # the class shifts mostly the first (largest) components; guidance amplifies what the GPT learned of it
         rows["vq:pca-cfg3"] = main.but(tokenize={"basis": "pca"}, sample={"temperature": 1.0, "top_k": 0,
                                                                           "cfg_scale": 3.0})
     else:
@@ -254,15 +254,13 @@ def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[
     rows[f"model:{size}"] = main.but(train=cfg.alt_model)
     if cfg.alt_kv_head:
         rows[f"model:kv{cfg.alt_kv_head}"] = main.but(train={"n_kv_head": cfg.alt_kv_head})
-    # code tokens embedded with their values, or by id alone
-    value_embed = {**asdict(TrainConfig()), **cfg.train, **main.train}["value_embed"]
-    rows["model:ids-only" if value_embed else "model:value-embed"] = main.but(train={"value_embed": not value_embed})
-    # the class embedding added to every position's input, or the class token at position 1 only
-    class_embed = {**asdict(TrainConfig()), **cfg.train, **main.train}["class_embed"]
-    rows["model:no-class-embed" if class_embed else "model:class-embed"] = main.but(train={"class_embed": not class_embed})
-    # each predicted weight's network nodes embedded, or its position alone
-    roles = {**asdict(TrainConfig()), **cfg.train, **main.train}["weight_roles"]
-    rows["model:no-weight-roles" if roles else "model:weight-roles"] = main.but(train={"weight_roles": not roles})
+    # each boolean GPT input option against the main recipe's setting: code values embedded or ids alone; the class
+    # embedding at every position or the class token at position 1 only; each predicted weight's network nodes
+    # embedded or its position alone
+    train = {**asdict(TrainConfig()), **cfg.train, **main.train}
+    for option, on, off in (("value_embed", "value-embed", "ids-only"), ("class_embed", "class-embed", "no-class-embed"),
+                            ("weight_roles", "weight-roles", "no-weight-roles")):
+        rows[f"model:{off if train[option] else on}"] = main.but(train={option: not train[option]})
     if cfg.ablation_train:
         rows = {name: r.but(train=cfg.ablation_train) for name, r in rows.items()}
         rows = {"baseline:main": main.but(train=cfg.ablation_train), **rows}

@@ -320,9 +320,8 @@ class WeightTokenizer:
         known = set(TokenizerConfig.__dataclass_fields__)
         # tokens files from before centring existed hold no centre: they quantised the raw weights
         cfg = TokenizerConfig(**{"center": "none", **{k: v for k, v in meta["tokenizer"].items() if k in known}})
-        needed = (["center"] if cfg.center != "none" else []) + (["center", "basis", "basis_stds"]
-                                                                 if cfg.basis == "pca" else [])
-        for name in needed:
+        needed = ["center"] if cfg.center != "none" or cfg.basis == "pca" else []
+        for name in needed + (["basis", "basis_stds"] if cfg.basis == "pca" else []):
             if name not in tensors:
                 raise KeyError(f"no {name!r} tensor")
         return cls(SirenSpec.from_dict(meta["spec"]), cfg, tensors["codebooks"], tensors["scales"],
