@@ -234,10 +234,16 @@ def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[
         # the class shifts mostly the first (largest) components; guidance amplifies what the GPT learned of it
         rows["vq:pca-cfg3"] = main.but(tokenize={"basis": "pca"}, sample={"temperature": 1.0, "top_k": 0,
                                                                           "cfg_scale": 3.0})
+        # the class's mean field taken out before the principal components (and added back when decoding): the
+        # small GPT's pca samples ignore their class, and here the class need not be learned to shift a field
+        rows["vq:pca-class"] = main.but(tokenize={"basis": "pca", "center": "class"},
+                                        sample={"temperature": 1.0, "top_k": 0})
     else:
         rows["vq:weights"] = main.but(tokenize={"basis": "weights"})
     if tok["center"] == "none" and tok["basis"] == "weights":
         rows["vq:center-mean"] = main.but(tokenize={"center": "mean"})
+        rows["vq:center-class"] = main.but(tokenize={"center": "class"})
+        rows["vq:center-class-T1"] = main.but(tokenize={"center": "class"}, sample={"temperature": 1.0, "top_k": 0})
         # centred codes are finer (more codes per position): also sample them with a wider top-k (same GPT)
         rows["vq:center-mean-topk10"] = main.but(tokenize={"center": "mean"}, sample={"top_k": 10})
         if tok["codebook_size"] != 64:
@@ -606,14 +612,14 @@ class Harness:
             pick.append(idx[torch.randperm(len(idx), generator=gen)[:int(count)]])
         pick = torch.cat(pick)
         rows = {}
-        detok = ts.tokenizer.decode(ts.tokens[pick])
+        detok = ts.tokenizer.decode(ts.tokens[pick], ts.labels[pick])
         for name, weights in (("fitted fields", fields.weights[pick]), ("de-tokenized fields", detok)):
             sub = replace(fields, weights=weights, labels=fields.labels[pick], psnr=fields.psnr[pick])
             images = render_fields(weights, fields.spec, fields.image_shape, device=self.device)
             rows[name] = {"metrics": aggregate([self.headline(self._evaluate(sub, images, 0))], HEADLINE), "seeds": 1,
                           "note": "training fields: memorised by construction"}
         # Held-out fields through the training fields' tokenizer: does the codebook generalise?
-        held_detok = ts.tokenizer.decode(ts.tokenizer.encode(held.weights))
+        held_detok = ts.tokenizer.decode(ts.tokenizer.encode(held.weights, held.labels), held.labels)
         held_images = render_fields(held_detok, held.spec, held.image_shape, device=self.device).cpu()
         held_psnr = psnr(held_images, self.heldout.images[split_rows(self.heldout, held)])
         psnrs = {

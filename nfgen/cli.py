@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     for name, h in [("codebook-size", "codes per level"), ("group", "weights per token (vector VQ when > 1)"),
                     ("levels", "residual VQ levels"), ("normalize", "layer (per-tensor scale) or none"),
-                    ("center", "mean (quantise each weight's offset from the mean field) or none"),
+                    ("center", "mean (quantise each weight's offset from the mean field), class (from its class's mean "
+                     "field; unconditional samples draw their class from the training frequencies first) or none"),
                     ("basis", "weights (a token per weight) or pca (a token per principal component of the "
                      "training fields, largest first)"),
                     ("iters", "Lloyd iterations"), ("sample", "points used to learn the codebook"),

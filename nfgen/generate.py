@@ -285,13 +285,16 @@ def generate_weights(model: GPT, vocab: Vocab, classes: torch.Tensor, tokenizer,
     """Sample one field per entry of `classes` → (tokens [B, L], float32 weights [B, P] on CPU).
 
     The weights are the tokens de-tokenized, or with cfg.weights "expected" each one's mean code value under
-    the distribution its token was drawn from (SampleConfig.weights)."""
+    the distribution its token was drawn from (SampleConfig.weights). Tokens centred on their class's mean field
+    (--center class) decode only with a class, so there an unconditional field (class -1) is drawn ancestrally:
+    a class from the training frequencies (seeded by cfg.seed, the same on every rank), then a field of it."""
+    classes = tokenizer.draw_classes(classes, make_generator(cfg.seed))
     args = (model, vocab, classes, tokenizer.tokens_per_field, cfg, device, tokenizer.token_ranges())
     if cfg.weights == "expected":
         tokens, vectors = generate_tokens(*args, code_vectors=tokenizer.code_vectors())
-        return tokens, tokenizer.decode_vectors(vectors.cpu())
+        return tokens, tokenizer.decode_vectors(vectors.cpu(), classes)
     tokens = generate_tokens(*args)
-    return tokens, tokenizer.decode(tokens.cpu()).float()
+    return tokens, tokenizer.decode(tokens.cpu(), classes).float()
 
 
 def _grid_rows(classes: torch.Tensor, n_classes: int, per_row: int) -> tuple[list[int], list[str]]:

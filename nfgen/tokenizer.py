@@ -48,7 +48,7 @@ from nfkernels.vq import MAX_DIM, kmeans, vq_assign
 
 TOKENIZE_HINT = "run `nfgen tokenize` first"
 NORMALIZE = ("layer", "none")
-CENTER = ("mean", "none")
+CENTER = ("mean", "class", "none")
 BASIS = ("weights", "pca")
 # "pca": principal directions with a std below this fraction of the first's (none when there are fewer fields
 # than weights) keep this std, so encoding a new field cannot divide by zero
@@ -66,11 +66,15 @@ class TokenizerConfig:
     # (group 3: 14.1 vs 11.9), so "none" is the default: layer 0 is pre-multiplied by omega0, its errors cost
     # the most.
     normalize: str = "none"
-    center: str = "none"  # "mean": quantise each weight's offset from its mean over the fields; "none": raw
+    # "mean": quantise each weight's offset from its mean over the fields; "class": from its mean over the fields
+    # of the field's class (tokens then decode only together with their class; unconditional samples draw a class
+    # from the training frequencies first); "none": raw
+    center: str = "none"
     # "weights": token i quantises weight i (in the spec's flattening order); "pca": token i quantises the
     # field's i-th principal component over the training fields (largest variance first), in units of its std,
     # so the sequence runs coarse to fine and a sampled token moves a field along a direction real fields vary
-    # in. "pca" does its own centring and scaling (--center none --normalize none)
+    # in. "pca" does its own centring and scaling (--normalize none; --center none, or class: the principal
+    # components of the fields' offsets from their class means)
     basis: str = "weights"
     iters: int = 30  # Lloyd iterations per level
     sample: int = 1_000_000  # vectors k-means learns from (0 = all)
@@ -88,12 +92,12 @@ class TokenizerConfig:
         if self.normalize not in NORMALIZE:
             raise NfgenError(f"unknown normalisation {self.normalize!r}; use --normalize layer or none")
         if self.center not in CENTER:
-            raise NfgenError(f"unknown centring {self.center!r}; use --center mean or none")
+            raise NfgenError(f"unknown centring {self.center!r}; use --center mean, class or none")
         if self.basis not in BASIS:
             raise NfgenError(f"unknown basis {self.basis!r}; use --basis weights or pca")
-        if self.basis == "pca" and (self.center != "none" or self.normalize != "none"):
+        if self.basis == "pca" and (self.center == "mean" or self.normalize != "none"):
             raise NfgenError("--basis pca centres and scales the principal components itself; "
-                             "drop --center / --normalize (use none)")
+                             "use --center none or class and --normalize none")
         if self.iters < 0 or self.sample < 0:
             raise NfgenError("--iters and --sample must be ≥ 0")
         if self.backend not in ("auto", "torch", "cpp", "cuda", "triton"):
@@ -105,22 +109,30 @@ class TokenizerConfig:
 
 
 class WeightTokenizer:
-    """Centre [P] + per-tensor scales [T] (+ basis [P, P] and its stds [P], with basis "pca") + codebooks
-    [levels, K, group]; maps weights [N, P] ↔ tokens [N, L]."""
+    """Centre [P] (+ class means [C, P] and the training class frequencies [C], with center "class") + per-tensor
+    scales [T] (+ basis [P, P] and its stds [P], with basis "pca") + codebooks [levels, K, group]; maps weights
+    [N, P] ↔ tokens [N, L] (with center "class", together with the fields' classes [N])."""
 
     def __init__(self, spec: SirenSpec, cfg: TokenizerConfig, codebooks: torch.Tensor, scales: torch.Tensor,
                  center: torch.Tensor | None = None, basis: torch.Tensor | None = None,
-                 basis_stds: torch.Tensor | None = None):
+                 basis_stds: torch.Tensor | None = None, class_centers: torch.Tensor | None = None,
+                 class_prior: torch.Tensor | None = None):
         cfg.validate(spec.num_params)
         n_tensors, P = len(spec.param_layout()), spec.num_params
         center = torch.zeros(P) if center is None else center
-        pca = cfg.basis == "pca"
+        pca, by_class = cfg.basis == "pca", cfg.center == "class"
         if (codebooks.shape != (cfg.levels, cfg.codebook_size, cfg.group) or scales.shape != (n_tensors,)
                 or center.shape != (P,) or pca != (basis is not None) or pca != (basis_stds is not None)
-                or (pca and (basis.shape != (P, P) or basis_stds.shape != (P,) or not bool((basis_stds > 0).all())))):
+                or (pca and (basis.shape != (P, P) or basis_stds.shape != (P,) or not bool((basis_stds > 0).all())))
+                or by_class != (class_centers is not None) or by_class != (class_prior is not None)
+                or (by_class and (class_centers.dim() != 2 or class_centers.shape[1] != P
+                                  or class_prior.shape != class_centers.shape[:1] or not bool((class_prior >= 0).all())
+                                  or not float(class_prior.sum()) > 0))):
             raise NfgenError(f"tokenizer tensors do not match its config (codebooks {tuple(codebooks.shape)}, "
                              f"scales {tuple(scales.shape)}, center {tuple(center.shape)}, basis "
-                             f"{None if basis is None else tuple(basis.shape)}); recreate the tokens file")
+                             f"{None if basis is None else tuple(basis.shape)}, class centers "
+                             f"{None if class_centers is None else tuple(class_centers.shape)}); "
+                             f"recreate the tokens file")
         self.spec, self.cfg = spec, cfg
         self.codebooks = codebooks.float()
         self.scales = scales.float()
@@ -128,6 +140,44 @@ class WeightTokenizer:
         # columns: orthonormal principal directions; a field is center + basis @ (basis_stds * components)
         self.basis = None if basis is None else basis.float()
         self.basis_stds = None if basis_stds is None else basis_stds.float()
+        # center "class": class c's fields are quantised relative to center + class_centers[c]; class_prior is how
+        # often each class occurs among the training fields, what an unconditional sample draws its class from
+        self.class_centers = None if class_centers is None else class_centers.float()
+        self.class_prior = None if class_prior is None else (class_prior / class_prior.sum()).float()
+
+    @property
+    def needs_classes(self) -> bool:
+        """Whether encoding and decoding need each field's class (center "class")."""
+        return self.class_centers is not None
+
+    def field_offsets(self, labels: torch.Tensor | None, n: int, device=None) -> torch.Tensor:
+        """What each of n fields is quantised relative to: the centre [P], plus (center "class") its class's mean
+        field → [n, P]. `labels` [n] are the fields' classes; only center "class" reads them."""
+        center = self.center.to(device)
+        if not self.needs_classes:
+            return center
+        n_classes = self.class_centers.shape[0]
+        if labels is None:
+            raise NfgenError("these tokens are offsets from their class's mean field (--center class): encoding and "
+                             "decoding need every field's class; pass the labels")
+        labels = torch.as_tensor(labels).long()
+        if labels.shape != (n,):
+            raise NfgenError(f"labels {tuple(labels.shape)} do not match the {n} fields; pass one class per field")
+        if n and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+            raise NfgenError(f"class ids must be in [0, {n_classes}) for tokens centred on their class "
+                             f"(--center class), got {int(labels.min())}..{int(labels.max())}; label every field "
+                             f"(unconditional samples draw their class first: draw_classes)")
+        return center + self.class_centers.to(device)[labels.to(device)]
+
+    def draw_classes(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """classes [B] with every -1 (unconditional) replaced by a class drawn from the training frequencies (center
+        "class", whose fields decode only with a class); otherwise classes unchanged."""
+        classes = torch.as_tensor(classes, dtype=torch.long).cpu()
+        unconditional = classes < 0
+        if not self.needs_classes or not bool(unconditional.any()):
+            return classes
+        drawn = torch.multinomial(self.class_prior, int(unconditional.sum()), replacement=True, generator=generator)
+        return classes.masked_scatter(unconditional, drawn)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -190,6 +240,23 @@ class WeightTokenizer:
         return weights.double().mean(dim=0).float().cpu()
 
     @staticmethod
+    def class_means(weights: torch.Tensor, labels, n_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each class's mean field [C, P] and its number of fields [C] (C = n_classes, at least max label + 1), on
+        CPU. A class without fields gets the mean of all fields (and count 0, so unconditional samples never draw
+        it); unlabelled fields are refused."""
+        if labels is None:
+            raise NfgenError("--center class needs the fields' classes; tokenize labelled fields")
+        labels = torch.as_tensor(labels).long().cpu()
+        if labels.shape != weights.shape[:1] or not labels.numel() or int(labels.min()) < 0:
+            raise NfgenError("--center class needs a class for every field, and some fields have none; "
+                             "tokenize labelled fields or use --center mean or none")
+        counts = torch.bincount(labels, minlength=n_classes or 0)
+        w = weights.double().cpu()
+        sums = torch.zeros(len(counts), w.shape[1], dtype=torch.float64).index_add_(0, labels, w)
+        means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], w.mean(0))
+        return means.float(), counts
+
+    @staticmethod
     def principal_basis(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean [P], principal directions [P, P] (columns, largest variance first) and their stds [P] of the
         fields [N, P], in float64 on CPU (P x P is small: 1185 for the default SIREN)."""
@@ -211,20 +278,22 @@ class WeightTokenizer:
         # a constant tensor (std 0, e.g. never trained) keeps scale 1 instead of dividing by zero
         return torch.tensor([float(s) if s > 0 else 1.0 for s in stds], dtype=torch.float32)
 
-    def _vectors(self, weights: torch.Tensor) -> torch.Tensor:
+    def _vectors(self, weights: torch.Tensor, labels=None) -> torch.Tensor:
         if weights.dim() != 2 or weights.shape[1] != self.spec.num_params:
             raise NfgenError(f"weights {tuple(weights.shape)} do not match the tokenizer's architecture "
                              f"(P={self.spec.num_params}); tokenize fields of the same architecture")
         check_finite("weights", weights, "refit the fields (they diverged) before tokenizing")
-        w = weights.float() - self.center.to(weights.device)
+        w = weights.float() - self.field_offsets(labels, weights.shape[0], weights.device)
         if self.basis is not None:
             w = (w @ self.basis.to(w.device)) / self.basis_stds.to(w.device)
         w = w / self.scale_vector(weights.device)
         return w.reshape(-1, self.cfg.group)
 
     @classmethod
-    def fit(cls, weights: torch.Tensor, spec: SirenSpec, cfg: TokenizerConfig, *, callback=None) -> "WeightTokenizer":
-        """Learn scales and `levels` residual codebooks from weights [N, P] (on weights' device).
+    def fit(cls, weights: torch.Tensor, spec: SirenSpec, cfg: TokenizerConfig, *, labels=None,
+            n_classes: int | None = None, callback=None) -> "WeightTokenizer":
+        """Learn scales and `levels` residual codebooks from weights [N, P] (on weights' device); center "class"
+        also needs the fields' classes, `labels` [N], and takes the number of classes (default max label + 1).
 
         `callback(level, iteration, mse)` is called after every k-means assignment.
         """
@@ -236,14 +305,19 @@ class WeightTokenizer:
         if n_vectors < cfg.codebook_size:
             raise NfgenError(f"{n_vectors} weight vectors cannot fill {cfg.codebook_size} codes; "
                              f"lower --codebook-size or tokenize more fields")
-        basis = stds = None
+        basis = stds = class_centers = counts = None
+        offsets = weights
+        if cfg.center == "class":
+            class_centers, counts = cls.class_means(weights, labels, n_classes)
+            offsets = weights - class_centers.to(weights.device)[torch.as_tensor(labels).long().to(weights.device)]
         if cfg.basis == "pca":
-            center, basis, stds = cls.principal_basis(weights)
+            center, basis, stds = cls.principal_basis(offsets)
         else:
-            center = cls.mean_field(weights, cfg.center)
-        scales = cls.tensor_scales(weights - center.to(weights.device), spec, cfg.normalize)
-        tok = cls(spec, cfg, torch.zeros(cfg.levels, cfg.codebook_size, cfg.group), scales, center, basis, stds)
-        residual = tok._vectors(weights)
+            center = cls.mean_field(offsets, "none" if cfg.center == "class" else cfg.center)
+        scales = cls.tensor_scales(offsets - center.to(weights.device), spec, cfg.normalize)
+        tok = cls(spec, cfg, torch.zeros(cfg.levels, cfg.codebook_size, cfg.group), scales, center, basis, stds,
+                  class_centers, None if counts is None else counts.float())
+        residual = tok._vectors(weights, labels)
         codebooks = []
         for level in range(cfg.levels):
             cb = None if callback is None else (lambda it, mse, level=level: callback(level, it, mse))
@@ -259,9 +333,9 @@ class WeightTokenizer:
         return torch.cat([vq_assign(x[s:s + ENCODE_CHUNK], codes, backend=self.cfg.backend)
                           for s in range(0, x.shape[0], ENCODE_CHUNK)]) if x.shape[0] else x.new_zeros(0).long()
 
-    def encode(self, weights: torch.Tensor) -> torch.Tensor:
-        """weights [N, P] → int64 tokens [N, L] (on weights' device)."""
-        residual = self._vectors(weights)
+    def encode(self, weights: torch.Tensor, labels=None) -> torch.Tensor:
+        """weights [N, P] (and, center "class", their classes [N]) → int64 tokens [N, L] (on weights' device)."""
+        residual = self._vectors(weights, labels)
         K, levels = self.cfg.codebook_size, self.cfg.levels
         codebooks = self.codebooks.to(residual.device)
         tokens = torch.empty(residual.shape[0], levels, dtype=torch.int64, device=residual.device)
@@ -272,8 +346,9 @@ class WeightTokenizer:
                 residual = residual - codebooks[level][idx]
         return tokens.reshape(weights.shape[0], self.tokens_per_field)
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """int64 tokens [N, L] → float32 weights [N, P] (on tokens' device)."""
+    def decode(self, tokens: torch.Tensor, labels=None) -> torch.Tensor:
+        """int64 tokens [N, L] (and, center "class", the fields' classes [N]) → float32 weights [N, P] (on tokens'
+        device)."""
         if tokens.dim() != 2 or tokens.shape[1] != self.tokens_per_field:
             raise NfgenError(f"tokens {tuple(tokens.shape)} are not [N, {self.tokens_per_field}] sequences of this "
                              f"tokenizer; use the tokens file the model was trained on")
@@ -284,16 +359,16 @@ class WeightTokenizer:
             raise NfgenError(f"{int(bad.sum())} token(s) are outside their level's id range (codes are "
                              f"[0, {self.n_codes}), level j at positions ≡ j mod {self.cfg.levels}); "
                              f"sample only code tokens for the right level")
-        return self.decode_vectors(self.code_vectors(tokens.device)[tokens])
+        return self.decode_vectors(self.code_vectors(tokens.device)[tokens], labels)
 
     def code_vectors(self, device=None) -> torch.Tensor:
         """[n_codes, group]: the vector each code token stands for (token id j*K + c is code c of level j)."""
         return self.codebooks.to(device).reshape(self.n_codes, self.cfg.group)
 
-    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+    def decode_vectors(self, vectors: torch.Tensor, labels=None) -> torch.Tensor:
         """Code vectors [N, L, group] (one per token, e.g. `code_vectors()[tokens]`, or a mean of code vectors
         per position) → float32 weights [N, P]. Linear in `vectors`: residual levels add up, then scale, rotate
-        back from the principal components (basis "pca"), centre."""
+        back from the principal components (basis "pca"), centre (center "class": on the class `labels` [N])."""
         L, g = self.tokens_per_field, self.cfg.group
         if vectors.dim() != 3 or tuple(vectors.shape[1:]) != (L, g):
             raise NfgenError(f"code vectors {tuple(vectors.shape)} are not [N, {L}, {g}] for this tokenizer; "
@@ -303,12 +378,14 @@ class WeightTokenizer:
         weights = weights.reshape(n, self.spec.num_params) * self.scale_vector(vectors.device)
         if self.basis is not None:
             weights = (weights * self.basis_stds.to(weights.device)) @ self.basis.to(weights.device).T
-        return weights + self.center.to(vectors.device)
+        return weights + self.field_offsets(labels, n, vectors.device)
 
     # ------------------------------------------------------------------ storage
     def state_tensors(self) -> dict[str, torch.Tensor]:
         pca = {} if self.basis is None else {"basis": self.basis, "basis_stds": self.basis_stds}
-        return {"codebooks": self.codebooks, "scales": self.scales, "center": self.center, **pca}
+        by_class = {} if self.class_centers is None else {"class_centers": self.class_centers,
+                                                          "class_prior": self.class_prior}
+        return {"codebooks": self.codebooks, "scales": self.scales, "center": self.center, **pca, **by_class}
 
     def state_meta(self) -> dict:
         cfg = {k: v for k, v in asdict(self.cfg).items() if k != "quiet"}
@@ -321,11 +398,14 @@ class WeightTokenizer:
         # tokens files from before centring existed hold no centre: they quantised the raw weights
         cfg = TokenizerConfig(**{"center": "none", **{k: v for k, v in meta["tokenizer"].items() if k in known}})
         needed = ["center"] if cfg.center != "none" or cfg.basis == "pca" else []
-        for name in needed + (["basis", "basis_stds"] if cfg.basis == "pca" else []):
+        needed += ["basis", "basis_stds"] if cfg.basis == "pca" else []
+        needed += ["class_centers", "class_prior"] if cfg.center == "class" else []
+        for name in needed:
             if name not in tensors:
                 raise KeyError(f"no {name!r} tensor")
         return cls(SirenSpec.from_dict(meta["spec"]), cfg, tensors["codebooks"], tensors["scales"],
-                   tensors.get("center"), tensors.get("basis"), tensors.get("basis_stds"))
+                   tensors.get("center"), tensors.get("basis"), tensors.get("basis_stds"),
+                   tensors.get("class_centers"), tensors.get("class_prior"))
 
 
 @dataclass
@@ -399,6 +479,8 @@ def run_tokenize(fields_path, out_path, cfg: TokenizerConfig, *, data_root=None,
     cfg.validate(fields.spec.num_params)
     dev = pick_device(device)
     weights = fields.weights.to(dev)
+    reference, against, n_classes = _reference_images(fields, data_root, dev)
+    n_classes = int(n_classes if n_classes is not None else int(fields.labels.max()) + 1)
 
     total = cfg.levels * (cfg.iters + 1)
     with progress(total=total, quiet=quiet, desc="tokenize k-means") as bar:
@@ -406,13 +488,13 @@ def run_tokenize(fields_path, out_path, cfg: TokenizerConfig, *, data_root=None,
             bar.update(1)
             bar.set_postfix(level=level, mse=f"{mse:.3g}")
 
-        tok = WeightTokenizer.fit(weights, fields.spec, cfg, callback=on_iter)
+        tok = WeightTokenizer.fit(weights, fields.spec, cfg, labels=fields.labels, n_classes=n_classes,
+                                  callback=on_iter)
     t_fit = time.perf_counter() - t0
-    tokens = tok.encode(weights)
-    detok = tok.decode(tokens)
+    tokens = tok.encode(weights, fields.labels)
+    detok = tok.decode(tokens, fields.labels)
     t_encode = time.perf_counter() - t0 - t_fit
 
-    reference, against, n_classes = _reference_images(fields, data_root, dev)
     detok_psnr = psnr(render_fields(detok, fields.spec, fields.image_shape, device=dev), reference).cpu()
     weight_rel_err = float((detok - weights).pow(2).mean() / weights.pow(2).mean())
     summary = {
@@ -424,7 +506,7 @@ def run_tokenize(fields_path, out_path, cfg: TokenizerConfig, *, data_root=None,
         "device": str(dev),
     }
     meta = {"source_fields": str(fields_path), "source": fields.meta.get("source"),
-            "n_classes": int(n_classes if n_classes is not None else int(fields.labels.max()) + 1),
+            "n_classes": n_classes,
             "detok_psnr": summary["detok_psnr"], "detok_psnr_min": summary["detok_psnr_min"],
             "psnr_against": against, "weight_rel_mse": weight_rel_err}
     save_tokens(out_path, TokenSet(tokens.cpu(), fields.labels, tok, fields.spec, fields.image_shape, meta))

@@ -180,6 +180,28 @@ def test_pca_tokens_train_and_generate(cli, tmp_path, run_dir):
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
+def test_class_centred_tokens_train_and_generate(cli, tmp_path, run_dir):
+    """--center class end to end: unconditional samples draw a class, then decode on that class's mean field."""
+    r = ["--run", str(tmp_path), "--quiet"]
+    assert main(["tokenize", *r, "--fields", str(run_dir / "fields.safetensors"), "--center", "class",
+                 "--codebook-size", "16", "--iters", "5"]) == 0
+    assert main(["train", *r, "--steps", "2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                 "--batch-size", "8"]) == 0
+    assert main(["generate", *r, "--per-class", "2", "--unconditional", "6", "--weights", "expected"]) == 0
+    samples = load_fields(tmp_path / "samples.safetensors")
+    assert samples.weights.shape == (26, 33) and torch.isfinite(samples.weights).all()
+    assert samples.labels.tolist()[-6:] == [-1] * 6  # they stay unconditional in the samples file
+    # class-conditional samples decode on their own class's mean field: most lie nearest it
+    from nfgen.tokenizer import load_tokens
+
+    centers = load_tokens(tmp_path / "tokens.safetensors").tokenizer.class_centers
+    conditional = samples.weights[:20]
+    nearest = torch.cdist(conditional, centers).argmin(dim=1)
+    assert (nearest == samples.labels[:20]).float().mean() > 0.5
+    assert_clean_error(cli("tokenize", "--run", str(tmp_path / "x"), "--fields", str(run_dir / "fields.safetensors"),
+                           "--center", "median"), "unknown centring")
+
+
 def test_impossible_fit_options(cli, tmp_path):
     assert_clean_error(cli("fit", "--run", str(tmp_path), "--steps", "0"), "steps")
     assert_clean_error(cli("fit", "--run", str(tmp_path), "--init", "zeros"), "init")

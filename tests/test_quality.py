@@ -80,6 +80,8 @@ def test_ablation_rows_follow_the_main_recipe():
     assert "vq:group2" not in rows and "vq:group4" not in rows  # they do not divide 1185
     assert rows["vq:pca"].tokenize == {"basis": "pca"} and rows["vq:pca"].sample == {"temperature": 1.0, "top_k": 0}
     assert rows["vq:pca-cfg3"].sample["cfg_scale"] == 3.0 and "vq:weights" not in rows
+    assert rows["vq:pca-class"].tokenize == {"basis": "pca", "center": "class"}
+    assert rows["vq:center-class"].tokenize == {"center": "class"} and not rows["vq:center-class"].sample
     assert rows["vq:group3"].tokenize["group"] == 3 and rows["order:canonical"].canonical
     # The full config trains ablation GPTs for fewer steps, beside a baseline of the main recipe at that budget;
     # sampling rows reuse the main model (no train override).
@@ -110,7 +112,9 @@ def test_ablation_rows_follow_the_main_recipe():
     assert set(quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq")) == {"vq:group3", "vq:group5",
                                                                                  "vq:residual2", "vq:center-mean",
                                                                                  "vq:center-mean-topk10", "vq:pca",
-                                                                                 "vq:pca-t0.8", "vq:pca-cfg3"}
+                                                                                 "vq:pca-t0.8", "vq:pca-cfg3",
+                                                                                 "vq:pca-class", "vq:center-class",
+                                                                                 "vq:center-class-T1"}
     # a main on principal components is compared with weight tokens, and has no centred rows (pca centres)
     rows = ablation_recipes(CONFIGS["full"], Recipe(tokenize={"basis": "pca"}), 1185)
     assert rows["vq:weights"].tokenize == {"basis": "weights"} and not any("center" in n for n in rows)

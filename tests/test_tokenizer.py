@@ -172,6 +172,7 @@ def test_pca_basis_options_and_artifacts(tmp_path):
         TokenizerConfig(basis="svd").validate()
     with pytest.raises(NfgenError, match="--center"):
         TokenizerConfig(basis="pca", center="mean").validate()
+    TokenizerConfig(basis="pca", center="class").validate()  # the pca of the offsets from the class means
     w = _low_rank_fields(n=40)  # fewer fields than weights: the missing directions keep a floor std
     tok = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=4, basis="pca"))
     assert bool((tok.basis_stds > 0).all()) and torch.isfinite(tok.decode(tok.encode(w))).all()
@@ -186,6 +187,84 @@ def test_pca_basis_options_and_artifacts(tmp_path):
 
     tensors, meta = load_artifact(path, "tokens")
     del tensors["basis"]  # a pca tokens file without its basis cannot decode
+    save_artifact(tmp_path / "bad.safetensors", "tokens", tensors, meta)
+    with pytest.raises(NfgenError, match="invalid tokenizer"):
+        load_tokens(tmp_path / "bad.safetensors")
+
+
+def _class_fields(n=300, n_classes=3, seed=4):
+    """Fields around a template whose class moves them far (one offset per class) and whose own spread is small."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % n_classes
+    shifts = 0.2 * torch.randn(n_classes, SPEC.num_params, generator=g)
+    return _low_rank_fields(n=n, seed=seed) + shifts[labels], labels, shifts
+
+
+@pytest.mark.parametrize("basis", ["weights", "pca"])
+def test_class_centring_quantises_offsets_from_the_class_mean(basis):
+    w, labels, _ = _class_fields()
+    cfg = TokenizerConfig(codebook_size=16, iters=8, basis=basis, center="class")
+    tok = WeightTokenizer.fit(w, SPEC, cfg, labels=labels)
+    assert tok.needs_classes
+    for c in range(3):
+        torch.testing.assert_close(tok.class_centers[c], w[labels == c].double().mean(0).float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(tok.class_prior, torch.full((3,), 1 / 3))
+    tokens = tok.encode(w, labels)
+    detok = tok.decode(tokens, labels)
+    torch.testing.assert_close(detok, tok.decode_vectors(tok.code_vectors()[tokens], labels), rtol=0, atol=0)
+    # the same tokens under another class are that class's field: the offset between the class means, exactly
+    other = (labels + 1) % 3
+    torch.testing.assert_close(tok.decode(tokens, other) - detok,
+                               tok.class_centers[other] - tok.class_centers[labels], atol=1e-5, rtol=0)
+    # the class shifts dwarf the within-class spread, so codes for the whole range resolve the fields far worse
+    plain = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=8, basis=basis))
+    err = float((detok - w).pow(2).mean())
+    assert err < 0.1 * float((plain.decode(plain.encode(w)) - w).pow(2).mean())
+    if basis == "pca":  # principal components of the within-class offsets: unit std, orthonormal directions
+        comps = tok._vectors(w, labels).reshape(w.shape[0], -1)
+        torch.testing.assert_close(comps[:, :6].std(0, unbiased=False), torch.ones(6), atol=1e-3, rtol=0)
+        torch.testing.assert_close(tok.basis.T @ tok.basis, torch.eye(SPEC.num_params), atol=2e-5, rtol=0)
+
+
+def test_class_centring_needs_classes_and_draws_unconditional_ones(tmp_path):
+    w, labels, _ = _class_fields()
+    labels = torch.where(torch.arange(len(labels)) < 200, 0, labels)  # class 0: 200 + 34 fields of 300
+    tok = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=4, center="class"), labels=labels)
+    tokens = tok.encode(w, labels)
+    with pytest.raises(NfgenError, match="class"):
+        tok.decode(tokens)  # no classes
+    with pytest.raises(NfgenError, match=r"class ids must be in \[0, 3\)"):
+        tok.decode(tokens[:2], torch.tensor([0, -1]))
+    with pytest.raises(NfgenError, match="one class per field"):
+        tok.encode(w, labels[:5])
+    # a class without fields (class 1 of labels * 2, class 5 past them) centres on the mean of all fields and
+    # is never drawn
+    sparse = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=2, center="class"),
+                                 labels=labels * 2, n_classes=6)
+    torch.testing.assert_close(sparse.class_centers[[1, 3, 5]], w.mean(0).expand(3, -1), atol=1e-6, rtol=0)
+    assert sparse.class_prior[[1, 3, 5]].tolist() == [0, 0, 0]
+    assert set(sparse.draw_classes(torch.full((500,), -1), torch.Generator()).tolist()) == {0, 2, 4}
+    with pytest.raises(NfgenError, match="class for every field"):
+        WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, center="class"), labels=labels - 1)
+    with pytest.raises(NfgenError, match="classes"):
+        WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, center="class"))
+    # unconditional entries (-1) draw classes from the training frequencies; the others keep theirs
+    classes = torch.tensor([2, 1] + [-1] * 6000)
+    drawn = tok.draw_classes(classes, torch.Generator().manual_seed(0))
+    assert drawn[:2].tolist() == [2, 1] and int(drawn.min()) >= 0
+    freq = torch.bincount(drawn[2:], minlength=3).float() / 6000
+    torch.testing.assert_close(freq, torch.bincount(labels).float() / 300, atol=0.02, rtol=0)
+    plain = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=2))
+    assert torch.equal(plain.draw_classes(classes, torch.Generator()), classes)
+    # artifacts keep the class means and frequencies; a file without them does not load
+    path = save_tokens(tmp_path / "t.safetensors", TokenSet(tokens, labels, tok, SPEC, (4, 4)))
+    loaded = load_tokens(path).tokenizer
+    torch.testing.assert_close(loaded.decode(tokens, labels), tok.decode(tokens, labels), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.class_prior, tok.class_prior, rtol=0, atol=0)
+    from nfgen.io import load_artifact
+
+    tensors, meta = load_artifact(path, "tokens")
+    del tensors["class_centers"]
     save_artifact(tmp_path / "bad.safetensors", "tokens", tensors, meta)
     with pytest.raises(NfgenError, match="invalid tokenizer"):
         load_tokens(tmp_path / "bad.safetensors")
