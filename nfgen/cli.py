@@ -240,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                     ("levels", "residual VQ levels"), ("normalize", "layer (per-tensor scale) or none"),
                     ("center", "mean (quantise each weight's offset from the mean field), class (from its class's mean "
                      "field; unconditional samples draw their class from the training frequencies first) or none"),
-                    ("basis", "weights (a token per weight) or pca (a token per principal component of the "
-                     "training fields, largest first)"),
+                    ("basis", "weights (a token per weight), pca (a token per principal component of the "
+                     "training fields, largest first) or class-pca (each class's own principal components; with "
+                     "--center class)"),
+                    ("shrinkage", "class-pca: share of the pooled within-class covariance mixed into each class's"),
                     ("iters", "Lloyd iterations"), ("sample", "points used to learn the codebook"),
                     ("seed", "k-means seed"), ("backend", "auto, torch, cpp or triton")]:
         _opt(p, name, TokenizerConfig, h)

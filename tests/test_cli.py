@@ -180,11 +180,13 @@ def test_pca_tokens_train_and_generate(cli, tmp_path, run_dir):
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
-def test_class_centred_tokens_train_and_generate(cli, tmp_path, run_dir):
-    """--center class end to end: unconditional samples draw a class, then decode on that class's mean field."""
+@pytest.mark.parametrize("basis", ["weights", "class-pca"])
+def test_class_centred_tokens_train_and_generate(cli, tmp_path, run_dir, basis):
+    """--center class end to end: unconditional samples draw a class, then decode on that class's mean field (with
+    class-pca, classes of fewer than 2 of the 40 fields take the pooled basis)."""
     r = ["--run", str(tmp_path), "--quiet"]
     assert main(["tokenize", *r, "--fields", str(run_dir / "fields.safetensors"), "--center", "class",
-                 "--codebook-size", "16", "--iters", "5"]) == 0
+                 "--basis", basis, "--codebook-size", "16", "--iters", "5"]) == 0
     assert main(["train", *r, "--steps", "2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
                  "--batch-size", "8"]) == 0
     assert main(["generate", *r, "--per-class", "2", "--unconditional", "6", "--weights", "expected"]) == 0
@@ -198,8 +200,10 @@ def test_class_centred_tokens_train_and_generate(cli, tmp_path, run_dir):
     conditional = samples.weights[:20]
     nearest = torch.cdist(conditional, centers).argmin(dim=1)
     assert (nearest == samples.labels[:20]).float().mean() > 0.5
+    bad = ("--center", "median") if basis == "weights" else ("--basis", "class-pca")  # the latter without --center
     assert_clean_error(cli("tokenize", "--run", str(tmp_path / "x"), "--fields", str(run_dir / "fields.safetensors"),
-                           "--center", "median"), "unknown centring")
+                           *bad), "unknown centring" if basis == "weights" else "--center class")
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
 def test_impossible_fit_options(cli, tmp_path):

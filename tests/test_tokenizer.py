@@ -173,6 +173,9 @@ def test_pca_basis_options_and_artifacts(tmp_path):
     with pytest.raises(NfgenError, match="--center"):
         TokenizerConfig(basis="pca", center="mean").validate()
     TokenizerConfig(basis="pca", center="class").validate()  # the pca of the offsets from the class means
+    TokenizerConfig(basis="class-pca", center="class").validate()
+    with pytest.raises(NfgenError, match="--center class"):
+        TokenizerConfig(basis="class-pca").validate()
     w = _low_rank_fields(n=40)  # fewer fields than weights: the missing directions keep a floor std
     tok = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=4, basis="pca"))
     assert bool((tok.basis_stds > 0).all()) and torch.isfinite(tok.decode(tok.encode(w))).all()
@@ -200,10 +203,19 @@ def _class_fields(n=300, n_classes=3, seed=4):
     return _low_rank_fields(n=n, seed=seed) + shifts[labels], labels, shifts
 
 
-@pytest.mark.parametrize("basis", ["weights", "pca"])
+def _class_fields_of_own_shape(n=300, n_classes=3, seed=5):
+    """_class_fields, each class also varying along its own directions: where the class-pca basis differs from
+    the pooled pca's."""
+    w, labels, shifts = _class_fields(n, n_classes, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    own = torch.randn(n_classes, 4, SPEC.num_params, generator=g) * 0.005
+    return w + torch.einsum("nk,nkp->np", torch.randn(n, 4, generator=g), own[labels]), labels, shifts
+
+
+@pytest.mark.parametrize("basis", ["weights", "pca", "class-pca"])
 def test_class_centring_quantises_offsets_from_the_class_mean(basis):
-    w, labels, _ = _class_fields()
-    cfg = TokenizerConfig(codebook_size=16, iters=8, basis=basis, center="class")
+    w, labels, _ = _class_fields_of_own_shape()
+    cfg = TokenizerConfig(codebook_size=16, iters=8, basis=basis, center="class", shrinkage=0.0)
     tok = WeightTokenizer.fit(w, SPEC, cfg, labels=labels)
     assert tok.needs_classes
     for c in range(3):
@@ -212,18 +224,48 @@ def test_class_centring_quantises_offsets_from_the_class_mean(basis):
     tokens = tok.encode(w, labels)
     detok = tok.decode(tokens, labels)
     torch.testing.assert_close(detok, tok.decode_vectors(tok.code_vectors()[tokens], labels), rtol=0, atol=0)
-    # the same tokens under another class are that class's field: the offset between the class means, exactly
+    # the same tokens under another class are that class's field: moved by the offset between the class means
+    # (exactly, with one basis for all classes), and turned by the other class's basis with class-pca
     other = (labels + 1) % 3
-    torch.testing.assert_close(tok.decode(tokens, other) - detok,
-                               tok.class_centers[other] - tok.class_centers[labels], atol=1e-5, rtol=0)
+    shift = tok.class_centers[other] - tok.class_centers[labels]
+    if basis == "class-pca":
+        assert float((tok.decode(tokens, other) - detok - shift).abs().max()) > 1e-2
+    else:
+        torch.testing.assert_close(tok.decode(tokens, other) - detok, shift, atol=1e-5, rtol=0)
     # the class shifts dwarf the within-class spread, so codes for the whole range resolve the fields far worse
-    plain = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=8, basis=basis))
+    plain = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=8,
+                                                         basis="weights" if basis == "weights" else "pca"))
     err = float((detok - w).pow(2).mean())
     assert err < 0.1 * float((plain.decode(plain.encode(w)) - w).pow(2).mean())
-    if basis == "pca":  # principal components of the within-class offsets: unit std, orthonormal directions
-        comps = tok._vectors(w, labels).reshape(w.shape[0], -1)
+    comps = tok._vectors(w, labels).reshape(w.shape[0], -1)
+    eye = torch.eye(SPEC.num_params)
+    if basis == "pca":  # principal components of the within-class offsets, pooled: unit std, orthonormal directions
         torch.testing.assert_close(comps[:, :6].std(0, unbiased=False), torch.ones(6), atol=1e-3, rtol=0)
-        torch.testing.assert_close(tok.basis.T @ tok.basis, torch.eye(SPEC.num_params), atol=2e-5, rtol=0)
+        torch.testing.assert_close(tok.basis.T @ tok.basis, eye, atol=2e-5, rtol=0)
+    if basis == "class-pca":  # each class's own: unit std within every class, an orthonormal basis per class
+        assert tok.basis.shape == (3, SPEC.num_params, SPEC.num_params) and tok.basis_stds.shape == (3, SPEC.num_params)
+        for c in range(3):
+            torch.testing.assert_close(comps[labels == c][:, :6].std(0, unbiased=False), torch.ones(6), atol=1e-3,
+                                       rtol=0)
+            torch.testing.assert_close(tok.basis[c].T @ tok.basis[c], eye, atol=2e-5, rtol=0)
+            _, directions, stds = WeightTokenizer.principal_basis(w[labels == c])
+            torch.testing.assert_close(tok.basis_stds[c], stds)
+
+
+def test_class_pca_mixes_in_the_pooled_covariance():
+    w, labels, _ = _class_fields_of_own_shape()
+    offsets = (w - torch.stack([w[labels == c].mean(0) for c in range(3)])[labels]).double()
+    pooled = offsets.T @ offsets / len(offsets)
+    for shrinkage in (0.3, 1.0):
+        tok = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=2, basis="class-pca", center="class",
+                                                           shrinkage=shrinkage), labels=labels)
+        for c in range(3):
+            rows = offsets[labels == c]
+            want = (1 - shrinkage) * rows.T @ rows / len(rows) + shrinkage * pooled
+            basis, var = tok.basis[c].double(), tok.basis_stds[c].double() ** 2
+            torch.testing.assert_close(basis @ torch.diag(var) @ basis.T, want, atol=1e-6, rtol=1e-4)
+    with pytest.raises(NfgenError, match="shrinkage"):
+        TokenizerConfig(basis="class-pca", center="class", shrinkage=1.5).validate()
 
 
 def test_class_centring_needs_classes_and_draws_unconditional_ones(tmp_path):
