@@ -78,9 +78,9 @@ for part in "$@"; do
         | tee -a "$LOG" | tail -30 ;;
     quality-ablations)  # ABLATIONS: the rows that train their own GPT (a comma list; see benchmarks/quality.py).
       # About a minute a row on an H100 and all of them take ~16: pass chunks that fit one call's 600 s, e.g.
-      # ABLATIONS=baseline,model:no-class-embed,vq:pca,vq:pca-t0.8,vq:pca-cfg3,model:weight-roles,fit:clamp-margin0 then
-      # ABLATIONS=vq:center-mean-k64,codebook, then ABLATIONS=fit,init,order,vq,model (cached rows are free; the vq:pca
-      # rows share one GPT)
+      # ABLATIONS=baseline,vq:class-pca,vq:pca-class,vq:center-class,vq:pca,model:no-class-embed,fit:clamp-margin0 then
+      # ABLATIONS=vq:center-mean-k64,codebook,model:weight-roles, then ABLATIONS=fit,init,order,vq,model (cached rows
+      # are free; vq:pca and its -t0.8 / -cfg3 rows share one GPT, as do vq:center-class and -T1)
       stamp "quality-ablations ${ABLATIONS:=baseline,fit,init,order,vq,codebook,model}"
       timeout "${QUALITY_TIMEOUT:-500}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
         --only ablations --ablations "$ABLATIONS" --seeds 1 \

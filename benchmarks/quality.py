@@ -25,16 +25,18 @@ Protocol (fixed; the sizes are the only thing the configs change)
 - NeF-GPT's protocol, for the direct comparison: digit 3 only, 256 generated (top-k 3, temperature 0.8)
   against 196 references rendered from *training* fields (a fixed seeded choice); its published numbers
   COV 0.2773, 1-NNA 0.84, MMD 0.2162, classifier accuracy 0.703 beside ours. Oracle: 256 other training
-  fields of digit 3 against the same 196.
+  fields of digit 3 against the same 196. Where the main rows sample otherwise, the protocol runs again with their
+  sampling (rows.nefgpt_own_sampling), beside; the goals read the row with NeF-GPT's sampling.
 - Ablations, each a row with the main protocol: the fit recipe (steps / lr; with the clamp margin or without);
   the init (a meta-learned template, the seeded random draw, independent draws); canonical neuron order
   (`canonical_order`) vs none; scalar VQ vs grouped (d = the divisors of P in the config: 3 and 5 for P = 1185)
-  vs residual (2 levels) vs codes centred on the mean field (256 and 64 codes); codebook 64 vs 256 vs 1024; two
-  model sizes; a sampling sweep (temperature, top-k, top-p, CFG, expected code values as the weights). A config may train the ablation rows' GPTs for
-  fewer steps than the main row's; it then adds a "baseline:main" row (the main recipe at that budget) to
-  compare them with. Artifacts are shared between rows (every tokenizer row reuses the main fit, every sampling
-  row the main model) and cached in the run directory, keyed by their full recipe, so a rerun only redoes what
-  changed.
+  vs residual (2 levels) vs codes centred on the mean field (256 and 64 codes) or on the class's mean field vs
+  principal components (of all fields; of the offsets from the class means, pooled; each class's own: class-pca);
+  codebook 64 vs 256 vs 1024; two model sizes; a sampling sweep (temperature, top-k, top-p, CFG, expected code
+  values as the weights). A config may train the ablation rows' GPTs for fewer steps than the main row's; it
+  then adds a "baseline:main" row (the main recipe at that budget) to compare them with. Artifacts are shared
+  between rows (every tokenizer row reuses the main fit, every sampling row the main model) and cached in the run
+  directory, keyed by their full recipe, so a rerun only redoes what changed.
 - Goals (checked from the numbers, PASS/FAIL printed): classifier accuracy ≥ 0.99 × its held-out accuracy;
   1-NNA ≤ oracle + 0.03; COV ≥ oracle − 0.03; MMD ≤ 1.05 × oracle; memorised ≤ oracle; fitted ≥ 40 dB;
   de-tokenized ≥ 35 dB; every NeF-GPT number beaten in its own protocol.
@@ -81,6 +83,7 @@ NEFGPT = {"digit": 3, "n_generated": 256, "n_references": 196, "top_k": 3, "temp
 HEADLINE = ("cond_mmd", "cond_cov", "cond_1nna", "uncond_mmd", "uncond_cov", "uncond_1nna", "memorised",
             "accuracy", "cross_entropy")
 NEFGPT_METRICS = ("mmd", "cov", "1nna", "accuracy", "memorised")
+NEFGPT_SAMPLING = {"top_k": NEFGPT["top_k"], "temperature": NEFGPT["temperature"], "top_p": 1.0, "cfg_scale": 1.0}
 CLAMP_MARGIN = 0.3  # the margin row's value where the main recipe fits without one
 
 
@@ -637,8 +640,9 @@ class Harness:
         }
         return {"rows": rows, "psnr": psnrs}
 
-    def nefgpt_row(self, recipe: Recipe, seeds: int) -> dict:
-        """NeF-GPT's protocol: digit 3, n generated (top-k 3, T 0.8) vs references rendered from training fields."""
+    def nefgpt_row(self, recipe: Recipe, seeds: int, own_sampling: bool = False) -> dict:
+        """NeF-GPT's protocol: digit 3, n generated (top-k 3, T 0.8) vs references rendered from training fields;
+        with `own_sampling`, the same but sampled as the recipe's main rows are."""
         digit, n_gen, n_ref = NEFGPT["digit"], self.cfg.nefgpt_n_generated, self.cfg.nefgpt_n_references
         fields = load_fields(self.fields(recipe))
         pool = torch.nonzero(fields.labels == digit).flatten()
@@ -661,8 +665,8 @@ class Harness:
         per_seed = []
         for seed in range(seeds):
             log(f"NeF-GPT protocol, seed {seed}: generating {n_gen} fields of digit {digit}")
-            _, images = self.sample(recipe, torch.full((n_gen,), digit), seed, top_k=NEFGPT["top_k"],
-                                    temperature=NEFGPT["temperature"], top_p=1.0, cfg_scale=1.0)
+            _, images = self.sample(recipe, torch.full((n_gen,), digit), seed,
+                                    **({} if own_sampling else NEFGPT_SAMPLING))
             t0 = time.perf_counter()
             d = distance_metrics(images, refs)
             mem = memorisation(images, train_digit)["memorised_fraction"]
@@ -673,9 +677,14 @@ class Harness:
             per_seed.append({m: {"samples": values[m], "oracle": oracle_values[m]} for m in NEFGPT_METRICS})
         return {"recipe": asdict(recipe), "seeds": seeds, "digit": digit, "n_generated": n_gen,
                 "n_references": n_ref, "n_oracle": int(len(oracle_idx)), "published": NEFGPT["published"],
-                "sampling": {"top_k": NEFGPT["top_k"], "temperature": NEFGPT["temperature"]},
+                "sampling": self.sampling(recipe) if own_sampling else NEFGPT_SAMPLING,
                 "oracle_is": "other training fields of the digit, rendered, against the same references",
                 "metrics": aggregate(per_seed, NEFGPT_METRICS)}
+
+    def sampling(self, recipe: Recipe) -> dict:
+        """The recipe's main-row sampling, as the SampleConfig fields NEFGPT_SAMPLING sets."""
+        merged = {**asdict(SampleConfig()), **self.cfg.sample, **recipe.sample}
+        return {k: merged[k] for k in NEFGPT_SAMPLING}
 
     def _accuracy(self, images: torch.Tensor, digit: int) -> float:
         return float((classify(self.classifier(), images).argmax(1) == digit).double().mean())
@@ -755,15 +764,18 @@ def markdown_tables(results: dict) -> str:
             lines.append(f"GPT validation loss {tr['val_loss']:.3f} nats per token after {tr['steps']} steps; "
                          f"per-position token histograms alone score {tr['marginal_val_loss']:.3f}")
         lines.append("Oracle for accuracy / CE: the classifier on the held-out images (its own held-out score).")
-    nef = rows.get("nefgpt")
+    nef, own = rows.get("nefgpt"), rows.get("nefgpt_own_sampling")
     if nef:
         m = nef["metrics"]
+        own_head = (" | nfgen, " + ", ".join(f"{k} {v}" for k, v in own["sampling"].items())) if own else ""
         lines += ["", f"### NeF-GPT protocol (digit {nef['digit']}, {nef['n_generated']} generated vs "
                   f"{nef['n_references']} references from training fields, top-k 3, T 0.8)", "",
-                  "| metric | nfgen | NeF-GPT | oracle |", "|---|---|---|---|"]
+                  f"| metric | nfgen{own_head} | NeF-GPT | oracle |", "|---|---|---|---|" + ("---|" if own else "")]
         for label, name in (("MMD ↓", "mmd"), ("COV ↑", "cov"), ("1-NNA (→ 0.5)", "1nna"),
                             ("classifier accuracy ↑", "accuracy"), ("memorised ↓", "memorised")):
-            lines.append(f"| {label} | {fmt(m[name])} | {NEFGPT['published'].get(name, '–')} | {fmt(m[name]['oracle'])} |")
+            own_cell = f" | {fmt(own['metrics'][name])}" if own else ""
+            lines.append(f"| {label} | {fmt(m[name])}{own_cell} | {NEFGPT['published'].get(name, '–')} | "
+                         f"{fmt(m[name]['oracle'])} |")
     for key, title in (("baselines", "Reference generators without a GPT"), ("ablations", "Ablations")):
         if not rows.get(key):
             continue
@@ -841,6 +853,8 @@ def run(args) -> dict:
         results["samples_png"] = str(png_path)
     if "nefgpt" in only:
         results["rows"]["nefgpt"] = h.nefgpt_row(main, args.seeds)
+        if h.sampling(main) != NEFGPT_SAMPLING:  # beside it, the protocol with the main rows' sampling
+            results["rows"]["nefgpt_own_sampling"] = h.nefgpt_row(main, args.seeds, own_sampling=True)
     if ablations:
         seeds = cfg.ablation_seeds or args.seeds
         results["rows"]["ablations"] = {}

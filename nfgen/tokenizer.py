@@ -79,11 +79,11 @@ class TokenizerConfig:
     # standard components decode to that class's spread
     basis: str = "weights"
     # "class-pca": each class's covariance mixed with this share of the pooled within-class one before its principal
-    # directions are taken. A class's few fields (400 of 1185 weights on the CPU quality run) span only part of the
-    # space, and a held-out field outside it does not encode: held-out fields de-tokenize at 23.1 dB unmixed, 33.3
-    # at 0.05, 38.1 at 0.2, 40.3 at 0.5 (fitted 41.2). Gaussian draws through each class's mixed basis score as
-    # its unmixed Gaussian up to 0.2 (accuracy 0.915 / 0.91, MMD 0.280 / 0.291) and lose class fidelity beyond
-    # (0.805 at 0.5, 0.58 at 1). Scratch script on the CPU quality run's 4000 fields, reported in README.
+    # directions are taken. A class's few fields (400 for 1185 weights on the CPU quality run) span only part of
+    # the space, and a held-out field outside it does not encode: held-out fields de-tokenize at 23.1 dB unmixed,
+    # 33.2 at 0.05, 38.0 at 0.2, 40.4 at 0.5 and 41.0 at 1 (fitted 41.2). Standard normal components decoded
+    # through each class's basis keep the class up to 0.2 (accuracy 0.92, 0.915, 0.91) and lose it beyond (0.805
+    # at 0.5, 0.58 at 1); `python -m benchmarks.class_pca_shrinkage`, benchmarks/results/class-pca-shrinkage-cpu.json
     shrinkage: float = 0.2
     iters: int = 30  # Lloyd iterations per level
     sample: int = 1_000_000  # vectors k-means learns from (0 = all)

@@ -197,7 +197,7 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     common = ["--config", "tiny", "--seeds", "2", "--device", "cpu", "--run-dir", str(tmp_path / "run"),
               "--data-root", str(data_root)]
     assert quality.main(common + ["--results", str(results), "--only", "main,nefgpt,ablations",
-                                  "--ablations", "fit,init:meta,order:canonical,vq:group3,model:kv1,"
+                                  "--ablations", "fit,init:meta,order:canonical,vq:group3,vq:class-pca,model:kv1,"
                                   "sampling:cfg2-expected"]) == 0
     out = capsys.readouterr().out
     r = json.loads(results.read_text())
@@ -213,6 +213,11 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     nef = r["rows"]["nefgpt"]["metrics"]
     for name in NEFGPT_METRICS:
         assert _finite(nef[name]["mean"]) and _finite(nef[name]["oracle"]["mean"])
+    # the tiny main samples at T 1 without top-k, so the protocol also runs with that, beside NeF-GPT's sampling
+    own = r["rows"]["nefgpt_own_sampling"]
+    assert own["sampling"] == {"top_k": 0, "temperature": 1.0, "top_p": 1.0, "cfg_scale": 1.0}
+    assert r["rows"]["nefgpt"]["sampling"] == {"top_k": 3, "temperature": 0.8, "top_p": 1.0, "cfg_scale": 1.0}
+    assert own["metrics"]["mmd"]["oracle"] == nef["mmd"]["oracle"] and _finite(own["metrics"]["cov"]["mean"])
     for row in r["rows"]["reconstruction"].values():
         assert all(_finite(row["metrics"][f"cond_{m}"]["mean"]) for m in ("mmd", "cov", "1nna"))
     assert all(_finite(v) for p in r["psnr"].values() for v in p.values())
@@ -226,7 +231,7 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     assert _finite(r["rows"]["main"]["train"]["marginal_val_loss"]) and "per-position token histograms" in out
     assert [h["step"] for h in r["rows"]["main"]["train_history"]] == [8]  # eval_every 8 of 8 steps
     assert set(r["rows"]["ablations"]) == {"fit:steps60", "fit:clamp-margin0.3", "init:meta", "order:canonical", "vq:group3",
-                                           "model:kv1", "sampling:cfg2-expected"}
+                                           "vq:class-pca", "model:kv1", "sampling:cfg2-expected"}
     # the meta row fits from a template learned on the training split, which is an artifact of its own
     template = [k for k in r["summaries"] if k.startswith("template-")]
     assert len(template) == 1 and r["summaries"][template[0]]["split"] == "mnist:test[:120]"
@@ -248,6 +253,18 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     r2 = json.loads(again.read_text())
     assert not {"fit_train", "tokenize", "train", "classifier"} & r2["seconds"].keys()
     assert r2["rows"]["nefgpt"]["metrics"]["mmd"]["per_seed"] == nef["mmd"]["per_seed"]  # same seeds, same samples
+
+    # class-pca's shrinkage, measured on the same run's fields: ~12 fields per class span little of the 105
+    # weights, so held-out fields encode only with the pooled covariance mixed in
+    from benchmarks import class_pca_shrinkage
+
+    shrink = tmp_path / "shrink.json"
+    assert class_pca_shrinkage.main(common[:2] + common[4:] + ["--shrinkage", "0,1", "--results", str(shrink)]) == 0
+    rows = json.loads(shrink.read_text())["rows"]
+    assert [row["shrinkage"] for row in rows] == [0.0, 1.0]
+    assert rows[1]["detok_heldout_psnr"] > rows[0]["detok_heldout_psnr"] + 1.0
+    for row in rows:
+        assert _finite(row["detok_train_psnr"]) and _finite(row["standard_components"]["accuracy"]["samples"])
 
 
 def test_bad_options_exit_2(tmp_path, data_root, capsys):
