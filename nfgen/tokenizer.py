@@ -28,6 +28,21 @@ and its samples cover the data as raw codes' do not (at T 1: COV 0.495 against 0
 is that the class shifts mostly the first few components, where it shifts every raw weight (README, Measured;
 benchmarks/results/quality-cpu-small-roles-pca.json). Hence an option, with the quality ablation rows vq:pca*.
 
+The class's mean field (--center class) can be taken out too: class c's fields are quantised relative to their
+mean, decoding adds it back, so tokens decode only with their class (the sequence's CLASS token), and an
+unconditional sample draws its class from the training frequencies first. With --basis class-pca the tokens are
+then each class's own principal components of those offsets, in units of their std (each class's covariance
+mixed with --shrinkage of the pooled one, so held-out fields outside the span of a class's few fields still
+encode). A token sequence of standard normal components then decodes to a draw from the class's Gaussian
+whatever the GPT has learned of the class, which the small GPT had not: on the CPU quality run it lifts the
+samples' accuracy from 0.47 (raw codes) to 0.90 and coverage from 0.15 to 0.48, level with the per-class
+Gaussian, and keeps 42.06 of 42.21 dB (held-out fields 38.04 of 41.22; README, Measured;
+benchmarks/results/quality-cpu-small-class-pca.json). The pooled basis (--basis pca --center class) and class
+centring of raw codes (--center class) score below it (quality-cpu-small-class-centred.json). It is the small
+quality config's main recipe; the tokenize default stays the raw codes until the H100 rows (vq:class-pca) say
+whether the 11 M GPT, whose raw-code samples beat the weight-space Gaussian on MMD but not on coverage, gains
+from it too.
+
 Per-tensor normalisation (--normalize layer) is an option: the first layer's weights are ~30x larger
 than the later layers', so a shared codebook spends most codes on layer 0. Measured, that is the right
 call: layer 0 feeds sin(omega0 * .), so its errors cost the most PSNR; hence the default "none".
