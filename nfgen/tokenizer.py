@@ -140,8 +140,8 @@ class TokenizerConfig:
 class WeightTokenizer:
     """Centre [P] (+ class means [C, P] and the training class frequencies [C], with center "class") + per-tensor
     scales [T] (+ basis [P, P] and its stds [P] with basis "pca", a basis [C, P, P] and stds [C, P] per class with
-    "class-pca") + codebooks [levels, K, group]; maps weights
-    [N, P] ↔ tokens [N, L] (with center "class", together with the fields' classes [N])."""
+    "class-pca") + codebooks [levels, K, group]; maps weights [N, P] ↔ tokens [N, L] (with center "class",
+    together with the fields' classes [N])."""
 
     def __init__(self, spec: SirenSpec, cfg: TokenizerConfig, codebooks: torch.Tensor, scales: torch.Tensor,
                  center: torch.Tensor | None = None, basis: torch.Tensor | None = None,
