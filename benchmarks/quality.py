@@ -640,9 +640,10 @@ class Harness:
         }
         return {"rows": rows, "psnr": psnrs}
 
-    def nefgpt_row(self, recipe: Recipe, seeds: int, own_sampling: bool = False) -> dict:
-        """NeF-GPT's protocol: digit 3, n generated (top-k 3, T 0.8) vs references rendered from training fields;
-        with `own_sampling`, the same but sampled as the recipe's main rows are."""
+    def nefgpt_rows(self, recipe: Recipe, seeds: int, samplings: dict[str, dict]) -> dict[str, dict]:
+        """NeF-GPT's protocol: digit 3, n generated vs references rendered from training fields; a row per entry
+        of `samplings` (name → SampleConfig overrides of the recipe's sampling, e.g. NEFGPT_SAMPLING), all against
+        the same references and oracle."""
         digit, n_gen, n_ref = NEFGPT["digit"], self.cfg.nefgpt_n_generated, self.cfg.nefgpt_n_references
         fields = load_fields(self.fields(recipe))
         pool = torch.nonzero(fields.labels == digit).flatten()
@@ -662,24 +663,26 @@ class Harness:
         oracle_mem = memorisation(oracle, self.train_split.images[oracle_rest].to(self.device))["memorised_fraction"]
         oracle_acc = self._accuracy(oracle, digit)
         self._lap("evaluate", t0)
-        per_seed = []
-        for seed in range(seeds):
-            log(f"NeF-GPT protocol, seed {seed}: generating {n_gen} fields of digit {digit}")
-            _, images = self.sample(recipe, torch.full((n_gen,), digit), seed,
-                                    **({} if own_sampling else NEFGPT_SAMPLING))
-            t0 = time.perf_counter()
-            d = distance_metrics(images, refs)
-            mem = memorisation(images, train_digit)["memorised_fraction"]
-            acc = self._accuracy(images, digit)
-            self._lap("evaluate", t0)
-            values = {**d, "accuracy": acc, "memorised": mem}
-            oracle_values = {**oracle_d, "accuracy": oracle_acc, "memorised": oracle_mem}
-            per_seed.append({m: {"samples": values[m], "oracle": oracle_values[m]} for m in NEFGPT_METRICS})
-        return {"recipe": asdict(recipe), "seeds": seeds, "digit": digit, "n_generated": n_gen,
-                "n_references": n_ref, "n_oracle": int(len(oracle_idx)), "published": NEFGPT["published"],
-                "sampling": self.sampling(recipe) if own_sampling else NEFGPT_SAMPLING,
-                "oracle_is": "other training fields of the digit, rendered, against the same references",
-                "metrics": aggregate(per_seed, NEFGPT_METRICS)}
+        oracle_values = {**oracle_d, "accuracy": oracle_acc, "memorised": oracle_mem}
+        rows = {}
+        for name, overrides in samplings.items():
+            per_seed = []
+            for seed in range(seeds):
+                log(f"NeF-GPT protocol ({name}), seed {seed}: generating {n_gen} fields of digit {digit}")
+                _, images = self.sample(recipe, torch.full((n_gen,), digit), seed, **overrides)
+                t0 = time.perf_counter()
+                d = distance_metrics(images, refs)
+                mem = memorisation(images, train_digit)["memorised_fraction"]
+                acc = self._accuracy(images, digit)
+                self._lap("evaluate", t0)
+                values = {**d, "accuracy": acc, "memorised": mem}
+                per_seed.append({m: {"samples": values[m], "oracle": oracle_values[m]} for m in NEFGPT_METRICS})
+            rows[name] = {"recipe": asdict(recipe), "seeds": seeds, "digit": digit, "n_generated": n_gen,
+                          "n_references": n_ref, "n_oracle": int(len(oracle_idx)), "published": NEFGPT["published"],
+                          "sampling": {**self.sampling(recipe), **overrides},
+                          "oracle_is": "other training fields of the digit, rendered, against the same references",
+                          "metrics": aggregate(per_seed, NEFGPT_METRICS)}
+        return rows
 
     def sampling(self, recipe: Recipe) -> dict:
         """The recipe's main-row sampling, as the SampleConfig fields NEFGPT_SAMPLING sets."""
@@ -852,9 +855,10 @@ def run(args) -> dict:
         save_nearest_grid(png_path, images[cond], labels[cond], h.train_split.images, nearest[cond], per_row=8)
         results["samples_png"] = str(png_path)
     if "nefgpt" in only:
-        results["rows"]["nefgpt"] = h.nefgpt_row(main, args.seeds)
+        samplings = {"nefgpt": NEFGPT_SAMPLING}
         if h.sampling(main) != NEFGPT_SAMPLING:  # beside it, the protocol with the main rows' sampling
-            results["rows"]["nefgpt_own_sampling"] = h.nefgpt_row(main, args.seeds, own_sampling=True)
+            samplings["nefgpt_own_sampling"] = {}
+        results["rows"].update(h.nefgpt_rows(main, args.seeds, samplings))
     if ablations:
         seeds = cfg.ablation_seeds or args.seeds
         results["rows"]["ablations"] = {}

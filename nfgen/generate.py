@@ -36,6 +36,9 @@ from nfkernels._ext import BACKENDS, HAS_TRITON, resolve_backend
 from nfkernels.sampling import draw_seed, filtered_logits, sample_next
 
 WEIGHTS = ("sampled", "expected")  # what a generated field's weights are (SampleConfig.weights)
+# the unconditional samples' classes (--center class) come from a generator seeded apart from the token seeds': on
+# the CPU the two would otherwise read one Mersenne-Twister stream from the same start
+CLASS_DRAW_SEED_OFFSET = 0x5EED_C1A55
 GRID_COLUMNS = 20  # samples.png shows at most this many samples per class (the fields file has them all)
 GRAPH_BUCKET = 128  # CUDA graphs are captured per attended-length bucket, so early steps read a short cache
 
@@ -288,7 +291,7 @@ def generate_weights(model: GPT, vocab: Vocab, classes: torch.Tensor, tokenizer,
     the distribution its token was drawn from (SampleConfig.weights). Tokens centred on their class's mean field
     (--center class) decode only with a class, so there an unconditional field (class -1) is drawn ancestrally:
     a class from the training frequencies (seeded by cfg.seed, the same on every rank), then a field of it."""
-    classes = tokenizer.draw_classes(classes, make_generator(cfg.seed))
+    classes = tokenizer.draw_classes(classes, make_generator(cfg.seed + CLASS_DRAW_SEED_OFFSET))
     args = (model, vocab, classes, tokenizer.tokens_per_field, cfg, device, tokenizer.token_ranges())
     if cfg.weights == "expected":
         tokens, vectors = generate_tokens(*args, code_vectors=tokenizer.code_vectors())
