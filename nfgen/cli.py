@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
          "the filled KV cache, one CUDA graph)")
     _opt(p, "weights", SampleConfig, "a field's weights: its drawn tokens' code values (sampled), or each token's "
          "mean code value under the distribution it was drawn from (expected)")
+    _opt(p, "expected-from", SampleConfig, "with --weights expected: the first token position whose weight is "
+         "expected; earlier positions keep their drawn codes (with --basis class-pca, the coarse components)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("baseline", help="sample a per-class Gaussian over the fitted weights: the no-GPT reference "

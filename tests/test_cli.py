@@ -136,6 +136,8 @@ def test_mismatched_artifacts(cli, tmp_path, run_dir, data_root):
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--weights", "mean"], "--weights must be one of sampled, expected"),
     (["--attention", "flash"], "--attention must be one of sdpa, triton"),
+    (["--expected-from", "4"], "add --weights expected"),
+    (["--weights", "expected", "--expected-from", "100000"], "past the"),
 ])
 def test_impossible_sampling_options(cli, tmp_path, run_dir, args, pattern):
     proc = cli("generate", "--run", str(tmp_path), "--model", str(run_dir / "model.safetensors"),
@@ -150,9 +152,16 @@ def test_generate_expected_weights(tmp_path, run_dir):
               "--per-class", "1", "--temperature", "1.5", "--quiet"]
     for weights in ("sampled", "expected"):
         assert main(["generate", "--run", str(tmp_path / weights), *common, "--weights", weights]) == 0
-    sampled, expected = (load_fields(tmp_path / w / "samples.safetensors") for w in ("sampled", "expected"))
+    assert main(["generate", "--run", str(tmp_path / "from"), *common, "--weights", "expected",
+                 "--expected-from", "1"]) == 0
+    sampled, expected, tail = (load_fields(tmp_path / w / "samples.safetensors")
+                               for w in ("sampled", "expected", "from"))
     assert expected.meta["sampling"]["weights"] == "expected" and expected.weights.shape == sampled.weights.shape
     assert torch.isfinite(expected.weights).all() and not torch.equal(expected.weights, sampled.weights)
+    # the first weight (scalar codes: the first token) drawn, the rest expected
+    assert tail.meta["sampling"]["expected_from"] == 1
+    assert torch.equal(tail.weights[:, 0], sampled.weights[:, 0])
+    assert torch.equal(tail.weights[:, 1:], expected.weights[:, 1:])
 
 
 def test_group_must_divide_params(cli, tmp_path, run_dir):

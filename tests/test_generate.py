@@ -164,10 +164,36 @@ def test_generate_weights_expected_is_sampled_under_top_k_1_and_differs_otherwis
         tok.decode_vectors(torch.zeros(1, tok.tokens_per_field - 1, 1))
 
 
+def test_expected_from_keeps_the_draws_before_it_and_the_means_after(tmp_path):
+    """expected_from K: positions < K keep their drawn codes, positions ≥ K their expected ones (same draws)."""
+    tok = _tokens_file(tmp_path / "tokens.safetensors")  # two residual levels: weight j is positions 2j and 2j+1
+    vocab = Vocab(tok.n_codes, 3)
+    model = small_model(4, vocab, tok.tokens_per_field)
+    classes = torch.tensor([0, 1, 2, -1, 1])
+
+    def run(**kw):
+        return generate_weights(model, vocab, classes, tok, SampleConfig(temperature=3.0, seed=5, quiet=True, **kw))
+
+    t_s, w_s = run()
+    t_e, w_e = run(weights="expected")
+    for k in (1, 4, 9):
+        t_k, w_k = run(weights="expected", expected_from=k)
+        assert torch.equal(t_k, t_s) and torch.equal(t_e, t_s)
+        whole = k // 2  # weights whose two positions are both before k: the draws; both at or after k: the means
+        torch.testing.assert_close(w_k[:, :whole], w_s[:, :whole], rtol=0, atol=1e-6)
+        torch.testing.assert_close(w_k[:, -(-k // 2):], w_e[:, -(-k // 2):], rtol=0, atol=1e-6)
+        assert (w_k[:, -(-k // 2):] - w_s[:, -(-k // 2):]).abs().max() > 1e-3  # and the means are not the draws
+    if k % 2:  # weight k // 2 mixes its drawn first level with its expected second level: between the two
+        mixed = w_k[:, k // 2]
+        assert not torch.allclose(mixed, w_s[:, k // 2]) and not torch.allclose(mixed, w_e[:, k // 2])
+    with pytest.raises(NfgenError, match="past the 34 tokens"):
+        run(weights="expected", expected_from=tok.tokens_per_field)
+
+
 def test_bad_options_and_mismatches():
     model = small_model()
     for bad in [dict(temperature=0.0), dict(top_k=-1), dict(top_p=1.5), dict(batch_size=0), dict(backend="gpu"),
-                dict(weights="mean")]:
+                dict(weights="mean"), dict(weights="expected", expected_from=-1), dict(expected_from=3)]:
         with pytest.raises(NfgenError):
             generate_tokens(model, VOCAB, torch.tensor([0]), L, SampleConfig(**bad))
     with pytest.raises(NfgenError, match="vocabulary"):
