@@ -83,7 +83,8 @@ NEFGPT = {"digit": 3, "n_generated": 256, "n_references": 196, "top_k": 3, "temp
 HEADLINE = ("cond_mmd", "cond_cov", "cond_1nna", "uncond_mmd", "uncond_cov", "uncond_1nna", "memorised",
             "accuracy", "cross_entropy")
 NEFGPT_METRICS = ("mmd", "cov", "1nna", "accuracy", "memorised")
-NEFGPT_SAMPLING = {"top_k": NEFGPT["top_k"], "temperature": NEFGPT["temperature"], "top_p": 1.0, "cfg_scale": 1.0}
+NEFGPT_SAMPLING = {"top_k": NEFGPT["top_k"], "temperature": NEFGPT["temperature"], "top_p": 1.0, "cfg_scale": 1.0,
+                   "weights": "sampled", "expected_from": 0}
 CLAMP_MARGIN = 0.3  # the margin row's value where the main recipe fits without one
 
 
@@ -155,18 +156,22 @@ CONFIGS = {
     # value-embedded codes. 1187-token sequences make training (~0.14 s a sequence) and decoding (~0.14 s a field)
     # the cost; the small GPT and its 3x smaller KV cache leave ~15 minutes for ~6400 training sequences (1.6
     # epochs). Its tokens are each class's own principal components around the class's mean field (class-pca),
-    # sampled whole (T 1): at this size they beat the full run's raw weight codes (the vq:weights row) on every
-    # metric (README, Measured). Ablations on request.
+    # sampled at T 1: at this size they beat the full run's raw weight codes (the vq:weights row) on every
+    # metric. The first 32 components (43% of a class's weight variance) keep their draws and the finer ones are
+    # the GPT's expected values: MMD 0.278 → 0.251 and accuracy 0.90 → 0.935 at COV and 1-NNA within the seed
+    # spread (README, Measured; the sampling:sampled row draws every component). Ablations on request.
     "small": QualityConfig(
         train_split="mnist:test[:4000]", heldout_split="mnist:test[8000:8200]",
         # 100 fit steps, as its committed results were measured (the full config moved to 120 for 40 dB)
         fit=dict(steps=100, lr=1e-3), main_init="meta", tokenize=dict(basis="class-pca", center="class"),
         train=dict(n_layer=3, n_head=3, n_embd=96, n_kv_head=1, value_embed=True, steps=400, batch_size=16,
                    lr=3e-3, warmup=40, eval_every=100, checkpoint_every=10_000),
-        sample=dict(temperature=1.0, top_k=0, batch_size=200),
+        sample=dict(temperature=1.0, top_k=0, batch_size=200, weights="expected", expected_from=32),
         alt_model=dict(n_layer=2, n_head=4, n_embd=64), ablation_seeds=1,
-        sampling_sweep={"T0.9": dict(temperature=0.9), "T0.8": dict(temperature=0.8),
-                        "cfg1.5": dict(cfg_scale=1.5), "expected": dict(weights="expected")},
+        sampling_sweep={"sampled": dict(weights="sampled", expected_from=0),
+                        "expected": dict(expected_from=0), "expected-from16": dict(expected_from=16),
+                        "expected-from64": dict(expected_from=64), "T0.9": dict(temperature=0.9),
+                        "T0.8": dict(temperature=0.8), "cfg1.5": dict(cfg_scale=1.5)},
         note="CPU scale-down of the protocol: 4000 training fields from the Reptile template, 200 held-out "
              "references, a 0.46M GPT"),
     # The GPU run of issue 8: every image, fitted from a Reptile template learned on the training split

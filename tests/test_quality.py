@@ -1,14 +1,15 @@
 """benchmarks.quality: canonical neuron order (exactness), goal checks, and the tiny config end to end."""
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 
 from benchmarks import quality
-from benchmarks.quality import (CONFIGS, HEADLINE, NEFGPT_METRICS, Recipe, ablation_recipes, aggregate,
-                                canonical_order, check_goals, mean_std)
+from benchmarks.quality import (CONFIGS, HEADLINE, NEFGPT_METRICS, NEFGPT_SAMPLING, Recipe, ablation_recipes,
+                                aggregate, canonical_order, check_goals, mean_std)
+from nfgen.generate import SampleConfig
 from nfkernels import SirenSpec, coord_grid, siren_forward_reference, siren_init
 
 
@@ -108,6 +109,24 @@ def test_ablation_rows_follow_the_main_recipe():
     # Relative to the main recipe: a main that already uses 1024 codes is compared with 256.
     rows = ablation_recipes(replace(CONFIGS["full"], tokenize={"codebook_size": 1024}), Recipe(), 1185)
     assert "codebook:256" in rows and "codebook:1024" not in rows
+
+
+def test_small_config_samples_coarse_components_and_sweeps_around_them():
+    """The small main draws the first 32 class-pca components and takes the GPT's means of the rest; its sweep
+    holds a row drawing every component and rows moving the boundary, each a change of the main's sampling."""
+    cfg = CONFIGS["small"]
+    sample = {**asdict(SampleConfig()), **cfg.sample}
+    assert sample["weights"] == "expected" and sample["expected_from"] == 32
+    rows = ablation_recipes(cfg, Recipe(init=cfg.main_init), 1185)
+    merged = {n: {**sample, **r.sample} for n, r in rows.items() if n.startswith("sampling:")}
+    assert merged["sampling:sampled"]["weights"] == "sampled" and merged["sampling:sampled"]["expected_from"] == 0
+    assert merged["sampling:expected"]["weights"] == "expected" and merged["sampling:expected"]["expected_from"] == 0
+    assert [merged[f"sampling:expected-from{k}"]["expected_from"] for k in (16, 64)] == [16, 64]
+    assert merged["sampling:T0.8"]["expected_from"] == 32 and merged["sampling:T0.8"]["temperature"] == 0.8
+    for m in merged.values():
+        SampleConfig(**m).validate()
+    # NeF-GPT's own protocol draws every weight, whatever the main does
+    assert {**sample, **NEFGPT_SAMPLING}["weights"] == "sampled"
     with pytest.raises(quality.NfgenError, match="unknown ablation"):
         quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq,bogus")
     assert set(quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq")) == {"vq:group3", "vq:group5",
@@ -215,8 +234,9 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
         assert _finite(nef[name]["mean"]) and _finite(nef[name]["oracle"]["mean"])
     # the tiny main samples at T 1 without top-k, so the protocol also runs with that, beside NeF-GPT's sampling
     own = r["rows"]["nefgpt_own_sampling"]
-    assert own["sampling"] == {"top_k": 0, "temperature": 1.0, "top_p": 1.0, "cfg_scale": 1.0}
-    assert r["rows"]["nefgpt"]["sampling"] == {"top_k": 3, "temperature": 0.8, "top_p": 1.0, "cfg_scale": 1.0}
+    drawn = {"top_p": 1.0, "cfg_scale": 1.0, "weights": "sampled", "expected_from": 0}
+    assert own["sampling"] == {"top_k": 0, "temperature": 1.0, **drawn}
+    assert r["rows"]["nefgpt"]["sampling"] == {"top_k": 3, "temperature": 0.8, **drawn}
     assert own["metrics"]["mmd"]["oracle"] == nef["mmd"]["oracle"] and _finite(own["metrics"]["cov"]["mean"])
     for row in r["rows"]["reconstruction"].values():
         assert all(_finite(row["metrics"][f"cond_{m}"]["mean"]) for m in ("mmd", "cov", "1nna"))
