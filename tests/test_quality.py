@@ -279,12 +279,17 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     from benchmarks import class_pca_shrinkage
 
     shrink = tmp_path / "shrink.json"
-    assert class_pca_shrinkage.main(common[:2] + common[4:] + ["--shrinkage", "0,1", "--results", str(shrink)]) == 0
+    assert class_pca_shrinkage.main(common[:2] + common[4:] + ["--shrinkage", "0,1", "--expected-from", "4",
+                                                               "--results", str(shrink)]) == 0
     rows = json.loads(shrink.read_text())["rows"]
     assert [row["shrinkage"] for row in rows] == [0.0, 1.0]
     assert rows[1]["detok_heldout_psnr"] > rows[0]["detok_heldout_psnr"] + 1.0
     for row in rows:
         assert _finite(row["detok_train_psnr"]) and _finite(row["standard_components"]["accuracy"]["samples"])
+        # the same draws with all but the first 4 components at 0: other fields, so another MMD
+        coarse = row["expected_from"]["4"]
+        assert _finite(coarse["cond_mmd"]["samples"])
+        assert coarse["cond_mmd"]["samples"] != row["standard_components"]["cond_mmd"]["samples"]
 
 
 def test_bad_options_exit_2(tmp_path, data_root, capsys):
