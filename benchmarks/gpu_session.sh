@@ -78,9 +78,10 @@ for part in "$@"; do
         | tee -a "$LOG" | tail -30 ;;
     quality-ablations)  # ABLATIONS: the rows that train their own GPT (a comma list; see benchmarks/quality.py).
       # About a minute a row on an H100 and all of them take ~16: pass chunks that fit one call's 600 s, e.g.
-      # ABLATIONS=baseline,vq:class-pca,vq:pca-class,vq:center-class,vq:pca,model:no-class-embed,fit:clamp-margin0 then
-      # ABLATIONS=vq:center-mean-k64,codebook,model:weight-roles, then ABLATIONS=fit,init,order,vq,model (cached rows
-      # are free; vq:pca and its -t0.8 / -cfg3 rows share one GPT, as do vq:center-class and -T1)
+      # ABLATIONS=baseline,vq:class-pca,vq:class-pca-from32,vq:pca-class,vq:center-class,vq:pca,
+      # model:no-class-embed,fit:clamp-margin0 (one comma list) then ABLATIONS=vq:center-mean-k64,codebook,
+      # model:weight-roles, then ABLATIONS=fit,init,order,vq,model (cached rows are free; vq:pca and its -t0.8 /
+      # -cfg3 rows share one GPT, as do vq:center-class and -T1, and vq:class-pca and -from32)
       stamp "quality-ablations ${ABLATIONS:=baseline,fit,init,order,vq,codebook,model}"
       timeout "${QUALITY_TIMEOUT:-500}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
         --only ablations --ablations "$ABLATIONS" --seeds 1 \

@@ -250,6 +250,9 @@ def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[
         # ... and each class's own principal components: standard components decode to that class's spread
         rows["vq:class-pca"] = main.but(tokenize={"basis": "class-pca", "center": "class"},
                                         sample={"temperature": 1.0, "top_k": 0})
+        # ... with the first 32 components drawn and the finer ones the GPT's means (the small config's sampling;
+        # the same GPT as vq:class-pca)
+        rows["vq:class-pca-from32"] = rows["vq:class-pca"].but(sample={"weights": "expected", "expected_from": 32})
     else:  # a main on principal components or class-centred codes against raw weight codes, sampled as those are
         rows["vq:weights"] = main.but(tokenize={"basis": "weights", "center": "none"},
                                       sample={"temperature": 0.8, "top_k": 3})

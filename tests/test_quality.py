@@ -83,6 +83,10 @@ def test_ablation_rows_follow_the_main_recipe():
     assert rows["vq:pca-cfg3"].sample["cfg_scale"] == 3.0 and "vq:weights" not in rows
     assert rows["vq:pca-class"].tokenize == {"basis": "pca", "center": "class"}
     assert rows["vq:class-pca"].tokenize == {"basis": "class-pca", "center": "class"}
+    # drawn coarse components, expected fine ones: another sampling of the same GPT (same fields, tokens, training)
+    coarse = rows["vq:class-pca-from32"]
+    assert replace(coarse, sample={}) == replace(rows["vq:class-pca"], sample={})
+    assert coarse.sample == {"temperature": 1.0, "top_k": 0, "weights": "expected", "expected_from": 32}
     assert rows["vq:center-class"].tokenize == {"center": "class"} and not rows["vq:center-class"].sample
     assert rows["vq:group3"].tokenize["group"] == 3 and rows["order:canonical"].canonical
     # The full config trains ablation GPTs for fewer steps, beside a baseline of the main recipe at that budget;
@@ -109,6 +113,28 @@ def test_ablation_rows_follow_the_main_recipe():
     # Relative to the main recipe: a main that already uses 1024 codes is compared with 256.
     rows = ablation_recipes(replace(CONFIGS["full"], tokenize={"codebook_size": 1024}), Recipe(), 1185)
     assert "codebook:256" in rows and "codebook:1024" not in rows
+    with pytest.raises(quality.NfgenError, match="unknown ablation"):
+        quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq,bogus")
+    assert set(quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq")) == {"vq:group3", "vq:group5",
+                                                                                 "vq:residual2", "vq:center-mean",
+                                                                                 "vq:center-mean-topk10", "vq:pca",
+                                                                                 "vq:pca-t0.8", "vq:pca-cfg3",
+                                                                                 "vq:pca-class", "vq:class-pca",
+                                                                                 "vq:class-pca-from32",
+                                                                                 "vq:center-class",
+                                                                                 "vq:center-class-T1"}
+    # a main on principal components is compared with weight tokens, and has no centred rows (pca centres)
+    rows = ablation_recipes(CONFIGS["full"], Recipe(tokenize={"basis": "pca"}), 1185)
+    assert rows["vq:weights"].tokenize == {"basis": "weights", "center": "none"}
+    assert not any("center" in n for n in rows) and "vq:pca-class" not in rows
+    # the small config's class-pca main: against raw weight codes (sampled as the full run samples them) and one
+    # basis for all classes; no rows that would centre class-pca otherwise
+    small = CONFIGS["small"]
+    rows = ablation_recipes(small, Recipe(init="meta"), 1185)
+    assert {"basis": "class-pca", "center": "class"} == small.tokenize
+    assert rows["vq:weights"].tokenize == {"basis": "weights", "center": "none"}
+    assert rows["vq:weights"].sample == {"temperature": 0.8, "top_k": 3}
+    assert rows["vq:pca-class"].tokenize == {"basis": "pca"} and not any("center" in n for n in rows)
 
 
 def test_small_config_samples_coarse_components_and_sweeps_around_them():
@@ -127,27 +153,6 @@ def test_small_config_samples_coarse_components_and_sweeps_around_them():
         SampleConfig(**m).validate()
     # NeF-GPT's own protocol draws every weight, whatever the main does
     assert {**sample, **NEFGPT_SAMPLING}["weights"] == "sampled"
-    with pytest.raises(quality.NfgenError, match="unknown ablation"):
-        quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq,bogus")
-    assert set(quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq")) == {"vq:group3", "vq:group5",
-                                                                                 "vq:residual2", "vq:center-mean",
-                                                                                 "vq:center-mean-topk10", "vq:pca",
-                                                                                 "vq:pca-t0.8", "vq:pca-cfg3",
-                                                                                 "vq:pca-class", "vq:class-pca",
-                                                                                 "vq:center-class",
-                                                                                 "vq:center-class-T1"}
-    # a main on principal components is compared with weight tokens, and has no centred rows (pca centres)
-    rows = ablation_recipes(CONFIGS["full"], Recipe(tokenize={"basis": "pca"}), 1185)
-    assert rows["vq:weights"].tokenize == {"basis": "weights", "center": "none"}
-    assert not any("center" in n for n in rows) and "vq:pca-class" not in rows
-    # the small config's class-pca main: against raw weight codes (sampled as the full run samples them) and one
-    # basis for all classes; no rows that would centre class-pca otherwise
-    small = CONFIGS["small"]
-    rows = ablation_recipes(small, Recipe(init="meta"), 1185)
-    assert {"basis": "class-pca", "center": "class"} == small.tokenize
-    assert rows["vq:weights"].tokenize == {"basis": "weights", "center": "none"}
-    assert rows["vq:weights"].sample == {"temperature": 0.8, "top_k": 3}
-    assert rows["vq:pca-class"].tokenize == {"basis": "pca"} and not any("center" in n for n in rows)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
