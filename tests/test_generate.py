@@ -183,9 +183,9 @@ def test_expected_from_keeps_the_draws_before_it_and_the_means_after(tmp_path):
         torch.testing.assert_close(w_k[:, :whole], w_s[:, :whole], rtol=0, atol=1e-6)
         torch.testing.assert_close(w_k[:, -(-k // 2):], w_e[:, -(-k // 2):], rtol=0, atol=1e-6)
         assert (w_k[:, -(-k // 2):] - w_s[:, -(-k // 2):]).abs().max() > 1e-3  # and the means are not the draws
-    if k % 2:  # weight k // 2 mixes its drawn first level with its expected second level: between the two
-        mixed = w_k[:, k // 2]
-        assert not torch.allclose(mixed, w_s[:, k // 2]) and not torch.allclose(mixed, w_e[:, k // 2])
+        if k % 2:  # weight k // 2 adds its drawn first level to its expected second level: neither of the two
+            mixed = w_k[:, k // 2]
+            assert not torch.allclose(mixed, w_s[:, k // 2]) and not torch.allclose(mixed, w_e[:, k // 2])
     with pytest.raises(NfgenError, match="past the 34 tokens"):
         run(weights="expected", expected_from=tok.tokens_per_field)
 
