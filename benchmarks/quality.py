@@ -160,8 +160,8 @@ CONFIGS = {
     # every metric. The first 32 components (43% of a class's weight variance at 4000 fields) keep their draws and
     # the finer ones are the GPT's expected values: MMD 0.278 → 0.251 and accuracy 0.90 → 0.935 at COV and 1-NNA
     # within the seed spread (4000 fields; the sampling:sampled row draws every component). The config trained on
-    # the first 4000 fields until 8000 put its samples past the per-class Gaussian (README, Measured). Ablations
-    # on request.
+    # the first 4000 fields until 8000 put its samples past the per-class Gaussian over the weights, level with
+    # the class-pca Gaussian truncated the same way (README, Measured). Ablations on request.
     "small": QualityConfig(
         train_split="mnist:test[:8000]", heldout_split="mnist:test[8000:8200]",
         # 100 fit steps, as its committed results were measured (the full config moved to 120 for 40 dB)
