@@ -300,8 +300,8 @@ def generate_weights(model: GPT, vocab: Vocab, classes: torch.Tensor, tokenizer,
     The weights are the tokens de-tokenized, or with cfg.weights "expected" each one's mean code value under
     the distribution its token was drawn from (SampleConfig.weights), from position cfg.expected_from on. Tokens
     centred on their class's mean field (--center class) decode only with a class, so there an unconditional field
-    (class -1) is drawn ancestrally: a class from the training frequencies (seeded by cfg.seed, the same on every
-    rank), then a field of it."""
+    (class -1) is drawn ancestrally: a class from the training frequencies (from a generator seeded by cfg.seed +
+    CLASS_DRAW_SEED_OFFSET, the same on every rank), then a field of it."""
     length = tokenizer.tokens_per_field
     if cfg.expected_from >= length:
         raise NfgenError(f"--expected-from {cfg.expected_from} is past the {length} tokens of a field; "
