@@ -549,7 +549,6 @@ def run_tokenize(fields_path, out_path, cfg: TokenizerConfig, *, data_root=None,
     from nfgen.fields import load_fields, psnr, render_fields
 
     quiet = quiet or cfg.quiet
-    t0 = time.perf_counter()
     fields = load_fields(fields_path)  # refuses NaN/inf weights
     cfg.validate(fields.spec.num_params)
     dev = pick_device(device)
@@ -557,6 +556,7 @@ def run_tokenize(fields_path, out_path, cfg: TokenizerConfig, *, data_root=None,
     reference, against, n_classes = _reference_images(fields, data_root, dev)
     n_classes = int(n_classes if n_classes is not None else int(fields.labels.max()) + 1)
 
+    t0 = time.perf_counter()  # after the loads: seconds_fit is the k-means alone
     total = cfg.levels * (cfg.iters + 1)
     with progress(total=total, quiet=quiet, desc="tokenize k-means") as bar:
         def on_iter(level, it, mse):
