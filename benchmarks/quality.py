@@ -853,6 +853,14 @@ def run(args) -> dict:
         "seeds": args.seeds, "protocol": __doc__.split("Protocol")[1].split("Outputs:")[0].strip(),
         "nefgpt_published": NEFGPT["published"], "rows": {}, "seconds": h.seconds,
     }
+
+    def write(complete: bool) -> None:
+        # after every row, so a run killed by a time limit (a GPU call's 600 s) keeps the rows it finished
+        results.update(complete=complete, summaries=h.summaries, cached_artifacts=h.cached,
+                       total_seconds=round(time.perf_counter() - t_start, 1))
+        results["goals"] = check_goals(results)
+        write_json(results_path, results)
+
     if "main" in only:
         row, (images, labels, nearest) = h.main_row(main, args.seeds)
         results["rows"]["main"] = row
@@ -864,22 +872,21 @@ def run(args) -> dict:
         cond = labels >= 0
         save_nearest_grid(png_path, images[cond], labels[cond], h.train_split.images, nearest[cond], per_row=8)
         results["samples_png"] = str(png_path)
+        write(complete=False)
     if "nefgpt" in only:
         samplings = {"nefgpt": NEFGPT_SAMPLING}
         if h.sampling(main) != NEFGPT_SAMPLING:  # beside it, the protocol with the main rows' sampling
             samplings["nefgpt_own_sampling"] = {}
         results["rows"].update(h.nefgpt_rows(main, args.seeds, samplings))
+        write(complete=False)
     if ablations:
         seeds = cfg.ablation_seeds or args.seeds
         results["rows"]["ablations"] = {}
         for name, recipe in ablations.items():
             log(f"ablation {name}")
             results["rows"]["ablations"][name] = h.main_row(recipe, seeds)[0]
-    results["summaries"] = h.summaries
-    results["cached_artifacts"] = h.cached
-    results["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    results["goals"] = check_goals(results)
-    write_json(results_path, results)
+            write(complete=False)
+    write(complete=True)
     print(markdown_tables(results))
     print()
     for g in results["goals"]:

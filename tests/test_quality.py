@@ -278,6 +278,26 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     r2 = json.loads(again.read_text())
     assert not {"fit_train", "tokenize", "train", "classifier"} & r2["seconds"].keys()
     assert r2["rows"]["nefgpt"]["metrics"]["mmd"]["per_seed"] == nef["mmd"]["per_seed"]  # same seeds, same samples
+    assert r["complete"] and r2["complete"]
+
+    # A run killed partway (a GPU call's time limit) has written every row it finished.
+    killed = tmp_path / "killed.json"
+    finished = []
+    real_row = quality.Harness.main_row
+
+    def dies_on_second_row(self, recipe, seeds):
+        if finished:
+            raise KeyboardInterrupt  # what `timeout` amounts to: no chance to write at the end
+        finished.append(recipe)
+        return real_row(self, recipe, seeds)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quality.Harness, "main_row", dies_on_second_row)
+        with pytest.raises(KeyboardInterrupt):
+            quality.main(common + ["--results", str(killed), "--only", "ablations", "--ablations", "init:meta,vq:group3"])
+    partial = json.loads(killed.read_text())
+    assert not partial["complete"] and list(partial["rows"]["ablations"]) == ["init:meta"]
+    assert partial["rows"]["ablations"]["init:meta"]["metrics"] == r["rows"]["ablations"]["init:meta"]["metrics"]
 
     # class-pca's shrinkage, measured on the same run's fields: ~12 fields per class span little of the 105
     # weights, so held-out fields encode only with the pooled covariance mixed in
