@@ -4,7 +4,11 @@
 # Results land in $OUT (the device tool brings them back); data comes from .devdata/ (a copy of shared/data
 # that travels with the tree) unless NFGEN_DATA is set; NFGEN_COMMIT names the commit being measured.
 # The device tool returns at most 8 files a call, named in letters, digits, '.', '_' and '-': every part's log
-# goes to one $OUT/session.log, and result names are built from those characters only.
+# goes to one $OUT/session.log, and result names are built from those characters only. Count a call's files before
+# it (bench writes 5 JSONs, test tests.log, quality a JSON and a PNG, each other part one JSON, plus session.log).
+# The machine is given back after 30 s idle (status: idle_release_s), so plan every call as if on a bare machine:
+# its build plus its parts within one call's 600 s. quality writes its JSON after every row, so a part that its
+# timeout kills still brings back the rows it finished.
 # The device tool's command (the tree travels as `git archive --format=tar HEAD -o .devhead.tar`, the data as a
 # .devdata/ copy of shared/data, both carried): unpack to /tmp/n and copy only files whose content changed into
 # /tmp/w, so a later call on a warm machine keeps its build and rebuilds only changed sources:
@@ -22,9 +26,17 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 export NFGEN_DATA=${NFGEN_DATA:-$PWD/.devdata}
 OUT=${OUT:-/tmp/nfgen-out}
-# quality's artifact cache lives outside the tree, which each call unpacks afresh: a later call on the same warm
-# machine (quality, then quality-ablations) reuses the template, fields, tokens and models keyed by their recipe
+# quality's artifact cache lives outside the tree, which each call unpacks afresh: a later call that still finds the
+# machine warm (within the 30 s) reuses the template, fields, tokens and models keyed by their recipe
 RUNS=${RUNS:-/tmp/nfgen-runs}
+PARTS="bench, bench-<name>, test, fit-precision, scaleout, quality, quality-sampling or quality-ablations"
+for part in "$@"; do  # a misspelt part must not cost a machine start and a build
+  case "$part" in
+    bench|bench-*|test|fit-precision|scaleout|quality|quality-sampling|quality-ablations) ;;
+    *) echo "gpu_session.sh: unknown part '$part'; use $PARTS" >&2; exit 2 ;;
+  esac
+done
+[ $# -gt 0 ] || { echo "gpu_session.sh: name the parts to run: $PARTS" >&2; exit 2; }
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 t0=$(date +%s)
@@ -44,8 +56,11 @@ for part in "$@"; do
   case "$part" in
     bench)
       for b in fit vq ssim generate decode_attention; do  # bench-<name> takes --sweep via BENCH_ARGS
-        stamp "bench_$b"
-        timeout 300 python3 -m benchmarks.bench_$b --device cuda --out "$OUT/$b-$dev.json" 2>&1 | tee -a "$LOG" | tail -30
+        # generate: one repeat and a 20 s recompute budget, as the last H100 run needed to fit its 300 s
+        args=""; [ "$b" = generate ] && args="--repeats 1 --recompute-budget 20"
+        stamp "bench_$b $args"
+        timeout 300 python3 -m benchmarks.bench_$b --device cuda $args --out "$OUT/$b-$dev.json" 2>&1 | tee -a "$LOG" \
+          | tail -30
       done ;;
     bench-*)  # BENCH_ARGS: extra options (e.g. --sweep, --n-kv-head 2); BENCH_SUFFIX: added to the result's name
       # (bench_fit --sweep ran past 230 s on the H100: BENCH_TIMEOUT defaults to 360)
@@ -77,11 +92,12 @@ for part in "$@"; do
         --only ablations --ablations sampling --seeds 1 --results "$OUT/quality-$dev-sampling.json" 2>&1 \
         | tee -a "$LOG" | tail -30 ;;
     quality-ablations)  # ABLATIONS: the rows that train their own GPT (a comma list; see benchmarks/quality.py).
-      # About a minute a row on an H100 and all of them take ~16: pass chunks that fit one call's 600 s, e.g.
-      # ABLATIONS=baseline,vq:class-pca,vq:class-pca-from32,vq:pca-class,vq:center-class,vq:pca,
-      # model:no-class-embed,fit:clamp-margin0 (one comma list) then ABLATIONS=vq:center-mean-k64,codebook,
-      # model:weight-roles, then ABLATIONS=fit,init,order,vq,model (cached rows are free; vq:pca and its -t0.8 /
-      # -cfg3 rows share one GPT, as do vq:center-class and -T1, and vq:class-pca and -from32)
+      # About a minute a row on an H100 (a row that fits a new template or new fields, more) and all of them take
+      # ~16: pass chunks of about 4 GPTs, which fit one call's 600 s beside the build, e.g.
+      # ABLATIONS=baseline,vq:class-pca,vq:class-pca-from32,vq:pca-class,vq:center-class, then
+      # ABLATIONS=vq:pca,model:no-class-embed,fit:clamp-margin0, then vq:center-mean-k64,codebook,model:weight-roles,
+      # then fit,init,order,vq,model in chunks (cached rows are free; vq:pca and its -t0.8 / -cfg3 rows share one GPT,
+      # as do vq:center-class and -T1, and vq:class-pca and -from32). Rows run in the harness's order, not the list's.
       stamp "quality-ablations ${ABLATIONS:=baseline,fit,init,order,vq,codebook,model}"
       timeout "${QUALITY_TIMEOUT:-500}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
         --only ablations --ablations "$ABLATIONS" --seeds 1 \
