@@ -14,12 +14,35 @@ import time
 from pathlib import Path
 
 from nfgen import __version__
-from nfgen.io import NfgenError, write_json
+from nfgen.io import NfgenError, check_writable, write_json
 
 EXIT_USAGE = 2
 
 
 # --- argument plumbing -----------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (it prints the whole usage first otherwise)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _seed(value: str) -> int:
+    try:
+        seed = int(value)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**63:  # torch's generators take no more
+        raise argparse.ArgumentTypeError(f"seed {value!r} is not an integer in range; use 0 ≤ seed < 2^63")
+    return seed
+
+
+def _outputs(run: Path, command: str, *paths: Path) -> None:
+    """Refuse unwritable outputs (the command's files and its RUN/<command>.config.json) before any work."""
+    for path in (run / f"{command}.config.json", *paths):
+        check_writable(path)
+
 
 def _opt(p: argparse.ArgumentParser, name: str, cls, help: str, type_=None, **kw):
     """Add --name mapped onto field `name` of dataclass `cls`; the default shown is the dataclass's."""
@@ -30,7 +53,7 @@ def _opt(p: argparse.ArgumentParser, name: str, cls, help: str, type_=None, **kw
         p.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction, default=None,
                        help=f"{help} (default: {default})")
         return
-    t = type_ or (type(default) if default is not None else str)
+    t = type_ or (_seed if name == "seed" else type(default) if default is not None else str)
     p.add_argument(f"--{name}", dest=dest, type=t, default=None, help=f"{help} (default: {default})", **kw)
 
 
@@ -85,6 +108,7 @@ def cmd_fit(args) -> dict:
     cfg.validate()
     cfg = with_clamp_margin(cfg)
     out = _path(args.out, run, "fields.safetensors")
+    _outputs(run, "fit", out)
     summary = run_fit(args.split, out, cfg, data_root=args.data_root, download=args.download)
     _save_config(run, "fit", args, recipe=cfg, out=str(out))
     return summary
@@ -96,6 +120,7 @@ def cmd_template(args) -> dict:
     run = Path(args.run)
     cfg = _config(TemplateConfig, args, quiet=args.quiet)
     out = _path(args.out, run, "template.safetensors")
+    _outputs(run, "template", out)
     summary = run_template(args.split, out, cfg, data_root=args.data_root, download=args.download)
     _save_config(run, "template", args, recipe=cfg, out=str(out))
     return summary
@@ -107,6 +132,7 @@ def cmd_tokenize(args) -> dict:
     run = Path(args.run)
     cfg = _config(TokenizerConfig, args, quiet=args.quiet)
     out = _path(args.out, run, "tokens.safetensors")
+    _outputs(run, "tokenize", out)
     summary = run_tokenize(_path(args.fields, run, "fields.safetensors"), out, cfg, data_root=args.data_root,
                            device=args.device, quiet=args.quiet)
     _save_config(run, "tokenize", args, tokenizer=cfg, out=str(out))
@@ -118,18 +144,20 @@ def cmd_train(args) -> dict:
 
     run = Path(args.run)
     cfg = _config(TrainConfig, args, quiet=args.quiet)
+    _outputs(run, "train", run / "model.safetensors", run / "train_state.safetensors", run / "train_log.json")
     summary = train(_path(args.tokens, run, "tokens.safetensors"), run, cfg, resume=args.resume)
     _save_config(run, "train", args, train_config=cfg)
     return summary
 
 
 def cmd_generate(args) -> dict:
-    from nfgen.generate import SampleConfig, run_generate
+    from nfgen.generate import SampleConfig, run_generate, sample_paths
 
     run = Path(args.run)
     if args.top_k is not None and args.top_k < 1:
         raise NfgenError(f"--top-k must be ≥ 1, got {args.top_k}; leave it out to sample from every code")
     cfg = _config(SampleConfig, args, quiet=args.quiet)
+    _outputs(run, "generate", *sample_paths(run))
     summary = run_generate(_path(args.model, run, "model.safetensors"), _path(args.tokens, run, "tokens.safetensors"),
                            run, per_class=args.per_class, unconditional=args.unconditional, cfg=cfg,
                            device=args.device)
@@ -139,9 +167,11 @@ def cmd_generate(args) -> dict:
 
 def cmd_baseline(args) -> dict:
     from nfgen.baselines import run_baseline
+    from nfgen.generate import sample_paths
 
     run = Path(args.run)
     out = _path(args.out, run, "baseline")
+    _outputs(run, "baseline", *sample_paths(out))
     summary = run_baseline(_path(args.fields, run, "fields.safetensors"), out, per_class=args.per_class,
                            unconditional=args.unconditional, seed=args.seed)
     classifier = run / "classifier.safetensors"
@@ -158,6 +188,7 @@ def cmd_evaluate(args) -> dict:
     classifier = args.classifier
     if classifier is None and (run / "classifier.safetensors").is_file():
         classifier = run / "classifier.safetensors"
+    _outputs(run, "evaluate", run / "metrics.json", run / "nearest.png")
     summary = run_evaluate(_path(args.samples, run, "samples.safetensors"), run, ref_split=args.ref_split,
                            train_split=args.train_split, classifier_path=classifier, data_root=args.data_root,
                            device=args.device, seed=args.seed, quiet=args.quiet)
@@ -170,6 +201,7 @@ def cmd_classifier(args) -> dict:
 
     run = Path(args.run)
     out = _path(args.out, run, "classifier.safetensors")
+    _outputs(run, "classifier", out)
     summary = run_classifier(args.train_split, args.heldout_split, out, epochs=args.epochs, seed=args.seed,
                              device=args.device, data_root=args.data_root, quiet=args.quiet)
     _save_config(run, "classifier", args, out=str(out))
@@ -192,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nfgen.tokenizer import TokenizerConfig
     from nfgen.train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="nfgen", description="Generate neural fields by predicting their weights "
+    parser = _Parser(prog="nfgen", description="Generate neural fields by predicting their weights "
                                      "with a transformer: fit → tokenize → train → generate → evaluate.")
     parser.add_argument("--version", action="version", version=f"nfgen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -296,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=10, help="samples per class (default: 10)")
     p.add_argument("--unconditional", type=int, default=0,
                    help="samples of the Gaussian over every field (default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default: 0)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/baseline)")
     p.set_defaults(func=cmd_baseline)
 
@@ -307,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-split", default="mnist:test[:8000]", help="training split, for memorisation and the oracle")
     p.add_argument("--classifier", default=None, help="classifier file (default: RUN/classifier.safetensors if present)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subsampling to |Sg| = |Sr| (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the subsampling to |Sg| = |Sr| (default: 0)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("classifier", help="train the CNN behind the classifier score")
@@ -317,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the classifier's own)")
     p.add_argument("--out", default=None, help="classifier file (default: RUN/classifier.safetensors)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
     p.set_defaults(func=cmd_classifier)
 
     p = sub.add_parser("demo", help="the whole pipeline at a size that runs in about 10 minutes on a 2-core CPU")

@@ -15,7 +15,9 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise NfgenError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise NfgenError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise NfgenError(f"device {name!r} asked for but no CUDA GPU is available; use --device cpu")
     return dev

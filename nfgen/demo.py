@@ -11,9 +11,10 @@ from pathlib import Path
 
 from nfgen.classifier import run_classifier
 from nfgen.common import pick_device
+from nfgen.data import load_split
 from nfgen.fields import FitConfig, run_fit
 from nfgen.generate import SampleConfig, run_generate
-from nfgen.io import write_json
+from nfgen.io import check_writable, write_json
 from nfgen.metrics import run_evaluate
 from nfgen.tokenizer import TokenizerConfig, run_tokenize
 from nfgen.train import TrainConfig, train
@@ -38,8 +39,11 @@ UNCONDITIONAL = 100
 
 
 def run_demo(run: Path, *, data_root=None, device: str = "auto", quiet: bool = False, download: bool = False) -> dict:
-    run.mkdir(parents=True, exist_ok=True)
     dev = str(pick_device(device))
+    for split in (TRAIN_SPLIT, REF_SPLIT):  # missing data is refused before the run folder holds anything
+        load_split(split, data_root=data_root, download=download)
+    check_writable(run / "demo.config.json")
+    run.mkdir(parents=True, exist_ok=True)
     times, t = {}, time.perf_counter()
 
     def lap(name):

@@ -22,19 +22,46 @@ class NfgenError(Exception):
     """A problem with the user's input: the message names the problem and the fix, on one line."""
 
 
+def _unwritable(path: Path, exc: OSError) -> NfgenError:
+    return NfgenError(f"cannot write {path} ({exc.strerror or type(exc).__name__}); choose a path in a folder "
+                      f"you can write to")
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output path that cannot be written: an existing folder, a file where a folder
+    must be, or a nearest existing folder without write permission. Creates nothing; atomic_write still reports
+    what only the write itself can find out (a full disk, a read-only file system)."""
+    path = Path(path)
+    if path.is_dir():
+        raise NfgenError(f"{path} is a folder; pass a file path to write to")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NfgenError(f"cannot write {path}: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise NfgenError(f"cannot write {path}: no write permission in {parent}; choose a path in a folder you "
+                         f"can write to")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # a full disk, a folder in the way of the rename
+            raise _unwritable(path, exc) from None
         raise
 
 

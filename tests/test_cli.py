@@ -230,6 +230,76 @@ def test_bad_device(cli, tmp_path):
     assert_clean_error(cli("train", "--run", str(tmp_path), "--device", "cuda"), "no CUDA GPU")
 
 
+def test_usage_errors_are_one_line(cli, tmp_path):
+    assert_clean_error(cli("fit", "--run", str(tmp_path), "--steps", "abc"), "invalid int value: 'abc'; see nfgen fit --help")
+    assert_clean_error(cli("generate", "--run", str(tmp_path), "--seed", "99999999999999999999"), "not an integer in range")
+    assert_clean_error(cli("fit", "--run", str(tmp_path), "--seed", "x"), "not an integer in range")
+    assert_clean_error(cli("train", "--run", str(tmp_path), "--device", "meta"), "unknown device 'meta'")
+    assert not any(tmp_path.iterdir())
+
+
+def test_demo_without_data_leaves_no_run_folder(cli, tmp_path):
+    assert_clean_error(cli("demo", "--run", str(tmp_path / "demo"), "--data-root", str(tmp_path / "nowhere")),
+                       "not found")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_unwritable_outputs_refused_before_any_work(cli, tmp_path, run_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = cli("fit", "--run", str(tmp_path / "r"), *TINY_FIT, "--out", str(blocker / "fields.safetensors"))
+    assert_clean_error(proc, "is a file, not a folder")
+    (tmp_path / "folder.safetensors").mkdir()
+    proc = cli("tokenize", "--run", str(tmp_path / "r"), "--fields", str(run_dir / "fields.safetensors"),
+               "--out", str(tmp_path / "folder.safetensors"))
+    assert_clean_error(proc, "is a folder")
+    # a folder where the picture goes: refused before the samples file is written beside it
+    gen = tmp_path / "gen"
+    (gen / "samples.png").mkdir(parents=True)
+    proc = cli("generate", "--run", str(gen), "--model", str(run_dir / "model.safetensors"),
+               "--tokens", str(run_dir / "tokens.safetensors"), "--per-class", "1")
+    assert_clean_error(proc, "samples.png is a folder")
+    assert_clean_error(cli("evaluate", "--run", str(blocker), "--samples", str(run_dir / "samples.safetensors")),
+                       "is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a-file", "folder.safetensors", "gen", "samples.png"]
+
+
+def test_atomic_write_turns_os_errors_into_one_line(tmp_path, monkeypatch):
+    from nfgen.io import NfgenError, atomic_write, write_json
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NfgenError, match="cannot write .*f/out.json"):
+        write_json(tmp_path / "f" / "out.json", {})
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("nfgen.io.os.replace", disk_full)
+    with pytest.raises(NfgenError, match="No space left on device"):
+        with atomic_write(tmp_path / "out.bin") as tmp:
+            tmp.write_bytes(b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # no temporary file left behind
+
+
+def test_hand_edited_metadata_refused(cli, tmp_path, run_dir):
+    tensors, meta = load_artifact(run_dir / "tokens.safetensors", "tokens")
+    bad = tmp_path / "nan-codebooks.safetensors"
+    save_artifact(bad, "tokens", {**tensors, "codebooks": tensors["codebooks"] * float("nan")}, meta)
+    assert_clean_error(cli("train", "--run", str(tmp_path / "t"), "--tokens", str(bad)), "codebooks holds")
+    for value in (28, [-28, 28], "28x28"):
+        bad = tmp_path / "shape.safetensors"
+        save_artifact(bad, "tokens", tensors, {**meta, "image_shape": value})
+        assert_clean_error(cli("train", "--run", str(tmp_path / "t"), "--tokens", str(bad)), "invalid image_shape")
+    save_artifact(bad, "tokens", tensors, {**meta, "tokenizer": "x"})
+    assert_clean_error(cli("train", "--run", str(tmp_path / "t"), "--tokens", str(bad)), "invalid tokenizer")
+    tensors, meta = load_artifact(run_dir / "fields.safetensors", "fields")
+    save_artifact(tmp_path / "fields.safetensors", "fields", tensors, {**meta, "image_shape": [28]})
+    assert_clean_error(cli("tokenize", "--run", str(tmp_path)), "invalid image_shape")
+    # a source that is not a split's record: tokenize measures against the fields' own renders
+    save_artifact(tmp_path / "fields.safetensors", "fields", tensors, {**meta, "source": "x"})
+    assert cli("tokenize", "--run", str(tmp_path), "--codebook-size", "8", "--iters", "2", "--quiet").returncode == 0
+
+
 # --- resuming: every refusal is one line and exit 2; a world-size change is allowed for fit, handled for train
 
 def test_fit_resume_errors_and_world_size_change(cli, tmp_path, data_root, monkeypatch):
