@@ -145,6 +145,15 @@ def spec_for_images(image_shape: tuple, hidden: int, hidden_layers: int, omega0:
     return SirenSpec(in_dim=2, hidden=hidden, hidden_layers=hidden_layers, out_dim=out_dim, omega0=omega0)
 
 
+def stored_image_shape(value, path, fix: str) -> tuple[int, ...]:
+    """An artifact's "image_shape" metadata as (H, W) or (H, W, C) of positive ints, or NfgenError naming `path`."""
+    ok = isinstance(value, list) and len(value) in (2, 3) and all(type(v) is int and v > 0 for v in value)
+    if not ok:
+        raise NfgenError(f"{path} has an invalid image_shape {value!r} in its metadata (want [H, W] or [H, W, C]); "
+                         f"recreate it{fix}")
+    return tuple(value)
+
+
 def _check_image_shape(spec: SirenSpec, image_shape: tuple, where: str) -> None:
     ok = len(image_shape) in (2, 3) and spec.in_dim == 2 and spec.out_dim == (
         1 if len(image_shape) == 2 else image_shape[2])
@@ -355,7 +364,7 @@ def load_fields(path, hint: str = FIT_HINT) -> Fields:
         spec = SirenSpec.from_dict(meta["architecture"])
     except (KeyError, TypeError, ValueError) as exc:
         raise NfgenError(f"{path} has an invalid architecture ({exc}); recreate it{fix}") from None
-    image_shape = tuple(int(s) for s in meta["image_shape"])
+    image_shape = stored_image_shape(meta["image_shape"], path, fix)
     w, labels, ps = tensors["weights"], tensors["labels"], tensors["psnr"]
     n = w.shape[0] if w.dim() == 2 else -1
     if w.dim() != 2 or w.shape[1] != spec.num_params or labels.shape != (n,) or ps.shape != (n,):

@@ -507,25 +507,30 @@ def load_tokens(path, hint: str = TOKENIZE_HINT) -> TokenSet:
     missing = [k for k in ("tokens", "labels", "codebooks", "scales") if k not in tensors]
     if missing or not all(k in meta for k in ("tokenizer", "spec", "image_shape")):
         raise NfgenError(f"{path} is an incomplete tokens file (missing {missing or 'metadata'}); recreate it{fix}")
+    from nfgen.fields import stored_image_shape
+
+    image_shape = stored_image_shape(meta["image_shape"], path, fix)
     try:
         tok = WeightTokenizer.from_state(tensors, meta)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise NfgenError(f"{path} has an invalid tokenizer ({exc}); recreate it{fix}") from None
+    for name, t in tok.state_tensors().items():  # NaN codebooks would decode into NaN weights much later
+        check_finite(f"{path}: {name}", t, f"the file is corrupt; recreate it{fix}")
     tokens, labels = tensors["tokens"].long(), tensors["labels"].long()
     if tokens.dim() != 2 or tokens.shape[1] != tok.tokens_per_field or labels.shape != (tokens.shape[0],):
         raise NfgenError(f"{path}: tokens {tuple(tokens.shape)} / labels {tuple(labels.shape)} do not match its "
                          f"tokenizer (L={tok.tokens_per_field}); recreate it{fix}")
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= tok.n_codes):
         raise NfgenError(f"{path} holds token ids outside [0, {tok.n_codes}); recreate it{fix}")
-    return TokenSet(tokens=tokens, labels=labels, tokenizer=tok, spec=tok.spec,
-                    image_shape=tuple(int(s) for s in meta["image_shape"]), meta=meta)
+    return TokenSet(tokens=tokens, labels=labels, tokenizer=tok, spec=tok.spec, image_shape=image_shape, meta=meta)
 
 
 def _reference_images(fields, data_root, device):
     """The images the fields were fitted to, or (data unavailable) the fitted fields' own renders."""
     from nfgen.fields import render_fields
 
-    source = fields.meta.get("source") or {}
+    source = fields.meta.get("source")
+    source = source if isinstance(source, dict) else {}  # a hand-edited file: fall back to the renders
     split_spec = source.get("split", fields.meta.get("split"))
     indices = source.get("indices", fields.meta.get("indices"))
     if split_spec is not None and indices is not None:
