@@ -13,6 +13,7 @@ import os
 import re
 import struct
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,12 +79,30 @@ def load_split(spec: str, data_root: str | os.PathLike | None = None, download: 
     name, subset, sl = parse_split(spec)
     root = resolve_data_root(data_root)
     images, labels, class_names = _LOADERS[name](root, subset, download)
-    idx = np.arange(len(labels))[sl]
-    if len(idx) == 0:
-        raise NfgenError(f"split {spec!r} is empty (the {name}:{subset} set has {len(labels)} items); fix the slice")
+    idx = np.arange(*_resolve_slice(spec.strip(), f"{name}:{subset}", sl, len(labels)))
     imgs = torch.from_numpy(images[idx].astype(np.float32) / 255.0)
     return Split(imgs, torch.from_numpy(labels[idx].astype(np.int64)), torch.from_numpy(idx.astype(np.int64)),
                  spec, len(class_names), class_names)
+
+
+def _resolve_slice(spec: str, set_name: str, sl: slice, n: int) -> tuple[int, int]:
+    """``sl``'s bounds as 0 <= start < stop <= n; a bound outside the set or an empty slice is an error
+    (Python would clip it silently). Negative bounds count from the end, as in Python."""
+    bounds = []
+    for which, value, default in (("start", sl.start, 0), ("stop", sl.stop, n)):
+        pos = default if value is None else value + n if value < 0 else value
+        if pos > n:
+            limit = f"< {n}" if which == "start" else f"≤ {n}"
+            raise NfgenError(f"{spec} reaches past {set_name}'s {n} images; use a {which} {limit}")
+        if pos < 0:
+            raise NfgenError(f"{spec} starts before the first of {set_name}'s {n} images; "
+                             f"use a {which} ≥ -{n}")
+        bounds.append(pos)
+    start, stop = bounds
+    if start >= stop:
+        raise NfgenError(f"{spec} is empty (it starts at image {start} and stops at {stop} of {set_name}'s "
+                         f"{n}); use a start below the stop")
+    return start, stop
 
 
 # --- MNIST -------------------------------------------------------------------------------------------
@@ -96,21 +115,45 @@ def _find_idx(root: Path, stem: str) -> Path | None:
     return None
 
 
+def _mnist_fix(path: Path) -> str:
+    """The fix for a bad MNIST file, for the end of an error message."""
+    gz = path.name if path.suffix == ".gz" else path.name + ".gz"
+    return (f"delete it and pass --download to fetch it again, or put the official MNIST file there "
+            f"(the official {gz} has MD5 {MNIST_MD5[gz]})" if gz in MNIST_MD5 else
+            "delete it and pass --download to fetch it again, or put the official MNIST file there")
+
+
 def _read_idx(path: Path, magic: int) -> np.ndarray:
     try:
-        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise NfgenError(f"cannot read {path} ({exc}); the file is corrupt or truncated: "
-                         "delete it and fetch it again (nfgen ... --download)") from None
-    if len(raw) < 8 or struct.unpack(">I", raw[:4])[0] != magic:
-        raise NfgenError(f"{path} is not an IDX file of the expected type; replace it with the original MNIST file")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise NfgenError(f"cannot read {path} ({exc.strerror or exc}); make it a readable file or "
+                         f"{_mnist_fix(path)}") from None
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+            raise NfgenError(f"cannot decompress {path} ({exc}); the file is corrupt or truncated: "
+                             f"{_mnist_fix(path)}") from None
+    kind = "images" if magic == 2051 else "labels"
+    if len(raw) < 4 or struct.unpack(">I", raw[:4])[0] != magic:
+        raise NfgenError(f"{path} is not an IDX file of MNIST {kind} (its first bytes are not the magic number "
+                         f"{magic}); {_mnist_fix(path)}")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise NfgenError(f"{path} is truncated or corrupt ({len(raw)} bytes, too short for its own header); "
+                         f"{_mnist_fix(path)}")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     body = raw[4 + 4 * ndim:]
-    if len(body) != int(np.prod(dims)):
-        raise NfgenError(f"{path} is truncated or corrupt ({len(body)} bytes of data, header says "
-                         f"{int(np.prod(dims))}); delete it and fetch it again (--download)")
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+    expected = int(np.prod(dims, dtype=np.int64))
+    if len(body) != expected:
+        raise NfgenError(f"{path} is truncated or corrupt ({len(body)} bytes of data, its header says {expected} "
+                         f"for {' x '.join(map(str, dims))} {kind}); {_mnist_fix(path)}")
+    data = np.frombuffer(body, dtype=np.uint8).reshape(dims)
+    if kind == "labels" and data.size and int(data.max()) > 9:
+        raise NfgenError(f"{path} is corrupt (it holds label {int(data.max())}, MNIST's labels are 0-9); "
+                         f"{_mnist_fix(path)}")
+    return data
 
 
 @functools.lru_cache(maxsize=4)
@@ -175,24 +218,77 @@ def download_mnist(root: Path, subset: str) -> None:
 
 # --- CIFAR-10 (image folder) ---------------------------------------------------------------------------
 
+_CIFAR_NAME = re.compile(r"^(?P<index>\d+)_(?P<cls>.+)\.png$")
+
+
 @functools.lru_cache(maxsize=2)
 def _load_cifar_cached(root: str, subset: str):
     from PIL import Image
 
     base = Path(root) / "cifar10"
+    folder = base / subset
     names_file = base / "labels.txt"
-    if not (base / subset).is_dir():
-        raise NfgenError(f"CIFAR-10 {subset} folder not found at {base / subset}; put the image folder there "
+    if not folder.is_dir():
+        raise NfgenError(f"CIFAR-10 {subset} folder not found at {folder}; put the image folder there "
                          "or point --data-root / NFGEN_DATA at its parent")
-    class_names = names_file.read_text().split() if names_file.is_file() else sorted(p.name for p in (base / subset).iterdir())
-    entries = []
+    replace = "replace it with the original image" + (f" ({base / 'MD5SUMS'} lists the checksums)"
+                                                      if (base / "MD5SUMS").is_file() else "")
+    class_dirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if names_file.is_file():
+        try:
+            class_names = names_file.read_text().split()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise NfgenError(f"cannot read {names_file} ({exc}); write the class names there, one a line, "
+                             "in label order") from None
+        if not class_names:
+            raise NfgenError(f"{names_file} names no classes; write the class names there, one a line, in label "
+                             "order, or delete it to use the folder names in sorted order")
+        dup = sorted({c for c in class_names if class_names.count(c) > 1})
+        if dup:
+            raise NfgenError(f"{names_file} names {', '.join(dup)} more than once; list each class once")
+        missing = [c for c in class_names if c not in class_dirs]
+        if missing:
+            raise NfgenError(f"{names_file} names classes with no folder in {folder} ({', '.join(missing)}); "
+                             "fix labels.txt or add the folders")
+        extra = [c for c in class_dirs if c not in class_names]
+        if extra:
+            raise NfgenError(f"{folder} has class folders that {names_file} does not name ({', '.join(extra)}); "
+                             "add them to labels.txt or move them out")
+    else:
+        class_names = class_dirs
+        if not class_names:
+            raise NfgenError(f"{folder} has no class folders; put the images in {folder}/<class>/<index>_<class>.png")
+    entries, seen = [], {}
     for label, cname in enumerate(class_names):
-        for p in (base / subset / cname).glob("*.png"):
-            entries.append((int(p.stem.split("_")[0]), label, p))
+        files = sorted((folder / cname).glob("*.png"))
+        if not files:
+            raise NfgenError(f"class folder {folder / cname} holds no .png images; put the class's "
+                             f"<index>_{cname}.png images there, or drop the class from labels.txt")
+        for p in files:
+            m = _CIFAR_NAME.match(p.name)
+            if not m or m["cls"] != cname:
+                raise NfgenError(f"{p} is not named <index>_{cname}.png like the other images of its folder; "
+                                 "rename it or move it out of the folder")
+            index = int(m["index"])
+            if index in seen:
+                raise NfgenError(f"{p} and {seen[index]} both have index {index}; remove or renumber one of them")
+            seen[index] = p
+            entries.append((index, label, p))
     entries.sort()
-    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for _, _, p in entries])
+    images = []
+    for _, _, p in entries:
+        try:
+            with Image.open(p) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError) as exc:
+            raise NfgenError(f"cannot decode {p} ({type(exc).__name__}: {exc}); the image is corrupt: "
+                             f"{replace}") from None
+        if images and arr.shape != images[0].shape:
+            raise NfgenError(f"{p} is {arr.shape[1]}x{arr.shape[0]} pixels but {entries[0][2]} is "
+                             f"{images[0].shape[1]}x{images[0].shape[0]}; every image must have one size: {replace}")
+        images.append(arr)
     labels = np.array([lab for _, lab, _ in entries], dtype=np.int64)
-    return images, labels, class_names
+    return np.stack(images), labels, class_names
 
 
 def _load_cifar10(root: Path, subset: str, download: bool):
