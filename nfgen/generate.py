@@ -375,6 +375,7 @@ def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, uncon
 
     Under torchrun the batches are split over the ranks and rank 0 writes the files."""
     from nfgen.tokenizer import load_tokens
+    from nfgen.train import data_fingerprint, make_sequences
 
     cfg = cfg or SampleConfig()
     cfg.validate()
@@ -391,6 +392,11 @@ def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, uncon
                          f"tokens, {tokens_path} has {tok.n_codes} × {tok.tokens_per_field}; "
                          "use the tokens file the model was trained on")
     vocab = Vocab(tok.n_codes, n_classes)
+    # the same vocabulary is not enough: the samples decode through this file's codebooks, so they must be the
+    # ones the model learnt (a model records the hash of its training sequences; older ones are not checked)
+    if "data" in meta and data_fingerprint(make_sequences(ts.tokens, ts.labels, vocab)) != meta["data"]:
+        raise NfgenError(f"{model_path} was trained on other tokens than {tokens_path} holds (their sequences "
+                         "differ); use the tokens file the model was trained on")
     classes = classes_to_sample(n_classes, per_class, unconditional)
     t0 = time.perf_counter()
     _, weights = generate_weights(model, vocab, classes, tok, cfg, device)

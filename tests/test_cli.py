@@ -128,6 +128,15 @@ def test_mismatched_artifacts(cli, tmp_path, run_dir, data_root):
                "--tokens", str(other / "tokens.safetensors"))
     assert_clean_error(proc, "use the tokens file the model was trained on")
     assert not (tmp_path / "samples.safetensors").exists()
+    # tokens of other images with the same shapes (vocabulary, length): other codebooks, so refused as well
+    same = tmp_path / "same-shapes"
+    fit = ["--split", "mnist:test[40:80]", *TINY_FIT[2:]]
+    assert main(["fit", "--run", str(same), *fit]) == 0
+    assert main(["tokenize", "--run", str(same), "--codebook-size", "16", "--iters", "5", "--quiet"]) == 0
+    proc = cli("generate", "--run", str(tmp_path), "--model", str(run_dir / "model.safetensors"),
+               "--tokens", str(same / "tokens.safetensors"))
+    assert_clean_error(proc, "was trained on other tokens")
+    assert not (tmp_path / "samples.safetensors").exists()
 
 
 @pytest.mark.parametrize("args,pattern", [
