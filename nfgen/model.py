@@ -51,12 +51,22 @@ class GPTConfig:
     role_nodes: int = 0
 
     def __post_init__(self):
+        """Refuse (ValueError, naming the field and its valid range) a config no GPT can be built from."""
+        for name, low in [("vocab_size", 1), ("block_size", 1), ("n_layer", 1), ("n_head", 1), ("n_embd", 1),
+                          ("n_kv_head", 0), ("value_features", 0), ("role_nodes", 0)]:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"{name} {v!r} must be an integer ≥ {low}")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout!r} must be in [0, 1)")
+        for name in ("bias", "class_embed"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} {getattr(self, name)!r} must be true or false")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
-        if min(self.vocab_size, self.block_size, self.n_layer, self.n_head) < 1:
-            raise ValueError(f"invalid GPTConfig {self}")
         self.n_kv_head = self.n_kv_head or self.n_head
-        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+        if self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head {self.n_kv_head} must divide n_head {self.n_head}")
 
     @property
@@ -321,13 +331,14 @@ def load_model(path, device="cpu", hint: str = "run `nfgen train` first") -> tup
     """Read a "model" artifact → (GPT in eval mode on `device`, meta)."""
     tensors, meta = load_artifact(path, "model", hint)
     known = {f.name for f in fields(GPTConfig)}
-    raw = meta.get("config")
+    raw = meta.get("config") if isinstance(meta, dict) else None
     if not isinstance(raw, dict) or not {"vocab_size", "block_size"} <= raw.keys():
         raise NfgenError(f"{path} has no GPT config in its metadata; re-save it with nfgen train")
-    try:
+    try:  # GPTConfig checks every field; GPT itself may still refuse what it cannot build
         model = GPT(GPTConfig(**{k: v for k, v in raw.items() if k in known}))
-    except (TypeError, ValueError) as exc:
-        raise NfgenError(f"{path} holds an invalid GPT config ({exc}); re-save it with nfgen train") from None
+    except (TypeError, ValueError, RuntimeError, MemoryError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NfgenError(f"{path} holds an invalid model config ({reason}); retrain it with nfgen train") from None
     expected = model.state_dict()
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())

@@ -68,20 +68,58 @@ class TrainConfig:
     quiet: bool = False
 
     def validate(self) -> None:
-        checks = [
-            (self.steps >= 1, "--steps must be ≥ 1"),
-            (self.batch_size >= 1, "--batch-size must be ≥ 1"),
-            (self.lr > 0, "--lr must be > 0"),
-            (self.n_embd % self.n_head == 0, f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}"),
-            (self.n_kv_head >= 0 and self.n_head % (self.n_kv_head or self.n_head) == 0,
-             f"--n-kv-head {self.n_kv_head} must divide --n-head {self.n_head} (0: as many as --n-head)"),
-            (0.0 <= self.class_dropout <= 1.0, "--class-dropout must be in [0, 1]"),
-            (0.0 <= self.val_fraction < 1.0, "--val-fraction must be in [0, 1)"),
-            (0 <= self.warmup, "--warmup must be ≥ 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise NfgenError(msg)
+        """Refuse an out-of-range option before any work, naming it as the CLI spells it and its valid range."""
+        def fail(name: str, what: str, fix: str):
+            value = getattr(self, name)
+            raise NfgenError(f"{_option(name)} {value!r} {what}; {fix}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v) -> bool:
+            return (isinstance(v, (int, float)) and not isinstance(v, bool)) and not math.isnan(v)
+
+        for name, low, what in [("n_layer", 1, "transformer blocks"), ("n_head", 1, "attention heads"),
+                                ("n_embd", 1, "model width"), ("n_kv_head", 0, "key/value heads; 0: --n-head"),
+                                ("steps", 1, "optimizer steps"), ("batch_size", 1, "sequences per step"),
+                                ("warmup", 0, "warmup steps"), ("eval_every", 1, "steps between validations"),
+                                ("checkpoint_every", 1, "steps between checkpoints")]:
+            if not is_int(getattr(self, name)) or getattr(self, name) < low:
+                fail(name, "is out of range", f"pass an integer ≥ {low} ({what})")
+        if not is_int(self.seed) or not 0 <= self.seed < 2 ** 63:
+            fail("seed", "is out of range", "pass an integer with 0 ≤ seed < 2^63")
+        # (name, lowest, lowest allowed itself, highest, highest allowed itself, fix)
+        for name, lo, lo_in, hi, hi_in, fix in [
+                ("lr", 0.0, False, math.inf, False, "pass a finite learning rate > 0"),
+                ("min_lr_ratio", 0.0, True, 1.0, True, "pass a fraction of --lr in [0, 1]"),
+                ("weight_decay", 0.0, True, math.inf, False, "pass a finite AdamW weight decay ≥ 0"),
+                ("beta1", 0.0, True, 1.0, False, "pass an AdamW beta in [0, 1)"),
+                ("beta2", 0.0, True, 1.0, False, "pass an AdamW beta in [0, 1)"),
+                ("grad_clip", 0.0, False, math.inf, True, "pass a gradient-norm clip > 0 (inf: no clipping)"),
+                ("dropout", 0.0, True, 1.0, False, "pass a probability in [0, 1)"),
+                ("class_dropout", 0.0, True, 1.0, True, "pass a probability in [0, 1]"),
+                ("val_fraction", 0.0, True, 1.0, False, "pass a fraction in [0, 1)")]:
+            v = getattr(self, name)
+            if not is_real(v) or not (lo <= v if lo_in else lo < v) or not (v <= hi if hi_in else v < hi):
+                fail(name, "is out of range", fix)
+        for name in ("value_embed", "class_embed", "weight_roles", "compile", "quiet"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "is not a boolean", "pass True or False")
+        if not isinstance(self.device, str):
+            fail("device", "is not a device name", "use auto, cpu or cuda[:N]")
+        if self.device != "auto":
+            pick_device(self.device)  # an unknown device, or CUDA asked for where there is none
+        if self.n_embd % self.n_head:
+            raise NfgenError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}; pass an --n-embd "
+                             f"that is a multiple of --n-head")
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            raise NfgenError(f"--n-kv-head {self.n_kv_head} must divide --n-head {self.n_head}; pass a divisor of "
+                             "--n-head, or 0 for as many as --n-head")
+
+
+def _option(name: str) -> str:
+    """A TrainConfig field as the CLI spells it (--n-head); fields without an option keep their name."""
+    return name if name in ("min_lr_ratio", "beta1", "beta2") else "--" + name.replace("_", "-")
 
 
 # Options that may differ between a run and its resumption. None changes the batches or the init; --steps
@@ -141,13 +179,39 @@ def data_fingerprint(seqs: torch.Tensor) -> str:
     return hashlib.sha256(seqs.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:32]
 
 
+class _Unusable(Exception):
+    """A train state that is not what nfgen writes (edited or corrupt); _restore names the file."""
+
+
 def _restore(path: Path, model: GPT, opt: torch.optim.Optimizer, gen: torch.Generator, cfg: TrainConfig, device,
              data: str):
+    """Load a train state into model, opt, gen and torch's RNG → (step, history). Everything is checked before
+    anything is set: a state that is not what nfgen writes is refused as one error naming the file."""
     tensors, meta = load_artifact(path, "train_state", "start without --resume")
+    try:
+        return _restore_checked(path, tensors, meta, model, opt, gen, cfg, device, data)
+    except _Unusable as exc:
+        raise NfgenError(f"{path} is not a usable training state ({exc}); delete it, or train without --resume") \
+            from None
+
+
+def _restore_checked(path, tensors, meta, model, opt, gen, cfg, device, data):
+    if not isinstance(meta, dict):
+        raise _Unusable("its metadata is not a JSON object")
+    step = meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise _Unusable("no step count" if step is None else f"step {step!r} is not a whole number ≥ 0")
+    history = meta.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise _Unusable("history is not a list of records")
+    if not isinstance(meta.get("data", data), str):
+        raise _Unusable(f"data fingerprint {meta['data']!r} is not a string")
     if meta.get("data", data) != data:  # states written before the fingerprint existed are not checked
         raise NfgenError(f"--resume with other training data than the original run ({meta.get('tokens_path')}); "
                          "pass its --tokens or start a new run directory")
     old = meta.get("train_config", {})
+    if not isinstance(old, dict):
+        raise _Unusable(f"train_config is a {type(old).__name__}, not a mapping of options")
     known = {**asdict(TrainConfig()), **_BEFORE_OPTION}  # an option newer than the checkpoint: what ran then
     diff = {k: (old.get(k, known[k]), v) for k, v in asdict(cfg).items()
             if k not in _RESUME_FREE and old.get(k, known[k]) != v}
@@ -155,23 +219,78 @@ def _restore(path: Path, model: GPT, opt: torch.optim.Optimizer, gen: torch.Gene
         listed = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in diff.items())
         raise NfgenError(f"--resume with different options than the original run ({listed}); "
                          "rerun with the original options or start a new run directory")
-    try:
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    except RuntimeError as exc:  # an older state without the data fingerprint, resumed on another vocabulary
-        raise NfgenError(f"{path} does not fit this model ({str(exc).splitlines()[-1].strip()}); pass the original "
-                         "run's --tokens or start a new run directory") from None
-    sd = opt.state_dict()
-    state = {}
+    for k, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise _Unusable(f"{k} holds {int((~torch.isfinite(t)).sum())} non-finite (NaN/inf) values")
+
+    # the model: its state dict exactly (load_state_dict checks names and shapes)
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    expected = model.state_dict()
+    if weights.keys() != expected.keys() or any(weights[k].shape != expected[k].shape for k in expected):
+        try:
+            model.load_state_dict(weights)
+            problem = "its model weights do not fit this model"
+        except RuntimeError as exc:
+            problem = str(exc).splitlines()[-1].strip()
+        if "data" not in meta:  # an older state without the data fingerprint, resumed on another vocabulary
+            raise NfgenError(f"{path} does not fit this model ({problem}); pass the original run's --tokens or "
+                             "start a new run directory")
+        raise _Unusable(f"its model weights do not fit this model: {problem}")
+
+    # AdamW: opt.<i>.{step, exp_avg, exp_avg_sq} for parameter i (in the optimizer's group order)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
     for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = v.to(device) if name != "step" else v
+        if not key.startswith("opt."):
+            continue
+        parts = key.split(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= len(params):
+            raise _Unusable(f"optimizer entry {key!r} names no parameter (0 … {len(params) - 1})")
+        i, name = int(parts[1]), parts[2]
+        if name == "step":
+            if v.numel() != 1 or float(v.reshape(())) < 0:
+                raise _Unusable(f"{key} is not a step count ≥ 0")
+            state.setdefault(i, {})[name] = v.reshape(()).to(torch.float32)
+        elif name in ("exp_avg", "exp_avg_sq"):
+            if not v.is_floating_point() or v.shape != params[i].shape:
+                raise _Unusable(f"{key} has shape {tuple(v.shape)} ({v.dtype}), parameter {i} needs "
+                                f"{tuple(params[i].shape)} floats")
+            if name == "exp_avg_sq" and (v < 0).any():
+                raise _Unusable(f"{key} holds negative values")
+            state.setdefault(i, {})[name] = v.to(device)
+        else:
+            raise _Unusable(f"unknown optimizer entry {key!r}")
+    incomplete = [i for i, st in state.items() if st.keys() != {"step", "exp_avg", "exp_avg_sq"}]
+    if incomplete:
+        raise _Unusable(f"the optimizer state of parameter {incomplete[0]} lacks "
+                        f"{sorted({'step', 'exp_avg', 'exp_avg_sq'} - state[incomplete[0]].keys())}")
+
+    # the RNG states: byte tensors of the sizes this torch writes
+    rngs = [("rng.batches", gen.get_state()), ("rng.torch", torch.get_rng_state())]
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        rngs.append(("rng.cuda", torch.cuda.get_rng_state()))
+    for key, want in rngs:
+        t = tensors.get(key)
+        if t is None:
+            raise _Unusable(f"no {key}")
+        if t.dtype != torch.uint8 or t.shape != want.shape:
+            raise _Unusable(f"{key} is {tuple(t.shape)} {t.dtype}, not a generator state of {tuple(want.shape)} bytes")
+
+    # everything checked: set it (a generator may still refuse the bytes of its state)
+    model.load_state_dict(weights)
+    sd = opt.state_dict()
     opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    try:
+        probe = torch.Generator()
+        probe.set_state(tensors["rng.batches"])
+        probe.set_state(tensors["rng.torch"])
+    except RuntimeError as exc:
+        raise _Unusable(f"its RNG states are corrupt: {str(exc).splitlines()[0]}") from None
     gen.set_state(tensors["rng.batches"])
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return meta["step"], meta.get("history", [])
+    return step, history
 
 
 @torch.no_grad()
@@ -201,7 +320,12 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
     rank, world = distributed.rank(), distributed.world_size()
     device = pick_device(cfg.device)
     ts = load_tokens(tokens_path, hint="run `nfgen tokenize` first")
-    n_classes = int(ts.meta.get("n_classes", int(ts.labels.max()) + 1))
+    if ts.tokens.shape[0] == 0:
+        raise NfgenError(f"{tokens_path} holds no fields; tokenize a non-empty fields file")
+    n_classes = ts.meta.get("n_classes") if "n_classes" in ts.meta else int(ts.labels.max()) + 1
+    if not isinstance(n_classes, int) or isinstance(n_classes, bool) or n_classes < 1:
+        raise NfgenError(f"{tokens_path} records n_classes {n_classes!r}, not a count ≥ 1; re-tokenize its fields "
+                         "file with nfgen tokenize")
     vocab = Vocab(ts.tokenizer.n_codes, n_classes)
     if ts.labels.min() < 0 or ts.labels.max() >= n_classes:
         raise NfgenError(f"{tokens_path} has labels outside [0, {n_classes}); re-tokenize a labelled fields file")
@@ -211,7 +335,7 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
 
     split_gen = make_generator(cfg.seed)
     perm = torch.randperm(n, generator=split_gen)
-    n_val = int(round(n * cfg.val_fraction)) if n > 1 else 0
+    n_val = min(int(round(n * cfg.val_fraction)), n - 1)  # at least one training sequence
     val_seqs, train_seqs = seqs[perm[:n_val]], seqs[perm[n_val:]]
     bs = min(cfg.batch_size, train_seqs.shape[0])
     if bs % world:

@@ -218,3 +218,19 @@ def test_load_rejects_bad_files(tmp_path):
     (tmp_path / "trunc.safetensors").write_bytes(b"\x08\x00garbage")
     with pytest.raises(NfgenError):
         load_model(tmp_path / "trunc.safetensors")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("n_head", 0, "n_head 0 must be an integer ≥ 1"), ("n_embd", 0, "n_embd 0 must be an integer ≥ 1"),
+    ("n_layer", -1, "n_layer -1 must be an integer ≥ 1"), ("dropout", 2.0, r"dropout 2.0 must be in \[0, 1\)"),
+    ("vocab_size", "23", "vocab_size '23' must be an integer"), ("n_kv_head", 2, "n_kv_head 2 must divide n_head 3"),
+    ("value_features", -3, "value_features -3 must be an integer ≥ 0"), ("bias", "yes", "bias 'yes' must be true")])
+def test_load_refuses_an_invalid_config(tmp_path, field, value, message):
+    config = {"vocab_size": 23, "block_size": 19, "n_layer": 2, "n_head": 3, "n_embd": 24, "bias": True}
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{**config, field: value})
+    path = tmp_path / "model.safetensors"
+    save_artifact(path, "model", dict(small_model().state_dict()), {"config": {**config, field: value}})
+    with pytest.raises(NfgenError, match=f"{path} holds an invalid model config \\({message}.*\\); retrain it "
+                                         "with nfgen train"):
+        load_model(path)

@@ -184,3 +184,92 @@ def test_resume_refuses_other_training_data(tokens_file, tmp_path):
     save_tokens(other, TokenSet(tok8.encode(weights), ts.labels, tok8, ts.spec, ts.image_shape, ts.meta))
     with pytest.raises(NfgenError, match="does not fit this model .*size mismatch.*pass the original run's --tokens"):
         train(other, run, small(steps=6), resume=True)
+
+
+@pytest.mark.parametrize("option,message", [
+    (dict(n_head=0), "--n-head 0 is out of range; pass an integer ≥ 1"),
+    (dict(n_head=-2), "--n-head -2 is out of range; pass an integer ≥ 1"),
+    (dict(n_layer=0), "--n-layer 0 is out of range; pass an integer ≥ 1"),
+    (dict(n_embd=0), "--n-embd 0 is out of range; pass an integer ≥ 1"),
+    (dict(n_kv_head=-1), "--n-kv-head -1 is out of range; pass an integer ≥ 0"),
+    (dict(eval_every=0), "--eval-every 0 is out of range; pass an integer ≥ 1"),
+    (dict(checkpoint_every=0), "--checkpoint-every 0 is out of range; pass an integer ≥ 1"),
+    (dict(steps=0), "--steps 0 is out of range"),
+    (dict(batch_size=0), "--batch-size 0 is out of range"),
+    (dict(warmup=-1), "--warmup -1 is out of range; pass an integer ≥ 0"),
+    (dict(steps=2.5), "--steps 2.5 is out of range; pass an integer"),
+    (dict(lr=0.0), r"--lr 0.0 is out of range; pass a finite learning rate > 0"),
+    (dict(lr=float("nan")), r"--lr nan is out of range"),
+    (dict(grad_clip=-1.0), r"--grad-clip -1.0 is out of range; pass a gradient-norm clip > 0"),
+    (dict(weight_decay=-1.0), r"--weight-decay -1.0 is out of range; pass a finite AdamW weight decay ≥ 0"),
+    (dict(dropout=2.0), r"--dropout 2.0 is out of range; pass a probability in \[0, 1\)"),
+    (dict(dropout=1.0), r"--dropout 1.0 is out of range"),
+    (dict(class_dropout=1.5), r"--class-dropout 1.5 is out of range; pass a probability in \[0, 1\]"),
+    (dict(val_fraction=1.0), r"--val-fraction 1.0 is out of range; pass a fraction in \[0, 1\)"),
+    (dict(beta2=1.0), r"beta2 1.0 is out of range; pass an AdamW beta in \[0, 1\)"),
+    (dict(min_lr_ratio=-0.1), r"min_lr_ratio -0.1 is out of range"),
+    (dict(seed=-1), r"--seed -1 is out of range"),
+    (dict(value_embed="yes"), r"--value-embed 'yes' is not a boolean"),
+    (dict(device="tpu"), r"unknown device 'tpu'"),
+    (dict(n_embd=30, n_head=4), r"--n-embd 30 is not divisible by --n-head 4; pass an --n-embd that is a multiple"),
+])
+def test_every_option_is_checked_before_any_work(tokens_file, tmp_path, option, message):
+    with pytest.raises(NfgenError, match=message):
+        train(tokens_file, tmp_path / "r", small(**option))
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_cli_refuses_a_bad_option_in_one_line(tokens_file, tmp_path, capsys):
+    from nfgen.cli import main
+
+    code = main(["train", "--tokens", str(tokens_file), "--run", str(tmp_path / "r"), "--quiet", "--n-head", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == ("nfgen train: error: --n-head 0 is out of range; pass an integer ≥ 1 "
+                                         "(attention heads)")
+    assert not (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_resume_refuses_an_unusable_state(tokens_file, tmp_path):
+    run = tmp_path / "run"
+    train(tokens_file, run, small(steps=3))
+    path = run / "train_state.safetensors"
+    good_tensors, good_meta = load_artifact(path, "train_state")
+    model_before = (run / "model.safetensors").read_bytes()
+
+    def edit_tensors(**kw):
+        return lambda t, m: t.update(kw)
+
+    nan = torch.full_like(good_tensors["model.lm_head.weight"], float("nan"))
+    cases = [
+        (lambda t, m: m.pop("step"), "no step count"),
+        (lambda t, m: m.update(step="3"), "step '3' is not a whole number"),
+        (lambda t, m: m.update(train_config=[1]), "train_config is a list"),
+        (lambda t, m: m.update(history={"a": 1}), "history is not a list"),
+        (lambda t, m: t.pop("rng.batches"), "no rng.batches"),
+        (edit_tensors(**{"rng.batches": good_tensors["rng.batches"][:7]}), "rng.batches is .*not a generator state"),
+        (edit_tensors(**{"opt.0.exp_avg": torch.zeros(3)}), r"opt.0.exp_avg has shape \(3,\)"),
+        (edit_tensors(**{"opt.x.exp_avg": torch.zeros(3)}), "optimizer entry 'opt.x.exp_avg' names no parameter"),
+        (lambda t, m: t.pop("opt.0.step"), r"parameter 0 lacks \['step'\]"),
+        (edit_tensors(**{"opt.0.exp_avg_sq": -good_tensors["opt.0.exp_avg_sq"] - 1}), "negative"),
+        (lambda t, m: t.pop("model.lm_head.weight"), "model weights do not fit"),
+        (edit_tensors(**{"model.lm_head.weight": nan}), "model.lm_head.weight holds .* non-finite"),
+    ]
+    for edit, what in cases:
+        tensors, meta = dict(good_tensors), {**good_meta, "train_config": dict(good_meta["train_config"])}
+        edit(tensors, meta)
+        save_artifact(path, "train_state", tensors, meta)
+        with pytest.raises(NfgenError, match=f"{path} is not a usable training state \\(.*{what}.*\\); delete it, "
+                                             "or train without --resume"):
+            train(tokens_file, run, small(steps=6), resume=True)
+        assert (run / "model.safetensors").read_bytes() == model_before  # nothing half-written
+    save_artifact(path, "train_state", good_tensors, good_meta)  # the untouched state still resumes
+    train(tokens_file, run, small(steps=4), resume=True)
+
+
+def test_refuses_a_tokens_file_without_fields(tokens_file, tmp_path):
+    ts = load_tokens(tokens_file)
+    empty = tmp_path / "empty.safetensors"
+    save_tokens(empty, TokenSet(ts.tokens[:0], ts.labels[:0], ts.tokenizer, ts.spec, ts.image_shape, ts.meta))
+    with pytest.raises(NfgenError, match=f"{empty} holds no fields; tokenize a non-empty fields file"):
+        train(empty, tmp_path / "r", small())
+    assert not (tmp_path / "r").exists()
