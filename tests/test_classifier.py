@@ -94,7 +94,7 @@ def test_run_classifier_writes_artifact(tmp_path, data_root):
     summary = run_classifier("mnist:test[:300]", "mnist:test[9800:]", out, epochs=None, seed=1, device="cpu",
                              data_root=data_root, quiet=True)  # None: the classifier's default, as the CLI passes
     assert summary["epochs"] == DEFAULT_EPOCHS and out.exists() and summary["n_train"] == 300
-    assert 0.0 <= summary["heldout_accuracy"] <= 1.0
+    assert 0.2 < summary["heldout_accuracy"] <= 1.0  # 0.31 at this seed: 300 images learn something (chance: 0.1)
     assert load_classifier(out).cfg.n_classes == 10
     with pytest.raises(NfgenError, match="share"):
         run_classifier("mnist:test[:300]", "mnist:test[200:400]", tmp_path / "x.safetensors", epochs=1, seed=0,

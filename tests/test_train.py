@@ -84,6 +84,30 @@ def test_train_learns_and_writes_loadable_model(tokens_file, tmp_path, n_kv_head
     assert 0 < summary["marginal_val_loss"] < math.log(16)
 
 
+@pytest.mark.parametrize("class_dropout,dropped", [(0.0, 0.0), (0.5, None), (1.0, 1.0)])
+def test_class_dropout_is_the_share_of_rows_trained_without_their_class(tokens_file, tmp_path, monkeypatch,
+                                                                         class_dropout, dropped):
+    # the unconditional model (and CFG) exists only through these rows
+    import nfgen.train as train_module
+
+    seen = []
+
+    def spy(seqs, idx, drop, vocab):
+        x, y = batch_from(seqs, idx, drop, vocab)
+        if drop is None:  # validation batches keep every class
+            assert not (x[:, 1] == vocab.no_class).any()
+        else:
+            seen.append((x[:, 1] == vocab.no_class).float().mean().item())
+            assert torch.equal(x[:, 1] == vocab.no_class, drop)  # exactly the marked rows lose their class
+        return x, y
+
+    monkeypatch.setattr(train_module, "batch_from", spy)
+    train(tokens_file, tmp_path / "run", small(steps=20, eval_every=20, class_dropout=class_dropout))
+    share = sum(seen) / len(seen)
+    assert len(seen) == 20
+    assert share == dropped if dropped is not None else 0.3 < share < 0.7
+
+
 @pytest.mark.parametrize("value_embed", [False, True])
 def test_resume_reproduces_uninterrupted_run_exactly(tokens_file, tmp_path, monkeypatch, die_at_step, value_embed):
     straight = tmp_path / "straight"
