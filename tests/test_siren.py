@@ -3,8 +3,11 @@ reference (forward, gradients, fused Adam steps) on random odd shapes and on rea
 
 Tolerances (float32 throughout): forward |Δ| ≤ 1e-5 (outputs are O(1); the kernels' sin/cos polynomial is
 ~1e-7 accurate); gradients |Δ| ≤ 1e-4 · max|grad|; after fused Adam steps parameters |Δ| ≤ 2e-5 at lr 1e-3
-(Adam normalises updates, so float rounding in near-zero gradients moves a weight by at most ~lr) and the
-per-field losses relative |Δ| ≤ 1e-4. Triton kernels run through TRITON_INTERPRET=1 at small sizes.
+(Adam normalises updates, so float rounding in near-zero gradients moves a weight by at most ~lr; measured
+≤ 6e-6), first moments |Δ| ≤ 1e-4·|m| + 5e-5·max|m| (measured ≤ 9e-6·max|m|), second moments
+|Δ| ≤ 5e-5·|v| + 5e-6·max|v| (the C++ op's v runs ~1.3e-5 relative low: it takes 1 - β2 in float32;
+beyond that ≤ 1e-6·max|v|), and the per-field losses relative |Δ| ≤ 1e-4. Triton kernels run through
+TRITON_INTERPRET=1 at small sizes: every shape below, with fewer fields and pixels where it is large.
 """
 import json
 import math
@@ -23,11 +26,24 @@ from nfkernels.siren import (SirenSpec, coord_grid, siren_fit_steps, siren_fit_s
 _TRITON_RUNS = _ext.HAS_TRITON and (torch.cuda.is_available() or _ext.triton_interpret())
 FAST = [b for b, ok in (("cpp", _ext.has_op("siren_forward")), ("triton", _TRITON_RUNS)) if ok]
 
-# (in_dim, hidden, sine layers, out_dim, N, pixels): odd N and pixel counts, not multiples of any tile
+# (in_dim, hidden, sine layers, out_dim, N, pixels): odd N and pixel counts, not multiples of any tile. The C++
+# weight gradient of a hidden×hidden layer works in blocks of 4 outputs (kOB): the last four shapes' widths 18, 37,
+# 23 and 127 leave partial blocks of 2, 1, 3 and 3 rows (33 pixels: one past the C++ pixel tile). Not every
+# random problem is well conditioned enough for these tolerances: with ω0 = 30 a few instances (e.g. hidden 23
+# with N = 7, 33 pixels, or hidden 43) have near-zero gradients whose float32 rounding moves a weight by ~1e-4,
+# the float32 reference as much as the kernels (against float64); these are ones that are not.
 SHAPES = [(2, 32, 2, 1, 7, 13), (3, 48, 3, 3, 5, 70), (2, 16, 1, 2, 3, 1), (2, 32, 2, 1, 33, 784),
-          (1, 20, 2, 1, 2, 40), (3, 16, 4, 3, 3, 29), (3, 48, 2, 3, 2, 19), (2, 128, 4, 3, 3, 50)]
-# The interpreter is slow: Triton gets the small ones.
-SMALL = [s for s in SHAPES if s[4] * s[5] <= 120]
+          (1, 20, 2, 1, 2, 40), (3, 16, 4, 3, 3, 29), (3, 48, 2, 3, 2, 19), (2, 128, 4, 3, 3, 50),
+          (3, 18, 2, 2, 5, 23), (1, 37, 3, 3, 3, 45), (2, 23, 2, 1, 5, 33), (1, 127, 2, 3, 3, 41)]
+
+
+def _sized_for(backend, shape):
+    """The shape a backend runs: the interpreter is slow, so on CPU Triton takes each large shape's widths, depth
+    and in/out dims with N ≤ 3 fields (≤ 2 wider than 64) and 21 pixels (odd, within one pixel tile)."""
+    ind, h, layers, out, n, c = shape
+    if backend != "triton" or torch.cuda.is_available() or n * c <= 120:
+        return shape
+    return ind, h, layers, out, min(n, 2 if h > 64 else 3), min(c, 21)
 
 
 def _device_for(backend):
@@ -79,9 +95,7 @@ def test_fit_reference_matches_torch_optim_adam():
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_and_gradient_match_reference(backend, shape):
-    if backend == "triton" and shape not in SMALL and not torch.cuda.is_available():
-        pytest.skip("too large for the Triton interpreter")
-    spec, params, coords, _ = _problem(shape, _device_for(backend))
+    spec, params, coords, _ = _problem(_sized_for(backend, shape), _device_for(backend))
     ref_p = params.clone().requires_grad_(True)
     fast_p = params.clone().requires_grad_(True)
     ref = siren_forward_reference(ref_p, coords, spec)
@@ -91,6 +105,14 @@ def test_forward_and_gradient_match_reference(backend, shape):
     (g_ref,) = torch.autograd.grad(ref, ref_p, grad_out)
     (g_got,) = torch.autograd.grad(got, fast_p, grad_out)
     torch.testing.assert_close(g_got, g_ref, rtol=0, atol=1e-4 * g_ref.abs().max().item())
+
+
+def _assert_adam_state_close(got, want, p_atol=2e-5):
+    """(params, m, v) after fused Adam steps against the reference's, each to its own scale (module docstring)."""
+    (p, m, v), (p_ref, m_ref, v_ref) = got, want
+    torch.testing.assert_close(p, p_ref, rtol=0, atol=p_atol)
+    torch.testing.assert_close(m, m_ref, rtol=1e-4, atol=5e-5 * m_ref.abs().max().item())
+    torch.testing.assert_close(v, v_ref, rtol=5e-5, atol=5e-6 * v_ref.abs().max().item())
 
 
 def _fit_both(backend, spec, params, coords, target, n_steps, active=None, step=0, lr=1e-3):
@@ -104,15 +126,12 @@ def _fit_both(backend, spec, params, coords, target, n_steps, active=None, step=
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_fused_adam_steps_match_reference(backend, shape):
-    if backend == "triton" and shape not in SMALL and not torch.cuda.is_available():
-        pytest.skip("too large for the Triton interpreter")
-    spec, params, coords, target = _problem(shape, _device_for(backend), seed=4)
+    spec, params, coords, target = _problem(_sized_for(backend, shape), _device_for(backend), seed=4)
     n = params.shape[0]
     active = (torch.arange(n) % 3 != 1).to(params.device)  # some fields stopped early
     ref, fast, loss_ref, loss = _fit_both(backend, spec, params, coords, target, n_steps=3, active=active, step=2)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-7)
-    for a, b in zip(fast, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+    _assert_adam_state_close(fast, ref)
     frozen = ~active
     assert torch.equal(fast[0][frozen], params[frozen]) and not fast[1][frozen].any()
     assert (fast[0][active] != params[active]).any()
@@ -140,8 +159,7 @@ def test_triton_fit_kernels_match_reference(kernel, block_c, shape, variant):
     loss = siren_triton.siren_fit_steps(*fast, 3, coords, target, spec, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                                         n_steps=3, active=active, kernel=kernel, block_c=block_c, **variant)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-7)
-    for a, b in zip(fast, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+    _assert_adam_state_close(fast, ref)
     assert torch.equal(fast[0][~active], params[~active])
 
 
@@ -253,7 +271,7 @@ def test_fused_fit_accepts_broadcast_target_and_strided_state(backend):
     torch.testing.assert_close(state[0], ref[0], rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], (1, 37, 3, 3, 3, 45)], ids=str)
 def test_cpp_baseline_isa_copy_matches_reference(shape, monkeypatch):
     # The op carries an AVX2+FMA copy and a baseline (x86-64-v2) copy of its loops; force the baseline one.
     if "cpp" not in FAST:
@@ -324,7 +342,13 @@ def test_fit_on_mnist_matches_reference(backend, mnist):
     template = siren_init(spec, 1, generator=torch.Generator().manual_seed(7)).to(device)
     params = template.expand(n, -1).contiguous()
     ref, fast, loss_ref, loss = _fit_both(backend, spec, params, coords, target, n_steps=steps, lr=1e-4)
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-3, atol=1e-7)
+    if device.type == "cpu":
+        # Measured: losses 2.3e-7 relative apart, parameters 1e-6 (C++, 25 steps; Triton interpreted 6e-8, 3e-8),
+        # against up to 2.5e-3 moved; the moments as in the module docstring.
+        torch.testing.assert_close(loss, loss_ref, rtol=2e-6, atol=0)
+        _assert_adam_state_close(fast, ref, p_atol=1e-5)
+    else:  # GPU dots may round differently (tf32 where auto picks it): the fit's own bound, PSNR below, rules
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-3, atol=1e-7)
     psnr_ref = _psnr(siren_forward_reference(ref[0], coords, spec), target)
     psnr = _psnr(siren_forward_reference(fast[0], coords, spec), target)
     assert (psnr.mean() - psnr_ref.mean()).abs() < 0.01  # dB; the issue asks for 0.1
