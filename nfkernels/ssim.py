@@ -22,7 +22,9 @@ DATA_RANGE = 1.0
 C1 = (K1 * DATA_RANGE) ** 2
 C2 = (K2 * DATA_RANGE) ** 2
 
+# Chunk sizes, module constants so tests can shrink them and run the multi-chunk paths on small inputs.
 _REF_CHUNK_ELEMS = 1 << 23  # float64 elements of x*y products the reference holds at once (64 MiB)
+_NEAREST_CHUNK_SIMS = 1 << 22  # similarities of one block of rows in the torch ssim_nearest_both (~4M)
 
 
 def gaussian_window(sigma: float = SIGMA, truncate: float = TRUNCATE, dtype=torch.float64) -> torch.Tensor:
@@ -172,9 +174,10 @@ def ssim_nearest_both(x: torch.Tensor, y: torch.Tensor, *, exclude_self: bool = 
         rows = ssim_nearest_triton(xp, yp, exclude_self=exclude_self)
         cols = rows if _same_set(x, y) else ssim_nearest_triton(yp, xp, exclude_self=exclude_self)
         return (*rows, *cols)
-    # torch: the reference matrix in blocks of rows (at most ~4M similarities at once), reduced as it goes.
+    # torch: the reference matrix in blocks of rows (at most _NEAREST_CHUNK_SIMS similarities at once), reduced
+    # as it goes.
     n = xp.shape[0]
-    rows = max(1, (1 << 22) // max(1, yp.shape[0]))
+    rows = max(1, _NEAREST_CHUNK_SIMS // max(1, yp.shape[0]))
     row_v, row_i = torch.empty(n, device=x.device), torch.empty(n, dtype=torch.long, device=x.device)
     col_v = torch.full((yp.shape[0],), float("-inf"), device=x.device)
     col_i = torch.full((yp.shape[0],), -1, dtype=torch.long, device=x.device)

@@ -308,3 +308,71 @@ def test_gemm_default_tiles_do_not_spill_on_sm90(layout):
         # Triton 3.9: 27 instructions a pair and pixel over patches; 44-45 gathering from the images (the
         # gathers, the weighting and the hi / lo split of y)
         assert loop["per_pair_pixel"] <= (35 if layout == "patches" else 55), loop
+
+
+def _split_rows(monkeypatch, constant, per_row, rows):
+    """Shrink nfkernels.ssim's chunk-size `constant` to `rows` rows of `per_row` elements (1: one row a chunk)."""
+    import nfkernels.ssim
+
+    monkeypatch.setattr(nfkernels.ssim, constant, rows * per_row if rows > 1 else 1)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_reference_chunks_of_rows(rows, digits, monkeypatch):
+    # Every other test fits in one chunk: 3 and 4 rows a chunk split 10 rows of x into 3 + 3 + 3 + 1 / 4 + 4 + 2
+    # (ragged last chunk; 7 RGB rows into 3 + 3 + 1 / 4 + 3), a budget of 1 element takes the max(1, ...) floor
+    # of one row a chunk. Each pair is the same float64 arithmetic in any chunk: the results must be equal.
+    g = torch.Generator().manual_seed(7)
+    x = torch.cat([digits[:8], torch.rand(2, 16, 16, generator=g)])
+    y = torch.cat([digits[30:35], x[8:9]])
+    want = pairwise_ssim_reference(x, y)
+    xr, yr = torch.rand(7, 12, 13, 3, generator=g), torch.rand(5, 12, 13, 3, generator=g)  # channels in the budget
+    want_rgb = pairwise_ssim_reference(xr, yr)
+    _split_rows(monkeypatch, "_REF_CHUNK_ELEMS", 16 * 16 * len(y), rows)
+    assert torch.equal(pairwise_ssim_reference(x, y), want)
+    _split_rows(monkeypatch, "_REF_CHUNK_ELEMS", 12 * 13 * 3 * len(yr), rows)
+    assert torch.equal(pairwise_ssim_reference(xr, yr), want_rgb)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_torch_nearest_blocks_of_rows(rows, exclude_self, digits, monkeypatch):
+    """The torch ssim_nearest_both reduces the matrix block by block: its results must be the row and column
+    (max, first argmax) of the whole matrix. Copies of one x image in different blocks tie on their columns
+    (the earlier block's index must stay), and with exclude_self a block's diagonal sits at an offset."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.cat([digits[:9], torch.rand(1, 16, 16, generator=g)])  # 10 images: blocks of 1-4 rows, ragged
+    x[7] = x[1]  # copies in different blocks for every block size here
+    x[5] = x[4]  # copies in one block for 2-4 rows a block
+    # 10 images (exclude_self needs N == M): y[4] is x[1] (= x[7]), y[5] repeats y[0], y[6] is x[6]
+    y = torch.cat([digits[20:24], x[1:2], digits[20:21], x[6:7], torch.rand(3, 16, 16, generator=g)])
+    full = pairwise_ssim_reference(x, y)
+    if exclude_self:
+        full.fill_diagonal_(float("-inf"))
+    want_rv, want_ri = full.max(dim=1)
+    want_cv, want_ci = full.max(dim=0)
+    assert torch.equal(want_ri, full.argmax(1)) and torch.equal(want_ci, full.argmax(0))  # first maximum
+    # the ties the blocks must get right are really there: rows 1 and 7 on column 4, rows 4 and 5 everywhere
+    assert full[7, 4] == full[1, 4] == 1 and want_ci[4] == 1 and want_ri[1] == want_ri[7] == 4
+    assert torch.equal(full[4, :4], full[5, :4])
+    _split_rows(monkeypatch, "_NEAREST_CHUNK_SIMS", len(y), rows)
+    _split_rows(monkeypatch, "_REF_CHUNK_ELEMS", 16 * 16 * len(y), max(1, rows - 1))  # the reference chunks too
+    rv, ri, cv, ci = ssim_nearest_both(x, y, exclude_self=exclude_self, backend="torch")
+    assert torch.equal(ri, want_ri) and torch.equal(ci, want_ci)
+    assert torch.equal(rv, want_rv) and torch.equal(cv, want_cv)
+    assert torch.equal(ssim_nearest(x, y, exclude_self=exclude_self, backend="torch")[1], want_ri)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_torch_self_nearest_blocks_of_rows(rows, digits, monkeypatch):
+    # Leave-one-out within one set, in blocks: each image's nearest other image, never itself; the copies
+    # 2 = 8 and 3 = 9 (in other blocks) find each other.
+    x = torch.cat([digits[40:48], digits[42:44], digits[50:51]])  # 11 images
+    full = pairwise_ssim_reference(x, x).fill_diagonal_(float("-inf"))
+    want = (*full.max(dim=1), *full.max(dim=0))
+    _split_rows(monkeypatch, "_NEAREST_CHUNK_SIMS", len(x), rows)
+    got = ssim_nearest_both(x, x, exclude_self=True, backend="torch")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert got[1][[2, 3, 8, 9]].tolist() == [8, 9, 2, 3] and got[3][[2, 3, 8, 9]].tolist() == [8, 9, 2, 3]
+    assert (got[1] != torch.arange(len(x))).all()

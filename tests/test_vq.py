@@ -2,8 +2,11 @@
 
 Tolerance: fast paths sum (x_j - c_j)^2 in fp32, possibly in another order than the reference, so a row
 may pick a different code only when the two codes are within fp32 rounding of each other: we require
-the chosen code's float64 distance to be within 1e-5 relative (+1e-7 absolute) of the true minimum,
-and at least 99% of rows to match exactly. Returned distances: rtol 1e-5, atol 1e-6 vs float64.
+the chosen code's float64 distance to be within 1e-5 relative (+1e-7 absolute) of the true minimum.
+Engines run on the CPU must pick the float64 argmin exactly on every row that is not a near-tie (runner-up
+within a few fp32 roundings of the sum, see _near_ties); on the GPU at least 99% of rows must (see
+_check_nearest). Returned distances: rtol 1e-5, atol 1e-6 vs float64. Exact ties (duplicate codes) must go
+to the lowest index on every engine and device.
 """
 import pytest
 import torch
@@ -19,10 +22,14 @@ def _available(backend):
         (backend == "triton" and _ext.HAS_TRITON and (_ext.triton_interpret() or torch.cuda.is_available()))
 
 
+def _on_gpu(backend):
+    """Whether `backend` runs on the GPU here: the Triton kernel when there is one (else the interpreter on CPU)."""
+    return backend == "triton" and torch.cuda.is_available()
+
+
 def _on(backend, *tensors):
-    """The tensors where `backend` runs them: the Triton kernel on the GPU when there is one, else the interpreter
-    on CPU tensors."""
-    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    """The tensors where `backend` runs them."""
+    dev = "cuda" if _on_gpu(backend) else "cpu"
     return [t.to(dev) for t in tensors]
 
 
@@ -32,14 +39,37 @@ def _assign(x, codebook, backend, **kw):
     return tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()
 
 
-def _check_nearest(x, codebook, idx, dist=None):
-    d64 = torch.cdist(x.double(), codebook.double()).pow(2)
+def _near_ties(d64, d):
+    """Rows whose runner-up code is within fp32 rounding of the nearest. An fp32 sum of d squared differences
+    is within (d + 2) * 2^-24 relative of the exact value in any order, with or without FMA contraction, so only
+    these rows may resolve differently from float64 (factor 4 for margin). Exact ties (duplicate codes) fall in
+    here too: the tie tests check them against the reference."""
+    if d64.shape[1] < 2:
+        return torch.zeros(d64.shape[0], dtype=torch.bool)
+    two = d64.topk(2, dim=1, largest=False).values
+    return two[:, 1] <= two[:, 0] * (1 + 4 * (d + 2) * 2.0**-24)
+
+
+def _d64(x, codebook):
+    """Squared distances in float64 from direct differences (cdist's matmul path would add ~1e-16 |x|^2 of noise)."""
+    return torch.cdist(x.double(), codebook.double(), compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+
+
+def _check_nearest(x, codebook, idx, dist=None, *, backend):
+    d64 = _d64(x, codebook)
     ref = d64.argmin(dim=1)
     true_min = d64.gather(1, ref[:, None])[:, 0]
     chosen = d64.gather(1, idx[:, None])[:, 0]
     assert idx.dtype == torch.int64 and idx.shape == (x.shape[0],)
     assert (chosen <= true_min * (1 + 1e-5) + 1e-7).all()
-    assert (idx == ref).double().mean() >= 0.99
+    if _on_gpu(backend):
+        # The compiled Triton kernel (FMA contraction, its own summation order) has not been measured against
+        # the exact rule below; keep the bound above plus the old allowance of 1% of rows off the argmin.
+        assert (idx == ref).double().mean() >= 0.99
+    else:
+        # Measured: every engine and d here matches the argmin on every row; only near-ties may differ.
+        free = ~_near_ties(d64, x.shape[1])
+        assert torch.equal(idx[free], ref[free]), (idx != ref).nonzero()[:, 0].tolist()
     if dist is not None:
         torch.testing.assert_close(dist.double(), chosen, rtol=1e-5, atol=1e-6)
 
@@ -52,8 +82,16 @@ def test_matches_cdist_argmin(backend, method, d):
     g = torch.Generator().manual_seed(d)
     x = torch.randn(257, d, generator=g)
     codebook = torch.randn(131, d, generator=g)
+    # 64 rows just off the midpoint of a code and its nearest other code: runner-up ~8e-6 relative behind, a
+    # gap fp32 resolves but inside the 1e-5 distance tolerance, so only the exact rule decides these rows.
+    near = torch.cdist(codebook[:64], codebook).fill_diagonal_(float("inf")).argmin(1)
+    x = torch.cat([x, codebook[:64] + (0.5 - 1e-6) * (codebook[near] - codebook[:64])])
+    d64 = _d64(x, codebook)
+    two = d64.topk(2, dim=1, largest=False).values
+    decided = (two[:, 1] <= two[:, 0] * (1 + 1e-5)) & ~_near_ties(d64, d)
+    assert decided.sum() >= (60 if d > 1 else 8)  # d = 1: rounding x to fp32 spreads the gaps, 10 stay in the window
     idx, dist = _assign(x, codebook, backend, return_distance=True, method=method)
-    _check_nearest(x, codebook, idx, dist)
+    _check_nearest(x, codebook, idx, dist, backend=backend)
     assert torch.equal(_assign(x, codebook, backend, method=method), idx)
 
 
@@ -93,7 +131,7 @@ def test_many_tiles_large_k(backend):
     x, codebook = torch.randn(67, 2, generator=g), torch.randn(1001, 2, generator=g)
     codebook[1000] = x[5]  # the exact match sits in the last, partial tile
     idx = _assign(x, codebook, backend)
-    _check_nearest(x, codebook, idx)
+    _check_nearest(x, codebook, idx, backend=backend)
     assert idx[5] == 1000
 
 
@@ -114,7 +152,40 @@ def test_triton_ties_across_tiles_and_slots(block_k):
     assert idx[:4].tolist() == [5, 5, 3, 3]
     assert torch.equal(idx[:-1], vq_assign_reference(x[:-1], codebook))
     assert idx[-1] == 0 and dist[-1] == float("inf")
-    _check_nearest(x[:-1], codebook, idx[:-1], dist[:-1])
+    _check_nearest(x[:-1], codebook, idx[:-1], dist[:-1], backend="triton")
+
+
+@pytest.mark.parametrize("backend,method,d", [(b, m, d) for b, m in ENGINES for d in (1, 2, 4)
+                                               if m == "brute" or d == 1])
+def test_ties_across_code_tiles(backend, method, d):
+    """The C++ op walks the codebook in tiles of 256 codes (kCodeTile) keeping a running best per row, and takes
+    a tile's minimum only when strictly smaller: copies of a code in tile 0, 1 and 2 of K = 601 (the last one
+    ragged) and twice inside one tile must all resolve to the lowest index, as the reference's argmin does. Odd
+    M = 131 spans three 64-row blocks. Run for every engine (the Triton kernel at its default tiles)."""
+    if not _available(backend):
+        pytest.skip(f"{backend} not available")
+    g = torch.Generator().manual_seed(4)
+    codebook = torch.randn(601, d, generator=g)
+    groups = {7: [200, 300, 515, 600],  # tile 0 (twice), 1, 2 and the last code
+              255: [512],  # last of tile 0, first of tile 2, nothing between
+              260: [511, 513, 590]}  # lowest copy in tile 1: its tile's last code and two in tile 2
+    for low, copies in groups.items():
+        codebook[copies] = codebook[low].clone()
+    copies = [c for low, cs in groups.items() for c in [low, *cs]]  # 11 codes, each group's lowest first
+    lowest = [low for low, cs in groups.items() for _ in [low, *cs]]
+    x = torch.randn(131, d, generator=g)
+    on_code = [0, 5, 63, 64, 70, 100, 127, 128, 129, 130, 2]  # rows in all three row blocks
+    off_code = [66, 90, 117]
+    x[on_code] = codebook[copies]
+    # just off a copy: the same non-zero distance to every copy, still nearer than any other code
+    x[off_code] = codebook[[600, 512, 590]] + 1e-5
+    idx, dist = _assign(x, codebook, backend, return_distance=True, method=method)
+    assert idx[on_code].tolist() == lowest and (dist[on_code] == 0).all()
+    assert idx[off_code].tolist() == [7, 255, 260]
+    assert torch.equal(idx, vq_assign_reference(x, codebook))
+    if backend == "cpp" and method == "brute":  # the op's contract: a row holding NaN gets index 0, distance inf
+        nan_idx, nan_dist = torch.ops.nfkernels.vq_assign(torch.full((3, d), float("nan")), codebook)
+        assert nan_idx.tolist() == [0, 0, 0] and (nan_dist == float("inf")).all()
 
 
 @pytest.mark.parametrize("d", [1, 8, 16])
