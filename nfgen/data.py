@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nfgen.io import NfgenError, atomic_write
+from nfgen.io import NfgenError, atomic_write, make_dir
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -194,7 +194,7 @@ def download_mnist(root: Path, subset: str) -> None:
     except Exception:  # noqa: BLE001 — any failure there falls back to the mirrors below
         pass
     dest = root / "mnist"
-    dest.mkdir(parents=True, exist_ok=True)
+    make_dir(dest)
     for stem in MNIST_FILES[subset]:
         name = stem + ".gz"
         if (dest / name).is_file():

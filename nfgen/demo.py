@@ -14,7 +14,7 @@ from nfgen.common import pick_device
 from nfgen.data import load_split
 from nfgen.fields import FitConfig, run_fit
 from nfgen.generate import SampleConfig, run_generate
-from nfgen.io import check_writable, write_json
+from nfgen.io import check_writable, make_dir, write_json
 from nfgen.metrics import run_evaluate
 from nfgen.tokenizer import TokenizerConfig, run_tokenize
 from nfgen.train import TrainConfig, train
@@ -43,7 +43,7 @@ def run_demo(run: Path, *, data_root=None, device: str = "auto", quiet: bool = F
     for split in (TRAIN_SPLIT, REF_SPLIT):  # missing data is refused before the run folder holds anything
         load_split(split, data_root=data_root, download=download)
     check_writable(run / "demo.config.json")
-    run.mkdir(parents=True, exist_ok=True)
+    make_dir(run)
     times, t = {}, time.perf_counter()
 
     def lap(name):

@@ -27,6 +27,16 @@ def _unwritable(path: Path, exc: OSError) -> NfgenError:
                       f"you can write to")
 
 
+def make_dir(path: str | os.PathLike) -> Path:
+    """mkdir -p, with a folder that cannot be made reported as one line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
+    return path
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Refuse, before any work, an output path that cannot be written: an existing folder, a file where a folder
     must be, or a nearest existing folder without write permission. Creates nothing; atomic_write still reports
