@@ -1,5 +1,6 @@
 """The CLI end to end at a tiny size, and every bad-input case: one line on stderr, exit 2, nothing written."""
 import json
+import os
 import subprocess
 import sys
 
@@ -251,6 +252,11 @@ def test_demo_without_data_leaves_no_run_folder(cli, tmp_path):
     assert_clean_error(cli("demo", "--run", str(tmp_path / "demo"), "--data-root", str(tmp_path / "nowhere")),
                        "not found")
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no folder can be made")
+def test_demo_run_folder_that_cannot_be_made(cli, data_root):
+    assert_clean_error(cli("demo", "--run", "/proc/nfgen-demo", "--data-root", str(data_root)), "cannot write")
 
 
 def test_unwritable_outputs_refused_before_any_work(cli, tmp_path, run_dir):
