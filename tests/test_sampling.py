@@ -139,6 +139,22 @@ def test_fixed_seed_reproduces(backend):
     assert torch.equal(a, sample_on(logits, seed=seed, backend=backend))
 
 
+# The interpreter evaluates both sides of the CFG tl.where: -inf - -inf in padding lanes, never selected
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_sample_as_their_float32_values(backend, dtype):
+    # the CUDA decoder hands the op bf16 logits (and bf16 unconditional ones under CFG): same values, same tokens
+    g = torch.Generator().manual_seed(3)
+    logits, uncond = (torch.randn(17, 301, generator=g) * 3).to(dtype), torch.randn(17, 301, generator=g).to(dtype)
+    for kw in [dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.9, uncond_logits=uncond, cfg_scale=2.0)]:
+        seed = torch.tensor([987654321], dtype=torch.int64)
+        wide = {k: v.float() if torch.is_tensor(v) else v for k, v in kw.items()}
+        half = sample_on(logits, seed=seed, backend=backend, **kw)
+        assert half.dtype == torch.int64
+        assert torch.equal(half, sample_on(logits.float(), seed=seed, backend=backend, **wide))
+
+
 @pytest.mark.skipif(not has_op("sample_next"), reason="nfkernels._C not built")
 @pytest.mark.parametrize("shape", [(1, 2), (45, 259), (6, 4099)])
 def test_cpp_equals_torch_for_the_same_seed(shape):
