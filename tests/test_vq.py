@@ -284,6 +284,25 @@ def test_kmeans_seed_determinism_and_backends():
         torch.testing.assert_close(p, a, rtol=1e-5, atol=1e-6)
 
 
+def test_kmeans_on_a_sample_and_its_callback():
+    # tokenize fits on at most TokenizerConfig.sample rows: the codebook comes from that many, seeded
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([torch.randn(500, 2, generator=g) * 0.05 + c for c in (-3.0, 0.0, 3.0)])  # 3 tight clusters
+    calls = []
+    codes, history = kmeans(x, 3, iters=10, seed=2, sample=60, callback=lambda it, mse: calls.append((it, mse)))
+    assert calls == list(enumerate(history))  # one call per assignment, with what history records
+    # the fit saw only the 60 rows the seed picks (the history is their error), yet the codebook serves all 1500
+    picked = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(2))[:60]]
+    assert vq_assign(picked, codes, return_distance=True)[1].double().mean().item() == pytest.approx(history[-1])
+    assert vq_assign(x, codes, return_distance=True)[1].double().mean().item() != pytest.approx(history[-1])
+    assert torch.allclose(codes.sort(dim=0).values.mean(dim=1), torch.tensor([-3.0, 0.0, 3.0]), atol=0.05)
+    again, _ = kmeans(x, 3, iters=10, seed=2, sample=60)
+    other, _ = kmeans(x, 3, iters=10, seed=3, sample=60)
+    assert torch.equal(codes, again) and not torch.equal(codes, other)  # the sample follows the seed
+    with pytest.raises(ValueError, match="needs at least 3 points"):
+        kmeans(x, 3, sample=2)
+
+
 def test_kmeans_reseeds_dead_codes():
     # Half the points sit on one value, so a sampled init picks it several times; the duplicates lose
     # every point to the lowest-index copy and must be moved to where the error is.
