@@ -108,6 +108,31 @@ def test_class_dropout_is_the_share_of_rows_trained_without_their_class(tokens_f
     assert share == dropped if dropped is not None else 0.3 < share < 0.7
 
 
+def test_regularisation_options_reach_the_step(tokens_file, tmp_path, monkeypatch):
+    import nfgen.train as train_module
+
+    clips, groups = [], []
+    real_clip, real_optimizer = torch.nn.utils.clip_grad_norm_, train_module._optimizer
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: clips.append(max_norm) or real_clip(params, max_norm))
+
+    def spy(model, cfg):
+        opt = real_optimizer(model, cfg)
+        groups.extend(opt.param_groups)
+        return opt
+
+    monkeypatch.setattr(train_module, "_optimizer", spy)
+    train(tokens_file, tmp_path / "run", small(steps=3, grad_clip=0.25, weight_decay=0.3, dropout=0.2))
+    assert clips == [0.25] * 3
+    decay, no_decay = groups
+    # weight decay on the matrices only: biases, norms and (1-D) gains keep theirs
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    model, _ = load_model(tmp_path / "run" / "model.safetensors")
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert model.config.dropout == 0.2
+
+
 @pytest.mark.parametrize("value_embed", [False, True])
 def test_resume_reproduces_uninterrupted_run_exactly(tokens_file, tmp_path, monkeypatch, die_at_step, value_embed):
     straight = tmp_path / "straight"
