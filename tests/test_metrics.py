@@ -155,9 +155,24 @@ def test_run_evaluate_with_classifier(tmp_path, data_root):
                        train_split="mnist:test[:80]", classifier_path=tmp_path / "clf.safetensors",
                        data_root=data_root, device="cpu", quiet=True)
     clf = res["classifier"]
-    assert 0.0 <= clf["accuracy"]["samples"] <= 1.0 and 0.0 <= clf["accuracy"]["oracle"] <= 1.0
-    assert clf["cross_entropy"]["samples"] > 0 and clf["n"]["samples"] == 6
+    assert clf["n"] == {"samples": 6, "oracle": 60}
     assert set(clf["per_class"]) == {"0", "1", "2"}
+    # the same numbers from the classifier itself: the rendered samples against their classes, and the references
+    from nfgen.classifier import classify, load_classifier
+    from nfgen.data import load_split
+    from nfgen.fields import load_fields, render_fields
+
+    model = load_classifier(tmp_path / "clf.safetensors")
+    samples = load_fields(tmp_path / "s.safetensors")
+    refs = load_split("mnist:test[9000:9060]", data_root=data_root)
+    for key, images, labels in (("samples", render_fields(samples.weights, samples.spec, samples.image_shape),
+                                 samples.labels), ("oracle", refs.images, refs.labels)):
+        logits = classify(model, images).double()
+        assert clf["accuracy"][key] == pytest.approx((logits.argmax(1) == labels).double().mean().item())
+        assert clf["cross_entropy"][key] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
+    first = (samples.labels == 0)
+    logits = classify(model, render_fields(samples.weights[first], samples.spec, samples.image_shape)).double()
+    assert clf["per_class"]["0"]["accuracy"]["samples"] == pytest.approx((logits.argmax(1) == 0).double().mean().item())
 
 
 def test_bad_input(tmp_path, data_root):
