@@ -278,11 +278,15 @@ def test_cpp_baseline_isa_copy_matches_reference(shape, monkeypatch):
         pytest.skip("nfkernels._C not built")
     monkeypatch.setenv("NFKERNELS_NO_AVX2", "1")
     spec, params, coords, target = _problem(shape, torch.device("cpu"), seed=8)
-    torch.testing.assert_close(siren_forward(params, coords, spec, backend="cpp"),
-                               siren_forward_reference(params, coords, spec), rtol=0, atol=1e-5)
+    fast_p, ref_p = params.clone().requires_grad_(True), params.clone().requires_grad_(True)
+    got, ref_out = siren_forward(fast_p, coords, spec, backend="cpp"), siren_forward_reference(ref_p, coords, spec)
+    torch.testing.assert_close(got, ref_out, rtol=0, atol=1e-5)
+    grad_out = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(3))
+    (g_got,), (g_ref,) = torch.autograd.grad(got, fast_p, grad_out), torch.autograd.grad(ref_out, ref_p, grad_out)
+    torch.testing.assert_close(g_got, g_ref, rtol=0, atol=1e-4 * g_ref.abs().max().item())
     ref, fast, loss_ref, loss = _fit_both("cpp", spec, params, coords, target, n_steps=2)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(fast[0], ref[0], rtol=0, atol=2e-5)
+    _assert_adam_state_close(fast, ref)
 
 
 def test_cpp_sincos_is_accurate_for_large_arguments():
