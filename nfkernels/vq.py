@@ -103,6 +103,9 @@ def vq_assign(x: torch.Tensor, codebook: torch.Tensor, *, return_distance: bool 
     M, d = x.shape
     K = codebook.shape[0]
     fast_ok = d <= MAX_DIM
+    if not fast_ok and backend in ("cpp", "triton"):
+        raise ValueError(f"vq_assign's {backend} engine takes vectors of d ≤ {MAX_DIM}, got d = {d}; use "
+                         "backend 'auto' or 'torch'")
     backend = _ext.resolve_backend(backend, x.device, "vq_assign", cpp=fast_ok, cuda=False, triton=fast_ok)
     method = _pick_method(method, d, K, backend)
     if method == "sorted":

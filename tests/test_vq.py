@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nfkernels import _ext
-from nfkernels.vq import kmeans, vq_assign, vq_assign_reference
+from nfkernels.vq import MAX_DIM, kmeans, vq_assign, vq_assign_reference
 
 ENGINES = [("torch", "brute"), ("cpp", "brute"), ("triton", "brute"), ("torch", "sorted"), ("cpp", "sorted")]
 
@@ -282,6 +282,17 @@ def test_kmeans_seed_determinism_and_backends():
     if _available("cpp"):
         p, hp = kmeans(x, 24, iters=8, seed=5, backend="torch")
         torch.testing.assert_close(p, a, rtol=1e-5, atol=1e-6)
+
+
+def test_vectors_wider_than_the_kernels_take_the_torch_path():
+    g = torch.Generator().manual_seed(24)
+    x, codebook = torch.randn(77, MAX_DIM + 3, generator=g), torch.randn(41, MAX_DIM + 3, generator=g)
+    idx, dist = vq_assign(x, codebook, return_distance=True)
+    assert torch.equal(idx, vq_assign_reference(x, codebook))
+    torch.testing.assert_close(dist, (x - codebook[idx]).pow(2).sum(1), rtol=1e-5, atol=1e-6)
+    for backend in ("cpp", "triton"):
+        with pytest.raises(ValueError, match=f"d ≤ {MAX_DIM}, got d = {MAX_DIM + 3}"):
+            vq_assign(x, codebook, backend=backend)
 
 
 def test_kmeans_on_a_sample_and_its_callback():
