@@ -68,7 +68,7 @@ def parse_split(spec: str) -> tuple[str, str, slice]:
         raise NfgenError(f"bad split spec {spec!r}; write it like mnist:test, mnist:test[:8000] or mnist:test[8000:]")
     name, subset = m["name"], m["set"]
     if name not in _LOADERS:
-        raise NfgenError(f"unknown dataset {name!r} in {spec!r}; known: {', '.join(_LOADERS)}")
+        raise NfgenError(f"unknown dataset {name!r} in {spec!r}; use one of {', '.join(_LOADERS)}")
     start = int(m["start"]) if m["start"] else None
     stop = int(m["stop"]) if m["stop"] else None
     return name, subset, slice(start, stop)
@@ -170,7 +170,7 @@ def _load_mnist_cached(root: str, subset: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_mnist(root: Path, subset: str, download: bool):
     if subset not in MNIST_FILES:
-        raise NfgenError(f"MNIST has the sets train and test, not {subset!r}")
+        raise NfgenError(f"MNIST has the sets train and test, not {subset!r}; write mnist:train or mnist:test")
     missing = [s for s in MNIST_FILES[subset] if _find_idx(root, s) is None]
     if missing and download:
         download_mnist(root, subset)

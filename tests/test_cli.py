@@ -98,7 +98,8 @@ def test_missing_data_root(tmp_path):
 
 
 def test_unknown_split(cli, tmp_path):
-    assert_clean_error(cli("fit", "--run", str(tmp_path), "--split", "mnist:validation"), "MNIST has the sets")
+    assert_clean_error(cli("fit", "--run", str(tmp_path), "--split", "mnist:validation"),
+                       "MNIST has the sets train and test, not 'validation'; write mnist:train or mnist:test")
 
 
 def test_missing_and_corrupt_artifacts(cli, tmp_path, run_dir):
