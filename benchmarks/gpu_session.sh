@@ -20,7 +20,8 @@
 #       if not os.path.exists(d) or not filecmp.cmp(s,d,shallow=False):
 #         os.makedirs(os.path.dirname(d),exist_ok=True); shutil.copyfile(s,d)
 #   "; [ -d /tmp/w/.devdata ] || cp -r .devdata /tmp/w/; cd /tmp/w; NFGEN_COMMIT=<sha> bash benchmarks/gpu_session.sh ...
-# Tests beside a long part (their log goes to tests.log):
+# Tests beside a long part (their log goes to tests.log); they share the GPU, so the long part's timings and
+# its free-memory batch sizes (generate's default_batch_size) are not clean there:
 #   SKIP_BUILD=1 bash benchmarks/gpu_session.sh test >/dev/null 2>&1 & SKIP_BUILD=1 bash benchmarks/gpu_session.sh quality; wait
 set -uo pipefail
 export PYTHONUNBUFFERED=1
