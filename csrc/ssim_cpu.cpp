@@ -208,9 +208,11 @@ __attribute__((target("avx2,fma"))) void ssim_block_avx2(const float* x, const f
 using BlockFn = void (*)(const float*, const float*, const float*, const vf*, const vf*, const vf*, const vf*,
                          const Geometry&, float, float, vf*, float*);
 
+// NFKERNELS_NO_AVX2=1 forces the baseline copy (tests run both on an AVX2 machine), as in siren_cpu.cpp.
 BlockFn pick_block_fn() {
 #ifdef NFK_X86_DISPATCH
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ssim_block_avx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("NFKERNELS_NO_AVX2") == nullptr)
+    return ssim_block_avx2;
 #endif
   return ssim_block_base;
 }

@@ -121,6 +121,20 @@ def test_mnist_pairs_match_skimage(backend, mnist, device):
     assert want.std() > 0.05  # real digits: a spread of similarities, not all ~0
 
 
+@pytest.mark.skipif(not has_op("ssim_pairwise"), reason="nfkernels._C not built")
+def test_cpp_baseline_isa_copy_matches_skimage(mnist, monkeypatch):
+    # The op carries an AVX2+FMA copy and a baseline copy of its pair loop; force the baseline one.
+    x, y = mnist[:5], mnist[5:16]
+    avx2 = pairwise_ssim(x, y, backend="cpp")
+    monkeypatch.setenv("NFKERNELS_NO_AVX2", "1")
+    base = pairwise_ssim(x, y, backend="cpp")
+    assert (base.double() - skimage_matrix(x, y)).abs().max() < 1e-5
+    assert not torch.equal(base, avx2)  # another copy ran (FMA contraction rounds differently)
+    assert torch.equal(ssim_nearest(x, y, backend="cpp")[1], base.argmax(dim=1))
+    rgb = torch.rand(3, 13, 17, 3, generator=torch.Generator().manual_seed(1))
+    assert (pairwise_ssim(rgb, rgb, backend="cpp").double() - skimage_matrix(rgb, rgb)).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_same_set_is_symmetric_with_unit_diagonal(backend, digits, device):
     x = digits[:13].to(device)
