@@ -48,7 +48,8 @@ def test_pipeline_writes_every_artifact(run_dir):
     for key in ("mmd", "cov", "1nna"):
         assert set(group[key]) == {"samples", "oracle"}
         assert all(0 <= v <= 1 for v in group[key].values())
-    assert "classifier" in json.dumps(metrics)  # evaluate picked RUN/classifier.safetensors up
+    # evaluate picked RUN/classifier.safetensors up and scored the 20 class-conditional samples with it
+    assert metrics["classifier"]["n"]["samples"] == 20 and 0 <= metrics["classifier"]["accuracy"]["samples"] <= 1
 
 
 def test_fit_summary_and_psnr(run_dir):
@@ -389,7 +390,8 @@ def test_baseline_samples_then_evaluate(cli, run_dir, tmp_path):
                "--ref-split", "mnist:test[8000:8060]", "--train-split", "mnist:test[:40]", "--quiet")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["groups"]["conditional_all"]["mmd"]["samples"] <= 1 and "classifier" in json.dumps(metrics)
+    assert 0 <= metrics["groups"]["conditional_all"]["mmd"]["samples"] <= 1
+    assert metrics["classifier"]["n"]["samples"] == 30  # the baseline's 3 per class, scored by --classifier
     assert (run_dir / "metrics.json").read_text() == gpt_metrics  # the GPT's metrics are left alone
 
 
