@@ -69,7 +69,8 @@ class SampleConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}; for the most likely code use --top-k 1"),
+            (self.temperature > 0,
+             f"--temperature must be > 0, got {self.temperature}; for the most likely code use --top-k 1"),
             (isinstance(self.top_k, int) and self.top_k >= 0,
              f"--top-k must be an integer ≥ 0 (0: off), got {self.top_k}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),

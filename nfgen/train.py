@@ -276,16 +276,17 @@ def _restore_checked(path, tensors, meta, model, opt, gen, cfg, device, data):
         if t.dtype != torch.uint8 or t.shape != want.shape:
             raise _Unusable(f"{key} is {tuple(t.shape)} {t.dtype}, not a generator state of {tuple(want.shape)} bytes")
 
-    # everything checked: set it (a generator may still refuse the bytes of its state)
-    model.load_state_dict(weights)
-    sd = opt.state_dict()
-    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
-    try:
+    try:  # a generator may still refuse the bytes of its state: try them on a scratch one
         probe = torch.Generator()
         probe.set_state(tensors["rng.batches"])
         probe.set_state(tensors["rng.torch"])
     except RuntimeError as exc:
         raise _Unusable(f"its RNG states are corrupt: {str(exc).splitlines()[0]}") from None
+
+    # everything checked: set it
+    model.load_state_dict(weights)
+    sd = opt.state_dict()
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
     gen.set_state(tensors["rng.batches"])
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():

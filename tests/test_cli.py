@@ -243,8 +243,10 @@ def test_bad_device(cli, tmp_path):
 
 
 def test_usage_errors_are_one_line(cli, tmp_path):
-    assert_clean_error(cli("fit", "--run", str(tmp_path), "--steps", "abc"), "invalid int value: 'abc'; see nfgen fit --help")
-    assert_clean_error(cli("generate", "--run", str(tmp_path), "--seed", "99999999999999999999"), "not an integer in range")
+    assert_clean_error(cli("fit", "--run", str(tmp_path), "--steps", "abc"),
+                       "invalid int value: 'abc'; see nfgen fit --help")
+    assert_clean_error(cli("generate", "--run", str(tmp_path), "--seed", "99999999999999999999"),
+                       "not an integer in range")
     assert_clean_error(cli("fit", "--run", str(tmp_path), "--seed", "x"), "not an integer in range")
     assert_clean_error(cli("train", "--run", str(tmp_path), "--device", "meta"), "unknown device 'meta'")
     assert not any(tmp_path.iterdir())

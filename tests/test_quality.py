@@ -294,7 +294,8 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(quality.Harness, "main_row", dies_on_second_row)
         with pytest.raises(KeyboardInterrupt):
-            quality.main(common + ["--results", str(killed), "--only", "ablations", "--ablations", "init:meta,vq:group3"])
+            quality.main(common + ["--results", str(killed), "--only", "ablations",
+                                   "--ablations", "init:meta,vq:group3"])
     partial = json.loads(killed.read_text())
     assert not partial["complete"] and list(partial["rows"]["ablations"]) == ["init:meta"]
     assert partial["rows"]["ablations"]["init:meta"]["metrics"] == r["rows"]["ablations"]["init:meta"]["metrics"]
