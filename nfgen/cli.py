@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                     ("checkpoint-every", "steps between checkpoints"), ("seed", "seed"), ("device", "auto, cpu or cuda"),
                     ("compile", "torch.compile the model")]:
         _opt(p, name, TrainConfig, h)
+    _opt(p, "keep", TrainConfig, "the weights RUN/model.safetensors holds: best (the lowest validation loss so far) "
+         "or last (the latest step's)", choices=("best", "last"))
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample new fields with the trained GPT")

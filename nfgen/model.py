@@ -321,10 +321,12 @@ class GPT(nn.Module):
 
 # --- checkpoints -------------------------------------------------------------------------------------------
 
-def save_model(path, model: GPT, meta: dict) -> None:
-    """Write the weights with meta (plus {"config": asdict(model.config)}) as a "model" artifact."""
+def save_model(path, model: GPT, meta: dict, weights: dict | None = None) -> None:
+    """Write the weights (the model's own, or `weights`: a state dict of it) with meta (plus {"config":
+    asdict(model.config)}) as a "model" artifact."""
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    save_artifact(path, "model", dict(model.state_dict()), {**meta, "config": asdict(model.config)})
+    save_artifact(path, "model", dict(model.state_dict() if weights is None else weights),
+                  {**meta, "config": asdict(model.config)})
 
 
 def load_model(path, device="cpu", hint: str = "run `nfgen train` first") -> tuple[GPT, dict]:

@@ -2,7 +2,8 @@
 
 One model samples both conditionally and unconditionally: with probability `class_dropout` a training
 sequence carries NO_CLASS instead of its class token. Checkpoints are safetensors: `model.safetensors`
-(weights + config, what generate reads) and `train_state.safetensors` (model, AdamW state, step and RNG
+(weights + config, what generate reads: by default the weights of the lowest validation loss so far, see
+TrainConfig.keep) and `train_state.safetensors` (the latest model, the kept one, AdamW state, step and RNG
 states, what --resume reads). Batches are drawn from a seeded generator whose state is checkpointed, so a
 resumed run sees the same batches and, on CPU, reproduces the uninterrupted loss curve exactly.
 
@@ -62,6 +63,11 @@ class TrainConfig:
     val_fraction: float = 0.05
     eval_every: int = 250
     checkpoint_every: int = 1000
+    # which weights model.safetensors holds: "best", those of the validation with the lowest loss so far (model
+    # selection against overfitting a few thousand fields over many epochs), or "last", the latest step's.
+    # train_state.safetensors always holds the latest (plus the best, for --resume). Without validation
+    # fields (--val-fraction 0) "best" keeps the latest.
+    keep: str = "best"
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -105,6 +111,8 @@ class TrainConfig:
         for name in ("value_embed", "class_embed", "weight_roles", "compile", "quiet"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "is not a boolean", "pass True or False")
+        if self.keep not in ("best", "last"):
+            fail("keep", "is not a choice", "pass best or last")
         if not isinstance(self.device, str):
             fail("device", "is not a device name", "use auto, cpu or cuda[:N]")
         if self.device != "auto":
@@ -126,7 +134,7 @@ def _option(name: str) -> str:
 # (raised to extend a finished run) also stretches the cosine lr schedule from the resumed step on.
 _RESUME_FREE = {"steps", "eval_every", "checkpoint_every", "device", "quiet", "compile"}
 # Options added with a default other than what runs before them did: a state that lacks one ran with this value.
-_BEFORE_OPTION = {"class_embed": False, "weight_roles": False}
+_BEFORE_OPTION = {"class_embed": False, "weight_roles": False, "keep": "last"}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -185,8 +193,8 @@ class _Unusable(Exception):
 
 def _restore(path: Path, model: GPT, opt: torch.optim.Optimizer, gen: torch.Generator, cfg: TrainConfig, device,
              data: str):
-    """Load a train state into model, opt, gen and torch's RNG → (step, history). Everything is checked before
-    anything is set: a state that is not what nfgen writes is refused as one error naming the file."""
+    """Load a train state into model, opt, gen and torch's RNG → (step, history, best). Everything is checked
+    before anything is set: a state that is not what nfgen writes is refused as one error naming the file."""
     tensors, meta = load_artifact(path, "train_state", "start without --resume")
     try:
         return _restore_checked(path, tensors, meta, model, opt, gen, cfg, device, data)
@@ -236,6 +244,19 @@ def _restore_checked(path, tensors, meta, model, opt, gen, cfg, device, data):
             raise NfgenError(f"{path} does not fit this model ({problem}); pass the original run's --tokens or "
                              "start a new run directory")
         raise _Unusable(f"its model weights do not fit this model: {problem}")
+
+    # --keep best: the kept weights (best.<name>, the model's names and shapes) and their validation
+    best = None
+    kept = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    if kept or "best" in meta:
+        record = meta.get("best")
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) \
+                or isinstance(record.get("step"), bool) or not 0 < record["step"] <= step \
+                or not isinstance(record.get("val_loss"), (int, float)) or not math.isfinite(record["val_loss"]):
+            raise _Unusable(f"its best-weights record {record!r} is not {{step: 1 … {step}, val_loss: a number}}")
+        if kept.keys() != expected.keys() or any(kept[k].shape != expected[k].shape for k in expected):
+            raise _Unusable("its best weights (best.*) do not fit this model")
+        best = (record["step"], float(record["val_loss"]), kept)
 
     # AdamW: opt.<i>.{step, exp_avg, exp_avg_sq} for parameter i (in the optimizer's group order)
     params = [p for group in opt.param_groups for p in group["params"]]
@@ -291,7 +312,7 @@ def _restore_checked(path, tensors, meta, model, opt, gen, cfg, device, data):
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return step, history
+    return step, history, best
 
 
 @torch.no_grad()
@@ -359,9 +380,12 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
     opt = _optimizer(model, cfg)
     gen = make_generator(cfg.seed + 1)
     step, history = 0, []
+    # --keep best: (step, val_loss, weights on the CPU) of the lowest validation loss so far; None before the
+    # first validation, or under --keep last
+    best = None
     state_path = run_dir / "train_state.safetensors"
     if resume:
-        step, history = _restore(state_path, model, opt, gen, cfg, device, data)
+        step, history, best = _restore(state_path, model, opt, gen, cfg, device, data)
         if step >= cfg.steps:
             raise NfgenError(f"the run in {run_dir} already finished {step} steps; pass a larger --steps to continue")
 
@@ -383,13 +407,28 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
                  "data": data, "tokenizer": ts.meta.get("tokenizer"), "spec": ts.spec.to_dict(),
                  "image_shape": list(ts.image_shape)}
 
+    def kept(steps_done: int) -> dict:
+        """Which weights model.safetensors holds."""
+        if best is None:  # the latest weights: their validation loss if this step validated
+            val = history[-1]["val_loss"] if history and history[-1]["step"] == steps_done else None
+            return {"rule": cfg.keep, "step": steps_done, "val_loss": val if val is not None and math.isfinite(val)
+                    else None}
+        return {"rule": cfg.keep, "step": best[0], "val_loss": best[1]}
+
     def checkpoint(steps_done: int, final: bool):
         if not distributed.is_main():
             return
         meta = dict(meta_base, step=steps_done, history=history)
-        save_artifact(state_path, "train_state", _state_tensors(model, opt, gen), meta)
-        save_model(run_dir / "model.safetensors", model, meta)
-        write_json(run_dir / "train_log.json", {"step": steps_done, "final": final, "history": history})
+        tensors = _state_tensors(model, opt, gen)
+        if best is not None:
+            tensors.update({f"best.{k}": v for k, v in best[2].items()})
+            meta["best"] = {"step": best[0], "val_loss": best[1]}
+        save_artifact(state_path, "train_state", tensors, meta)
+        save_model(run_dir / "model.safetensors", model, dict(meta_base, step=steps_done, history=history,
+                                                               kept=kept(steps_done)),
+                   weights=best[2] if best is not None else None)
+        write_json(run_dir / "train_log.json", {"step": steps_done, "final": final, "kept": kept(steps_done),
+                                                "history": history})
 
     tokens_per_step = bs * (seq_len - 1)
     bar = progress(range(step, cfg.steps), quiet=cfg.quiet or not distributed.is_main(), desc="train", initial=step, total=cfg.steps)
@@ -414,6 +453,8 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
                 raise NfgenError(f"training diverged at step {done} (loss {train_loss}); lower --lr or raise --warmup")
             last_val = evaluate_loss(model, val_seqs, vocab, bs, device, autocast) if n_val else float("nan")
             history.append({"step": done, "train_loss": train_loss, "val_loss": last_val, "lr": lr_at(step, cfg)})
+            if cfg.keep == "best" and math.isfinite(last_val) and (best is None or last_val < best[1]):
+                best = (done, last_val, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
         if not cfg.quiet and (done % 10 == 0 or done == cfg.steps):
             rate = tokens_per_step * (done - bar.initial) / max(1e-9, time.perf_counter() - t0)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val=f"{last_val:.3f}", tok_s=f"{rate:,.0f}")
@@ -424,6 +465,7 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
     distributed.barrier()  # no rank returns before the final checkpoint exists
     last = history[-1] if history else {}
     return {"steps": cfg.steps, "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
+            "kept": kept(cfg.steps),
             "marginal_val_loss": marginal_loss(train_seqs, val_seqs, vocab.n_codes) if n_val else None,
             "n_train": int(train_seqs.shape[0]), "n_val": n_val, "params": sum(p.numel() for p in model.parameters()),
             "seconds": round(elapsed, 2), "model": str(run_dir / "model.safetensors")}

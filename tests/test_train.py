@@ -155,6 +155,68 @@ def test_resume_reproduces_uninterrupted_run_exactly(tokens_file, tmp_path, monk
         assert torch.equal(a, b), k
 
 
+def _scripted_validation(monkeypatch, losses: dict[int, float], first_step: int = 1) -> dict[int, dict]:
+    """Make each validation return losses[step] (steps counted from first_step) and record the weights it saw."""
+    import nfgen.train as train_mod
+
+    seen, calls = {}, {"step": first_step - 1}
+
+    def scripted(model, *args):
+        calls["step"] += 1
+        seen[calls["step"]] = {k: v.clone() for k, v in model.state_dict().items()}
+        return losses[calls["step"]]
+
+    monkeypatch.setattr(train_mod, "evaluate_loss", scripted)
+    return seen
+
+
+# the lowest validation comes at step 3, before the step-5 checkpoint; step 6 is the best after it
+VAL_LOSSES = {1: 3.0, 2: 2.0, 3: 1.0, 4: 2.5, 5: 4.0, 6: 1.5, 7: 3.0, 8: 1.0, 9: 2.0, 10: 2.0, 11: 1.2, 12: 5.0}
+
+
+@pytest.mark.parametrize("keep,kept_step", [("best", 3), ("last", 12)])
+def test_keep_chooses_the_weights_the_model_file_holds(tokens_file, tmp_path, monkeypatch, keep, kept_step):
+    seen = _scripted_validation(monkeypatch, VAL_LOSSES)
+    summary = train(tokens_file, tmp_path / "run", small(keep=keep))
+    model, meta = load_model(tmp_path / "run" / "model.safetensors")
+    for k, v in model.state_dict().items():  # a tie (step 8) keeps the earlier weights
+        assert torch.equal(v, seen[kept_step][k]), k
+    assert meta["kept"] == summary["kept"] == {"rule": keep, "step": kept_step, "val_loss": VAL_LOSSES[kept_step]}
+    assert meta["step"] == 12 and len(meta["history"]) == 12  # the run itself went on to the end
+    state, _ = load_artifact(tmp_path / "run" / "train_state.safetensors", "train_state")
+    assert torch.equal(state["model.lm_head.weight"], seen[12]["lm_head.weight"])  # --resume goes on from there
+    assert ("best.lm_head.weight" in state) == (keep == "best")
+
+
+def test_keep_best_without_validation_fields_keeps_the_last(tokens_file, tmp_path):
+    train(tokens_file, tmp_path / "run", small(val_fraction=0.0, checkpoint_every=100))
+    state, _ = load_artifact(tmp_path / "run" / "train_state.safetensors", "train_state")
+    model, meta = load_model(tmp_path / "run" / "model.safetensors")
+    assert meta["kept"] == {"rule": "best", "step": 12, "val_loss": None}
+    assert torch.equal(model.state_dict()["lm_head.weight"], state["model.lm_head.weight"])
+
+
+def test_resume_keeps_the_best_weights_from_before_the_interruption(tokens_file, tmp_path, monkeypatch,
+                                                                   die_at_step):
+    _scripted_validation(monkeypatch, VAL_LOSSES)
+    train(tokens_file, tmp_path / "straight", small())
+    want, want_meta = load_model(tmp_path / "straight" / "model.safetensors")
+
+    run = tmp_path / "run"
+    die_at_step(7)  # after the step-5 checkpoint, whose best is step 3's
+    _scripted_validation(monkeypatch, VAL_LOSSES)
+    with pytest.raises(KeyboardInterrupt):
+        train(tokens_file, run, small())
+    monkeypatch.undo()
+    _scripted_validation(monkeypatch, VAL_LOSSES, first_step=6)
+    train(tokens_file, run, small(), resume=True)
+    # a resume that lost step 3's weights or loss would keep step 6's (1.5)
+    model, meta = load_model(run / "model.safetensors")
+    assert meta["kept"] == want_meta["kept"] == {"rule": "best", "step": 3, "val_loss": 1.0}
+    for (k, a), b in zip(want.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_resume_refuses_changed_options(tokens_file, tmp_path):
     run = tmp_path / "run"
     train(tokens_file, run, small(steps=3))
@@ -259,6 +321,7 @@ def test_resume_refuses_other_training_data(tokens_file, tmp_path):
     (dict(min_lr_ratio=-0.1), r"min_lr_ratio -0.1 is out of range"),
     (dict(seed=-1), r"--seed -1 is out of range"),
     (dict(value_embed="yes"), r"--value-embed 'yes' is not a boolean"),
+    (dict(keep="first"), r"--keep 'first' is not a choice; pass best or last"),
     (dict(device="tpu"), r"unknown device 'tpu'"),
     (dict(n_embd=30, n_head=4), r"--n-embd 30 is not divisible by --n-head 4; pass an --n-embd that is a multiple"),
 ])
@@ -302,6 +365,9 @@ def test_resume_refuses_an_unusable_state(tokens_file, tmp_path):
         (edit_tensors(**{"opt.0.exp_avg_sq": -good_tensors["opt.0.exp_avg_sq"] - 1}), "negative"),
         (lambda t, m: t.pop("model.lm_head.weight"), "model weights do not fit"),
         (edit_tensors(**{"model.lm_head.weight": nan}), "model.lm_head.weight holds .* non-finite"),
+        (lambda t, m: m.update(best={"step": 9, "val_loss": 1.0}), "best-weights record .* is not"),
+        (lambda t, m: m.update(best={"step": 2, "val_loss": "low"}), "best-weights record .* is not"),
+        (lambda t, m: t.pop("best.lm_head.weight"), r"best weights \(best\.\*\) do not fit"),
     ]
     for edit, what in cases:
         tensors, meta = dict(good_tensors), {**good_meta, "train_config": dict(good_meta["train_config"])}
