@@ -71,7 +71,9 @@ def test_mean_std_and_aggregate():
 
 
 def test_ablation_rows_follow_the_main_recipe():
-    rows = ablation_recipes(CONFIGS["full"], Recipe(), 1185)
+    # a main on raw weight codes (the full config's until its H100 run was redone with class-pca tokens)
+    raw = replace(CONFIGS["full"], tokenize={}, sample=dict(temperature=0.8, top_k=3))
+    rows = ablation_recipes(raw, Recipe(), 1185)
     assert {"vq:group3", "vq:group5", "vq:residual2", "vq:center-mean", "codebook:64", "codebook:1024",
             "init:independent", "init:meta", "order:canonical", "order:independent+canonical"} <= rows.keys()
     assert rows["init:meta"].init == "meta" and "init:shared" not in rows
@@ -91,27 +93,27 @@ def test_ablation_rows_follow_the_main_recipe():
     assert rows["vq:group3"].tokenize["group"] == 3 and rows["order:canonical"].canonical
     # The full config trains ablation GPTs for fewer steps, beside a baseline of the main recipe at that budget;
     # sampling rows reuse the main model (no train override).
-    short = CONFIGS["full"].ablation_train["steps"]
+    short = raw.ablation_train["steps"]
     assert rows["baseline:main"].train["steps"] == short and rows["vq:group3"].train["steps"] == short
     assert rows["model:8x512"].train["n_embd"] == 512 and rows["model:8x512"].train["steps"] == short
-    assert rows["model:kv2"].train == {"n_kv_head": 2, **CONFIGS["full"].ablation_train}
-    assert rows["model:ids-only"].train == {"value_embed": False, **CONFIGS["full"].ablation_train}
-    assert rows["model:weight-roles"].train == {"weight_roles": True, **CONFIGS["full"].ablation_train}
+    assert rows["model:kv2"].train == {"n_kv_head": 2, **raw.ablation_train}
+    assert rows["model:ids-only"].train == {"value_embed": False, **raw.ablation_train}
+    assert rows["model:weight-roles"].train == {"weight_roles": True, **raw.ablation_train}
     assert rows["fit:steps200,lr0.0015"].fit == {"steps": 200, "lr": 1.5e-3}
     assert rows["fit:clamp-margin0.3"].fit == {"clamp_margin": 0.3}  # a random-draw main fits without a margin
     assert all(not r.train for n, r in rows.items() if n.startswith("sampling:"))
     assert "baseline:main" not in ablation_recipes(CONFIGS["tiny"], Recipe(), 105)
     # a meta-template main compares with both other inits
-    rows = ablation_recipes(CONFIGS["full"], Recipe(init="meta"), 1185)
+    rows = ablation_recipes(raw, Recipe(init="meta"), 1185)
     assert {"init:shared", "init:independent", "order:independent+canonical"} <= rows.keys()
     assert "init:meta" not in rows and rows["vq:group3"].init == "meta"
     # ... and, fitting with its template's margin, is compared with a fit without one
     assert rows["fit:clamp-margin0"].fit == {"clamp_margin": 0.0} and "fit:clamp-margin0.3" not in rows
     # a main without value embedding is compared with it
-    rows = ablation_recipes(CONFIGS["full"], Recipe(train={"value_embed": False}), 1185)
+    rows = ablation_recipes(raw, Recipe(train={"value_embed": False}), 1185)
     assert rows["model:value-embed"].train["value_embed"] and "model:ids-only" not in rows
     # Relative to the main recipe: a main that already uses 1024 codes is compared with 256.
-    rows = ablation_recipes(replace(CONFIGS["full"], tokenize={"codebook_size": 1024}), Recipe(), 1185)
+    rows = ablation_recipes(replace(raw, tokenize={"codebook_size": 1024}), Recipe(), 1185)
     assert "codebook:256" in rows and "codebook:1024" not in rows
     with pytest.raises(quality.NfgenError, match="unknown ablation"):
         quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq,bogus")
@@ -124,23 +126,26 @@ def test_ablation_rows_follow_the_main_recipe():
                                                                                  "vq:center-class",
                                                                                  "vq:center-class-T1"}
     # a main on principal components is compared with weight tokens, and has no centred rows (pca centres)
-    rows = ablation_recipes(CONFIGS["full"], Recipe(tokenize={"basis": "pca"}), 1185)
+    rows = ablation_recipes(raw, Recipe(tokenize={"basis": "pca"}), 1185)
     assert rows["vq:weights"].tokenize == {"basis": "weights", "center": "none"}
     assert not any("center" in n for n in rows) and "vq:pca-class" not in rows
-    # the small config's class-pca main: against raw weight codes (sampled as the full run samples them) and one
-    # basis for all classes; no rows that would centre class-pca otherwise
-    small = CONFIGS["small"]
-    rows = ablation_recipes(small, Recipe(init="meta"), 1185)
-    assert {"basis": "class-pca", "center": "class"} == small.tokenize
-    assert rows["vq:weights"].tokenize == {"basis": "weights", "center": "none"}
-    assert rows["vq:weights"].sample == {"temperature": 0.8, "top_k": 3}
-    assert rows["vq:pca-class"].tokenize == {"basis": "pca"} and not any("center" in n for n in rows)
+    # the class-pca main of the small and full configs: against raw weight codes (every weight drawn at T 0.8 /
+    # top-k 3, as the first H100 run sampled them, not the main's coarse-to-fine truncation) and one basis for all
+    # classes; no rows that would centre class-pca otherwise
+    for cfg in (CONFIGS["small"], CONFIGS["full"]):
+        rows = ablation_recipes(cfg, Recipe(init="meta"), 1185)
+        assert {"basis": "class-pca", "center": "class"} == cfg.tokenize
+        assert rows["vq:weights"].tokenize == {"basis": "weights", "center": "none"}
+        sample = {**asdict(SampleConfig()), **cfg.sample, **rows["vq:weights"].sample}
+        assert (sample["temperature"], sample["top_k"], sample["weights"]) == (0.8, 3, "sampled")
+        assert rows["vq:pca-class"].tokenize == {"basis": "pca"} and not any("center" in n for n in rows)
 
 
-def test_small_config_samples_coarse_components_and_sweeps_around_them():
-    """The small main draws the first 32 class-pca components and takes the GPT's means of the rest; its sweep
-    holds a row drawing every component and rows moving the boundary, each a change of the main's sampling."""
-    cfg = CONFIGS["small"]
+@pytest.mark.parametrize("name", ["small", "full"])
+def test_main_samples_coarse_components_and_sweeps_around_them(name):
+    """The main draws the first 32 class-pca components and takes the GPT's means of the rest; its sweep holds a
+    row drawing every component and rows moving the boundary, each a change of the main's sampling."""
+    cfg = CONFIGS[name]
     sample = {**asdict(SampleConfig()), **cfg.sample}
     assert sample["weights"] == "expected" and sample["expected_from"] == 32
     rows = ablation_recipes(cfg, Recipe(init=cfg.main_init), 1185)
