@@ -330,3 +330,33 @@ def test_bad_options_exit_2(tmp_path, data_root, capsys):
     assert quality.main(base + ["--seeds", "0"]) == 2
     assert "error:" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.safetensors"))  # refused before any work
+
+
+def test_oracle_spread_draws_like_the_main_rows_and_scores_the_goals(data_root, monkeypatch):
+    from benchmarks import oracle_spread
+    from nfgen.data import load_split
+
+    train, held = load_split("mnist:test[:300]", data_root), load_split("mnist:test[8000:8040]", data_root)
+    counts = {int(c): int(k) for c, k in zip(*held.labels.unique(return_counts=True))}
+    pick = oracle_spread.stratified(train.labels, counts, torch.Generator().manual_seed(0))
+    assert len(set(pick.tolist())) == len(held)  # distinct images, the references' class counts
+    assert {c: int((train.labels[pick] == c).sum()) for c in counts} == counts
+    # The goals read 3-seed means: calls alternate perfect, oracle; the perfect 1-NNA means 0.74 then 0.72 against
+    # the oracle's 0.70 (fail, pass), COV 0.50 against 0.52 (pass) and MMD 0.25 against 0.20 (fail).
+    calls = {"n": 0}
+
+    def fake(gen_images, refs):
+        assert gen_images.shape == refs.shape  # |Sg| = |Sr|, every reference
+        perfect, trial = calls["n"] % 2 == 0, calls["n"] // (2 * oracle_spread.SEEDS)
+        calls["n"] += 1
+        return {"1nna": (0.74 - 0.02 * trial) if perfect else 0.70, "cov": 0.50 if perfect else 0.52,
+                "mmd": 0.25 if perfect else 0.20}
+
+    monkeypatch.setattr(oracle_spread, "distance_metrics", fake)
+    row = oracle_spread.spread(train, held, trials=2, device="cpu")
+    assert calls["n"] == 2 * 2 * oracle_spread.SEEDS
+    assert row["perfect_generator_passes"] == {"1nna": 0.5, "cov": 1.0, "mmd": 0.0}
+    assert row["perfect_minus_oracle_3_seed_means"]["1nna"]["mean"] == pytest.approx(0.03)
+    monkeypatch.undo()
+    real = oracle_spread.spread(train, held, trials=2, device="cpu")  # the real metrics: in range, not constant
+    assert 0.5 <= real["single_draw"]["1nna"]["mean"] <= 1.0 and real["single_draw"]["1nna"]["std"] > 0
