@@ -117,14 +117,10 @@ def test_ablation_rows_follow_the_main_recipe():
     assert "codebook:256" in rows and "codebook:1024" not in rows
     with pytest.raises(quality.NfgenError, match="unknown ablation"):
         quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq,bogus")
-    assert set(quality.choose_ablations(CONFIGS["tiny"], Recipe(), 105, "vq")) == {"vq:group3", "vq:group5",
-                                                                                 "vq:residual2", "vq:center-mean",
-                                                                                 "vq:center-mean-topk10", "vq:pca",
-                                                                                 "vq:pca-t0.8", "vq:pca-cfg3",
-                                                                                 "vq:pca-class", "vq:class-pca",
-                                                                                 "vq:class-pca-from32",
-                                                                                 "vq:center-class",
-                                                                                 "vq:center-class-T1"}
+    tiny_raw = replace(CONFIGS["tiny"], tokenize={"codebook_size": 64}, sample={})
+    assert set(quality.choose_ablations(tiny_raw, Recipe(), 105, "vq")) == {
+        "vq:group3", "vq:group5", "vq:residual2", "vq:center-mean", "vq:center-mean-topk10", "vq:pca", "vq:pca-t0.8",
+        "vq:pca-cfg3", "vq:pca-class", "vq:class-pca", "vq:class-pca-from32", "vq:center-class", "vq:center-class-T1"}
     # a main on principal components is compared with weight tokens, and has no centred rows (pca centres)
     rows = ablation_recipes(raw, Recipe(tokenize={"basis": "pca"}), 1185)
     assert rows["vq:weights"].tokenize == {"basis": "weights", "center": "none"}
@@ -226,7 +222,7 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     common = ["--config", "tiny", "--seeds", "2", "--device", "cpu", "--run-dir", str(tmp_path / "run"),
               "--data-root", str(data_root)]
     assert quality.main(common + ["--results", str(results), "--only", "main,nefgpt,ablations",
-                                  "--ablations", "fit,init:meta,order:canonical,vq:group3,vq:class-pca,model:kv1,"
+                                  "--ablations", "fit,init:meta,order:canonical,vq:group3,vq:weights,model:kv1,"
                                   "sampling:cfg2-expected"]) == 0
     out = capsys.readouterr().out
     r = json.loads(results.read_text())
@@ -242,11 +238,13 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     nef = r["rows"]["nefgpt"]["metrics"]
     for name in NEFGPT_METRICS:
         assert _finite(nef[name]["mean"]) and _finite(nef[name]["oracle"]["mean"])
-    # the tiny main samples at T 1 without top-k, so the protocol also runs with that, beside NeF-GPT's sampling
+    # the tiny main, as the full one, draws the first 32 class-pca components at T 1 without top-k and takes the
+    # GPT's means of the rest, so the protocol also runs with that, beside NeF-GPT's sampling
     own = r["rows"]["nefgpt_own_sampling"]
-    drawn = {"top_p": 1.0, "cfg_scale": 1.0, "weights": "sampled", "expected_from": 0}
-    assert own["sampling"] == {"top_k": 0, "temperature": 1.0, **drawn}
-    assert r["rows"]["nefgpt"]["sampling"] == {"top_k": 3, "temperature": 0.8, **drawn}
+    plain = {"top_p": 1.0, "cfg_scale": 1.0}
+    assert own["sampling"] == {"top_k": 0, "temperature": 1.0, "weights": "expected", "expected_from": 32, **plain}
+    assert r["rows"]["nefgpt"]["sampling"] == {"top_k": 3, "temperature": 0.8, "weights": "sampled",
+                                               "expected_from": 0, **plain}
     assert own["metrics"]["mmd"]["oracle"] == nef["mmd"]["oracle"] and _finite(own["metrics"]["cov"]["mean"])
     for row in r["rows"]["reconstruction"].values():
         assert all(_finite(row["metrics"][f"cond_{m}"]["mean"]) for m in ("mmd", "cov", "1nna"))
@@ -261,7 +259,12 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     assert _finite(r["rows"]["main"]["train"]["marginal_val_loss"]) and "per-position token histograms" in out
     assert [h["step"] for h in r["rows"]["main"]["train_history"]] == [8]  # eval_every 8 of 8 steps
     assert set(r["rows"]["ablations"]) == {"fit:steps60", "fit:clamp-margin0.3", "init:meta", "order:canonical", "vq:group3",
-                                           "vq:class-pca", "model:kv1", "sampling:cfg2-expected"}
+                                           "vq:weights", "model:kv1", "sampling:cfg2-expected"}
+    assert r["rows"]["main"]["recipe"]["tokenize"] == {} and r["config"]["tokenize"]["basis"] == "class-pca"
+    assert r["rows"]["ablations"]["vq:weights"]["recipe"]["tokenize"] == {"basis": "weights", "center": "none"}
+    # the GPT's kept weights are named (keep best: the lowest validation loss of its one validation)
+    assert r["rows"]["main"]["train"]["kept"] == {"rule": "best", "step": 8,
+                                                  "val_loss": r["rows"]["main"]["train_history"][0]["val_loss"]}
     # the meta row fits from a template learned on the training split, which is an artifact of its own
     template = [k for k in r["summaries"] if k.startswith("template-")]
     assert len(template) == 1 and r["summaries"][template[0]]["split"] == "mnist:test[:120]"
