@@ -424,10 +424,11 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
             tensors.update({f"best.{k}": v for k, v in best[2].items()})
             meta["best"] = {"step": best[0], "val_loss": best[1]}
         save_artifact(state_path, "train_state", tensors, meta)
+        record = kept(steps_done)
         save_model(run_dir / "model.safetensors", model, dict(meta_base, step=steps_done, history=history,
-                                                               kept=kept(steps_done)),
+                                                               kept=record),
                    weights=best[2] if best is not None else None)
-        write_json(run_dir / "train_log.json", {"step": steps_done, "final": final, "kept": kept(steps_done),
+        write_json(run_dir / "train_log.json", {"step": steps_done, "final": final, "kept": record,
                                                 "history": history})
 
     tokens_per_step = bs * (seq_len - 1)
