@@ -21,7 +21,10 @@ Protocol (fixed; the sizes are the only thing the configs change)
 - Reference generators without a GPT (nfgen.baselines): a Gaussian per class (sample mean and covariance) over
   the main recipe's training weights, its draws rendered, and the same over the training images' pixels,
   sampled and scored like the main rows (conditional and unconditional, the same seeds). A GPT that does not
-  beat the weight-space Gaussian has learned little beyond the weights' means and correlations.
+  beat the weight-space Gaussian has learned little beyond the weights' means and correlations. And the GPT
+  without its context: the main recipe's training tokens, each position drawn on its own from its frequencies in
+  the class and de-tokenized as the main rows' draws (nfgen.baselines.marginal_token_weights); what the GPT
+  scores above it is what it learned of how a field's tokens depend on each other.
 - NeF-GPT's protocol, for the direct comparison: digit 3 only, 256 generated (top-k 3, temperature 0.8)
   against 196 references rendered from *training* fields (a fixed seeded choice); its published numbers
   COV 0.2773, 1-NNA 0.84, MMD 0.2162, classifier accuracy 0.703 beside ours. Oracle: 256 other training
@@ -61,7 +64,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._env import environment
-from nfgen.baselines import gaussian_samples
+from nfgen.baselines import gaussian_samples, marginal_token_weights
 from nfgen.classifier import classify, load_classifier, run_classifier
 from nfgen.common import make_generator, pick_device
 from nfgen.data import load_split
@@ -599,30 +602,39 @@ class Harness:
         return row, picture
 
     def baseline_rows(self, recipe: Recipe, seeds: int) -> dict:
-        """The Gaussian reference generators (weights of the recipe's training fields; pixels), main protocol."""
+        """The reference generators without a GPT, main protocol: Gaussians over the recipe's training weights and
+        over the training pixels; the recipe's training tokens drawn position by position (sampled as the recipe)."""
         fields = load_fields(self.fields(recipe))
+        ts = load_tokens(self.tokens(recipe))
+        sampling = {**self.cfg.sample, **recipe.sample}
         refs = self.heldout.labels.sort().values
         classes = torch.cat([refs, torch.full_like(refs, -1)])
         pixels = self.train_split.images.reshape(len(self.train_split.labels), -1).float()
+        notes = {"gaussian:weights": "the recipe's training weights", "gaussian:pixels": "the training images' pixels",
+                 "marginals:tokens": "the recipe's training tokens, each position drawn on its own from its "
+                                     "frequencies in the class"}
         rows = {}
-        for name, x, labels in (("gaussian:weights", fields.weights, fields.labels),
-                                ("gaussian:pixels", pixels, self.train_split.labels)):
+        for name, note in notes.items():
             per_seed = []
             for seed in range(seeds):
                 t0 = time.perf_counter()
-                draws = gaussian_samples(x, labels, classes, make_generator(seed))
-                if name == "gaussian:weights":
-                    images = render_fields(draws, fields.spec, fields.image_shape, device=self.device)
-                else:
+                if name == "gaussian:pixels":
+                    draws = gaussian_samples(pixels, self.train_split.labels, classes, make_generator(seed))
                     images = draws.clamp(0, 1).reshape(-1, *self.train_split.image_shape).to(self.device)
                     draws = draws[:, :0]  # no weights: evaluate reads only the labels beside the images
+                else:
+                    if name == "gaussian:weights":
+                        draws = gaussian_samples(fields.weights, fields.labels, classes, make_generator(seed))
+                    else:
+                        draws = marginal_token_weights(ts.tokenizer, ts.tokens, ts.labels, classes, seed,
+                                                       sampling.get("weights", "sampled"),
+                                                       sampling.get("expected_from", 0))
+                    images = render_fields(draws, fields.spec, fields.image_shape, device=self.device)
                 self._lap("baselines", t0)
                 sub = replace(fields, weights=draws, labels=classes, psnr=torch.zeros(len(classes)),
                               meta={"baseline": name})
                 per_seed.append(self.headline(self._evaluate(sub, images, seed)))
-            rows[name] = {"seeds": seeds, "metrics": aggregate(per_seed, HEADLINE),
-                          "note": "no GPT: " + ("the recipe's training weights" if name.endswith("weights")
-                                                else "the training images' pixels")}
+            rows[name] = {"seeds": seeds, "metrics": aggregate(per_seed, HEADLINE), "note": "no GPT: " + note}
         return rows
 
     def reconstruction_rows(self, recipe: Recipe) -> dict:

@@ -5,6 +5,10 @@ weights (rendered afterwards) or pixels. A weight-space GPT that scores no bette
 Gaussian has learned little beyond the weights' means and correlations; the pixel-space Gaussian is the
 same trivial model where no field stands between it and the image.
 
+`token_marginals` / `marginal_token_samples` are the GPT with its context taken away: every token of a field
+drawn on its own from how often each code occurs at that position in the class's training sequences. What a
+GPT scores above this baseline is what it learned of how a field's tokens depend on each other.
+
 `nfgen baseline` (`run_baseline`) samples the weight-space Gaussian of a run's fitted fields into a samples
 file laid out like `nfgen generate`'s, so `nfgen evaluate` scores it with the same metrics:
 
@@ -70,3 +74,67 @@ def run_baseline(fields_path, out_dir, *, per_class: int = 10, unconditional: in
                                  "seed": seed})
     return {"n_fields": len(classes), "samples": str(samples), "png": str(png), "fitted_fields": len(fields),
             "seconds": round(seconds, 3)}
+
+
+def token_marginals(tokens: torch.Tensor, labels: torch.Tensor, n_codes: int) -> torch.Tensor:
+    """Per-class, per-position code frequencies of token sequences [N, L] with labels [N] → float64
+    [n_classes + 1, L, n_codes]; entry c holds class c's (n_classes = labels.max() + 1), the last every
+    sequence's (class -1, unconditional). Each [c, l] row sums to 1; a class without sequences is refused."""
+    if tokens.dim() != 2 or labels.shape != (tokens.shape[0],):
+        raise NfgenError(f"token_marginals wants tokens [N, L] and labels [N], got {tuple(tokens.shape)} and "
+                         f"{tuple(labels.shape)}")
+    tokens, labels = tokens.long().cpu(), labels.long().cpu()
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= n_codes):
+        raise NfgenError(f"tokens must be code ids in [0, {n_codes}), got {tokens.min()}..{tokens.max()}; "
+                         f"pass the tokens file's codes, not model sequences")
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    counts = torch.zeros(n_classes + 1, tokens.shape[1], n_codes, dtype=torch.float64)
+    ones = torch.ones(tokens.shape[1], 1, dtype=torch.float64).expand(-1, tokens.shape[0])
+    for c in range(n_classes + 1):
+        rows = tokens if c == n_classes else tokens[labels == c]
+        if rows.shape[0] == 0:
+            raise NfgenError(f"class {c} has no training sequences; its token frequencies are undefined: use a "
+                             f"training split with every class")
+        counts[c].scatter_add_(1, rows.T.contiguous(), ones[:, :rows.shape[0]])
+    return counts / counts.sum(-1, keepdim=True)
+
+
+def marginal_token_samples(freqs: torch.Tensor, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token sequence per entry of `classes` [M] (-1: unconditional), every position drawn independently
+    from `freqs` ([n_classes + 1, L, n_codes], as `token_marginals` returns) → int64 [M, L]. Inverse-CDF draws
+    from one block of uniforms per class, classes in ascending order, so the result depends only on the inputs
+    and the generator's state."""
+    n_classes = freqs.shape[0] - 1
+    classes = torch.as_tensor(classes, dtype=torch.long).cpu()
+    if classes.numel() and (classes.min() < -1 or classes.max() >= n_classes):
+        raise NfgenError(f"class ids must be in [-1, {n_classes}), got {classes.min()}..{classes.max()}")
+    cdf = freqs.cumsum(-1)
+    cdf[..., -1] = 1.0  # rounding must not leave a uniform above the last bin
+    out = torch.empty(len(classes), freqs.shape[1], dtype=torch.long)
+    for c in classes.unique().tolist():
+        want = classes == c
+        u = torch.rand(freqs.shape[1], int(want.sum()), generator=generator, dtype=torch.float64)
+        # right=True: a code never seen (a zero-width bin, cdf equal to its left neighbour's) is never drawn
+        out[want] = torch.searchsorted(cdf[c], u, right=True).clamp_max(freqs.shape[2] - 1).T
+    return out
+
+
+def marginal_token_weights(tokenizer, tokens: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, seed: int,
+                           weights: str = "sampled", expected_from: int = 0) -> torch.Tensor:
+    """The marginals baseline end to end: a field per entry of `classes` [M] from the training `tokens` [N, L] /
+    `labels` [N] of `tokenizer`, decoded as `generate_weights` decodes a GPT's draws → float32 weights [M, P].
+
+    Unconditional entries of a class-centred tokenizer get a class drawn as generate_weights draws it (same seed
+    offset). weights "expected": every position from `expected_from` on takes its mean code value under the
+    class's frequencies, as the GPT's draws take their expected value under its distribution."""
+    from nfgen.generate import CLASS_DRAW_SEED_OFFSET
+
+    classes = tokenizer.draw_classes(classes, make_generator(seed + CLASS_DRAW_SEED_OFFSET))
+    freqs = token_marginals(tokens, labels, tokenizer.n_codes)
+    drawn = marginal_token_samples(freqs, classes, make_generator(seed))
+    if weights != "expected":
+        return tokenizer.decode(drawn, classes).float()
+    codes = tokenizer.code_vectors().double()
+    vectors = (freqs @ codes)[classes]  # class -1 indexes the last entry: every sequence's frequencies
+    vectors[:, :expected_from] = codes[drawn[:, :expected_from]]
+    return tokenizer.decode_vectors(vectors.float(), classes)

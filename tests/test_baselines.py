@@ -1,10 +1,13 @@
-"""nfgen.baselines: the per-class Gaussian reference generator."""
+"""nfgen.baselines: the per-class Gaussian and the per-position token-frequency reference generators."""
 import pytest
 import torch
 
-from nfgen.baselines import gaussian_samples
+from nfgen.baselines import gaussian_samples, marginal_token_samples, marginal_token_weights, token_marginals
 from nfgen.common import make_generator
+from nfgen.generate import CLASS_DRAW_SEED_OFFSET
 from nfgen.io import NfgenError
+from nfgen.tokenizer import TokenizerConfig, WeightTokenizer
+from nfkernels import SirenSpec, siren_init
 
 
 def _data(n_per_class=(7, 30), d=5, seed=0):
@@ -63,3 +66,85 @@ def test_bad_input_is_a_clear_error():
         gaussian_samples(x, labels, torch.tensor([7]), make_generator(0))
     with pytest.raises(NfgenError, match="x \\[N, D\\] and labels \\[N\\]"):
         gaussian_samples(x, labels[:-1], torch.tensor([1]), make_generator(0))
+
+
+def _token_data():
+    # class 0: position 0 always code 3, position 1 codes 1 / 2 at 1:3; class 1: position 0 code 0, position 1 code 5
+    t0 = torch.tensor([[3, 1]] * 10 + [[3, 2]] * 30)
+    t1 = torch.tensor([[0, 5]] * 20)
+    return torch.cat([t0, t1]), torch.tensor([0] * 40 + [1] * 20)
+
+
+def test_token_marginals_are_per_class_position_frequencies():
+    tokens, labels = _token_data()
+    f = token_marginals(tokens.to(torch.int16), labels, n_codes=6)
+    assert f.shape == (3, 2, 6) and f.dtype == torch.float64
+    assert torch.allclose(f.sum(-1), torch.ones(3, 2, dtype=torch.float64))
+    assert f[0, 0, 3] == 1 and f[0, 1, 1] == 0.25 and f[0, 1, 2] == 0.75
+    assert f[1, 0, 0] == 1 and f[1, 1, 5] == 1
+    # the last entry pools every sequence: position 0 is code 3 in 40 of 60
+    assert f[2, 0, 3] == pytest.approx(40 / 60) and f[2, 0, 0] == pytest.approx(20 / 60)
+
+
+def test_marginal_draws_follow_the_frequencies_independently():
+    tokens, labels = _token_data()
+    f = token_marginals(tokens, labels, n_codes=6)
+    classes = torch.tensor([0] * 20000 + [1] * 5 + [-1] * 20000)
+    draws = marginal_token_samples(f, classes, make_generator(0))
+    assert draws.shape == (40005, 2) and draws.dtype == torch.long
+    c0, c1, un = draws[:20000], draws[20000:20005], draws[20005:]
+    assert (c0[:, 0] == 3).all() and set(c0[:, 1].tolist()) == {1, 2}  # codes never seen are never drawn
+    assert (c0[:, 1] == 2).double().mean() == pytest.approx(0.75, abs=0.015)
+    assert (c1 == torch.tensor([0, 5])).all()
+    # unconditional: the pooled frequencies, the two positions drawn independently: in the data code 0 always comes
+    # with code 5, independent draws pair it with another code in 1/3 × 2/3 of the fields
+    assert (un[:, 0] == 0).double().mean() == pytest.approx(1 / 3, abs=0.015)
+    broken = ((un[:, 0] == 0) & (un[:, 1] != 5)).double().mean()
+    assert broken == pytest.approx(1 / 3 * 2 / 3, abs=0.015)
+    # seeded, and each class one block: where the entries sit does not matter
+    perm = torch.randperm(len(classes), generator=make_generator(1))
+    again = marginal_token_samples(f, classes[perm], make_generator(0))
+    for c in (-1, 0, 1):
+        assert torch.equal(draws[classes == c], again[classes[perm] == c])
+    assert not torch.equal(draws, marginal_token_samples(f, classes, make_generator(1)))
+
+
+def test_marginal_bad_input_is_a_clear_error():
+    tokens, labels = _token_data()
+    with pytest.raises(NfgenError, match="class 1 has no training sequences"):
+        token_marginals(tokens, torch.tensor([0] * 59 + [2]), n_codes=6)
+    with pytest.raises(NfgenError, match="code ids in \\[0, 4\\)"):
+        token_marginals(tokens, labels, n_codes=4)
+    with pytest.raises(NfgenError, match="tokens \\[N, L\\] and labels \\[N\\]"):
+        token_marginals(tokens, labels[:-1], n_codes=6)
+    f = token_marginals(tokens, labels, n_codes=6)
+    with pytest.raises(NfgenError, match="class ids must be in \\[-1, 2\\)"):
+        marginal_token_samples(f, torch.tensor([2]), make_generator(0))
+
+
+def test_marginal_weights_decode_as_generate_does():
+    spec = SirenSpec(hidden=8, hidden_layers=2)
+    g = make_generator(5)
+    labels = torch.arange(240) % 3
+    w = siren_init(spec, 240, generator=g) * (1 + 0.1 * torch.randn(240, spec.num_params, generator=g))
+    w = w + 0.2 * torch.randn(3, spec.num_params, generator=g)[labels]
+    tok = WeightTokenizer.fit(w, spec, TokenizerConfig(codebook_size=16, iters=6, basis="class-pca", center="class"),
+                              labels=labels)
+    tokens = tok.encode(w, labels)
+    classes = torch.tensor([0] * 5 + [2] * 4 + [-1] * 6)
+    sampled = marginal_token_weights(tok, tokens, labels, classes, seed=3)
+    # unconditional entries get the class generate_weights would draw for them, then that class's frequencies
+    drawn = tok.draw_classes(classes, make_generator(3 + CLASS_DRAW_SEED_OFFSET))
+    assert (drawn >= 0).all() and torch.equal(drawn[:9], classes[:9])
+    want = tok.decode(marginal_token_samples(token_marginals(tokens, labels, tok.n_codes), drawn, make_generator(3)),
+                      drawn)
+    assert sampled.shape == (15, spec.num_params) and torch.equal(sampled, want)
+    # expected values everywhere: decoding is linear, so each field is its class's mean de-tokenized field
+    expected = marginal_token_weights(tok, tokens, labels, classes, seed=3, weights="expected")
+    detok = tok.decode(tokens, labels).double()
+    class_means = torch.stack([detok[labels == c].mean(0) for c in range(3)]).float()
+    torch.testing.assert_close(expected, class_means[drawn], atol=1e-5, rtol=1e-5)
+    # expected from the last position on: every other token the drawn one
+    partial = marginal_token_weights(tok, tokens, labels, classes, seed=3, weights="expected",
+                                     expected_from=tok.tokens_per_field)
+    torch.testing.assert_close(partial, sampled, atol=1e-5, rtol=1e-5)
