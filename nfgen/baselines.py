@@ -9,11 +9,13 @@ same trivial model where no field stands between it and the image.
 drawn on its own from how often each code occurs at that position in the class's training sequences. What a
 GPT scores above this baseline is what it learned of how a field's tokens depend on each other.
 
-`nfgen baseline` (`run_baseline`) samples the weight-space Gaussian of a run's fitted fields into a samples
-file laid out like `nfgen generate`'s, so `nfgen evaluate` scores it with the same metrics:
+`nfgen baseline` (`run_baseline`) samples either (the weight-space Gaussian of a run's fitted fields; with
+`--kind marginals` its tokens position by position) into a samples file laid out like `nfgen generate`'s, so
+`nfgen evaluate` scores it with the same metrics:
 
     nfgen baseline --run R --per-class 200                       # R/baseline/samples.safetensors, samples.png
     nfgen evaluate --run R/baseline --classifier R/classifier.safetensors
+    nfgen baseline --run R --per-class 200 --kind marginals --weights expected --expected-from 32 --out R/marginals
 """
 from __future__ import annotations
 
@@ -54,26 +56,55 @@ def gaussian_samples(x: torch.Tensor, labels: torch.Tensor, classes: torch.Tenso
     return out.to(x.dtype)
 
 
-def run_baseline(fields_path, out_dir, *, per_class: int = 10, unconditional: int = 0, seed: int = 0) -> dict:
-    """Sample the per-class Gaussian over a fields file's weights → OUT/samples.safetensors and OUT/samples.png."""
-    from nfgen.fields import load_fields
-    from nfgen.generate import check_sample_counts, classes_to_sample, save_samples
+KINDS = ("gaussian", "marginals")
 
+
+def run_baseline(fields_path, out_dir, *, per_class: int = 10, unconditional: int = 0, seed: int = 0,
+                 kind: str = "gaussian", tokens_path=None, weights: str = "sampled", expected_from: int = 0) -> dict:
+    """Sample a reference generator without a GPT → OUT/samples.safetensors and OUT/samples.png: kind "gaussian"
+    the per-class Gaussian over a fields file's weights, "marginals" a tokens file's tokens position by position
+    (`weights` / `expected_from` as `nfgen generate` takes them)."""
+    from nfgen.generate import SampleConfig, check_sample_counts, classes_to_sample, save_samples
+
+    if kind not in KINDS:
+        raise NfgenError(f"--kind {kind!r} is not a baseline; use one of {', '.join(KINDS)}")
+    if kind == "gaussian" and (weights != "sampled" or expected_from):
+        raise NfgenError("--weights / --expected-from choose how token draws decode; they need --kind marginals")
+    SampleConfig(weights=weights, expected_from=expected_from).validate()
     check_sample_counts(per_class, unconditional)  # before loading anything
-    fields = load_fields(fields_path)
-    if fields.meta.get("generated") or (fields.labels < 0).any():
-        raise NfgenError(f"{fields_path} holds {'generated' if fields.meta.get('generated') else 'unlabelled'} "
-                         f"fields; pass the fitted training fields (`nfgen fit`'s fields.safetensors)")
-    n_classes = int(fields.labels.max()) + 1
+    if kind == "marginals":
+        from nfgen.tokenizer import load_tokens
+
+        data = load_tokens(tokens_path)
+        labels, spec, image_shape, source = data.labels, data.spec, data.image_shape, {"tokens": str(tokens_path)}
+        if expected_from >= data.tokenizer.tokens_per_field:
+            raise NfgenError(f"--expected-from {expected_from} is past the {data.tokenizer.tokens_per_field} tokens "
+                             f"of a field; use a position below it, or --weights sampled")
+    else:
+        from nfgen.fields import load_fields
+
+        data = load_fields(fields_path)
+        if data.meta.get("generated"):
+            raise NfgenError(f"{fields_path} holds generated fields; pass the fitted training fields (`nfgen fit`'s "
+                             f"fields.safetensors)")
+        labels, spec, image_shape, source = data.labels, data.spec, data.image_shape, {"fields": str(fields_path)}
+    if (labels < 0).any():
+        raise NfgenError(f"{tokens_path if kind == 'marginals' else fields_path} holds unlabelled fields; a per-class "
+                         f"baseline needs the labelled training fields")
+    n_classes = int(labels.max()) + 1
     classes = classes_to_sample(n_classes, per_class, unconditional)
     t0 = time.perf_counter()
-    weights = gaussian_samples(fields.weights, fields.labels, classes, make_generator(seed))
+    if kind == "marginals":
+        out = marginal_token_weights(data.tokenizer, data.tokens, labels, classes, seed, weights, expected_from)
+        about = {"baseline": "each token drawn from its position's frequencies in the class", "weights": weights,
+                 "expected_from": expected_from}
+    else:
+        out = gaussian_samples(data.weights, labels, classes, make_generator(seed))
+        about = {"baseline": "per-class Gaussian over the weights"}
     seconds = time.perf_counter() - t0
-    samples, png = save_samples(out_dir, weights, classes, fields.spec, fields.image_shape, n_classes,
-                                {"baseline": "per-class Gaussian over the weights", "fields": str(fields_path),
-                                 "seed": seed})
-    return {"n_fields": len(classes), "samples": str(samples), "png": str(png), "fitted_fields": len(fields),
-            "seconds": round(seconds, 3)}
+    samples, png = save_samples(out_dir, out, classes, spec, image_shape, n_classes, {**about, **source, "seed": seed})
+    return {"kind": kind, "n_fields": len(classes), "samples": str(samples), "png": str(png),
+            "training_fields": len(labels), "seconds": round(seconds, 3)}
 
 
 def token_marginals(tokens: torch.Tensor, labels: torch.Tensor, n_codes: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from nfgen.cli import main
 from nfgen.fields import load_fields, save_fields
 from nfgen.io import load_artifact, save_artifact
+from nfgen.tokenizer import load_tokens
 
 TINY_FIT = ["--split", "mnist:test[:40]", "--hidden", "8", "--hidden-layers", "1", "--steps", "60", "--quiet"]
 
@@ -395,6 +396,48 @@ def test_baseline_samples_then_evaluate(cli, run_dir, tmp_path):
     assert 0 <= metrics["groups"]["conditional_all"]["mmd"]["samples"] <= 1
     assert metrics["classifier"]["n"]["samples"] == 30  # the baseline's 3 per class, scored by --classifier
     assert (run_dir / "metrics.json").read_text() == gpt_metrics  # the GPT's metrics are left alone
+
+
+def test_marginals_baseline_draws_tokens_position_by_position(cli, run_dir, tmp_path):
+    # mnist:test[:40] has no 8: relabel so every class has 4 sequences (the draws' maths is test_baselines')
+    tensors, meta = load_artifact(run_dir / "tokens.safetensors", "tokens")
+    tensors["labels"] = torch.arange(40) % 10
+    tokens = tmp_path / "tokens.safetensors"
+    save_artifact(tokens, "tokens", tensors, meta)
+    ts = load_tokens(tokens)
+    base = ["baseline", "--run", str(run_dir), "--kind", "marginals", "--tokens", str(tokens), "--per-class", "3",
+            "--unconditional", "2", "--quiet"]
+    out = tmp_path / "marginals"
+    proc = cli(*base, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["kind"] == "marginals"
+    samples = load_fields(out / "samples.safetensors")
+    assert samples.weights.shape == (32, 33) and samples.meta["weights"] == "sampled"
+    assert samples.labels.tolist() == [c for c in range(10) for _ in range(3)] + [-1, -1]
+    # every weight of a class-c draw is a code value some class-c training field has at that position
+    drawn = ts.tokenizer.encode(samples.weights[:30], samples.labels[:30])
+    for i in range(30):
+        seen = ts.tokens[ts.labels == samples.labels[i]]
+        assert ((seen == drawn[i]).any(0)).all(), i
+    # expected weights everywhere: a class's draws are all its mean de-tokenized field
+    out = tmp_path / "expected"
+    assert cli(*base, "--weights", "expected", "--out", str(out)).returncode == 0
+    expected = load_fields(out / "samples.safetensors")
+    detok = ts.tokenizer.decode(ts.tokens, ts.labels)
+    for c in range(10):
+        torch.testing.assert_close(expected.weights[3 * c:3 * c + 3], detok[ts.labels == c].mean(0).expand(3, -1),
+                                   atol=1e-5, rtol=1e-5)
+    assert_clean_error(cli(*base, "--expected-from", "4", "--out", str(tmp_path / "e")), "add --weights expected")
+    assert_clean_error(cli(*base, "--weights", "expected", "--expected-from", "33", "--out", str(tmp_path / "e")),
+                       "--expected-from 33 is past the 33 tokens")
+    assert_clean_error(cli("baseline", "--run", str(run_dir), "--weights", "expected", "--out", str(tmp_path / "e")),
+                       "they need --kind marginals")
+    # the fixture's own tokens hold no 8
+    assert_clean_error(cli("baseline", "--run", str(run_dir), "--kind", "marginals", "--out", str(tmp_path / "e")),
+                       "class 8 has no training sequences")
+    assert_clean_error(cli("baseline", "--run", str(tmp_path / "nowhere"), "--kind", "marginals",
+                           "--out", str(tmp_path / "e")), "nfgen tokenize")
+    assert not (tmp_path / "e").exists()
 
 
 def test_baseline_bad_input(cli, run_dir, tmp_path):
