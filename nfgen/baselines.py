@@ -9,9 +9,9 @@ same trivial model where no field stands between it and the image.
 drawn on its own from how often each code occurs at that position in the class's training sequences. What a
 GPT scores above this baseline is what it learned of how a field's tokens depend on each other.
 
-`nfgen baseline` (`run_baseline`) samples either (the weight-space Gaussian of a run's fitted fields; with
-`--kind marginals` its tokens position by position) into a samples file laid out like `nfgen generate`'s, so
-`nfgen evaluate` scores it with the same metrics:
+`nfgen baseline` (`run_baseline`) samples the weight-space Gaussian of a run's fitted fields (with `--kind
+marginals`, its tokens position by position) into a samples file laid out like `nfgen generate`'s, so `nfgen
+evaluate` scores it with the same metrics:
 
     nfgen baseline --run R --per-class 200                       # R/baseline/samples.safetensors, samples.png
     nfgen evaluate --run R/baseline --classifier R/classifier.safetensors
