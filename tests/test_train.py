@@ -84,6 +84,20 @@ def test_train_learns_and_writes_loadable_model(tokens_file, tmp_path, n_kv_head
     assert 0 < summary["marginal_val_loss"] < math.log(16)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compile_trains_the_same_model(tokens_file, tmp_path):
+    # torch.compile (inductor's C++ backend on the CPU) changes how the steps compute, not what: the same losses and
+    # weights as eager up to float rounding, saved without the compiled wrapper's "_orig_mod." prefix
+    eager = train(tokens_file, tmp_path / "eager", small(steps=4, eval_every=2, value_embed=True))
+    compiled = train(tokens_file, tmp_path / "compiled", small(steps=4, eval_every=2, value_embed=True, compile=True))
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-5)
+    a, _ = load_model(tmp_path / "eager" / "model.safetensors")
+    b, meta = load_model(tmp_path / "compiled" / "model.safetensors")
+    assert meta["train_config"]["compile"] and list(a.state_dict()) == list(b.state_dict())
+    for name, x in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], x, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("class_dropout,dropped", [(0.0, 0.0), (0.5, None), (1.0, 1.0)])
 def test_class_dropout_is_the_share_of_rows_trained_without_their_class(tokens_file, tmp_path, monkeypatch,
                                                                          class_dropout, dropped):
