@@ -9,6 +9,10 @@ same trivial model where no field stands between it and the image.
 drawn on its own from how often each code occurs at that position in the class's training sequences. What a
 GPT scores above this baseline is what it learned of how a field's tokens depend on each other.
 
+`smoothed_bootstrap` / `bootstrap_token_weights` are the other end: a kernel density estimate that keeps every
+dependency the training fields have, by copying a random training field of the class and jittering its drawn
+components. It scores what near-copies of the training data score; the memorised fraction says how near.
+
 `nfgen baseline` (`run_baseline`) samples the weight-space Gaussian of a run's fitted fields (with `--kind
 marginals`, its tokens position by position) into a samples file laid out like `nfgen generate`'s, so `nfgen
 evaluate` scores it with the same metrics:
@@ -169,3 +173,51 @@ def marginal_token_weights(tokenizer, tokens: torch.Tensor, labels: torch.Tensor
     vectors = (freqs @ codes)[classes]  # class -1 indexes the last entry: every sequence's frequencies
     vectors[:, :expected_from] = codes[drawn[:, :expected_from]]
     return tokenizer.decode_vectors(vectors.float(), classes)
+
+
+def smoothed_bootstrap(x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, bandwidth: float,
+                       generator: torch.Generator) -> torch.Tensor:
+    """One draw per entry of `classes` [M] from a Gaussian kernel density estimate over the rows of x [N, D] with
+    that label (-1: every row) → float64 [M, D]: a uniformly chosen row plus noise of `bandwidth` times the class's
+    per-column std (ddof 1). Classes are drawn in ascending order, each from one block of `generator`."""
+    if x.dim() != 2 or labels.shape != (x.shape[0],):
+        raise NfgenError(f"smoothed_bootstrap wants x [N, D] and labels [N], got {tuple(x.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if not bandwidth >= 0:
+        raise NfgenError(f"the bootstrap's bandwidth must be ≥ 0 (in class stds), got {bandwidth}")
+    labels, classes = labels.cpu(), torch.as_tensor(classes, dtype=torch.long).cpu()
+    out = torch.empty(len(classes), x.shape[1], dtype=torch.float64)
+    for c in classes.unique().tolist():
+        rows = (x if c == -1 else x[labels == c]).double().cpu()
+        if rows.shape[0] < 2:
+            raise NfgenError(f"class {c} has {rows.shape[0]} example(s); a bootstrap's spread needs at least 2: use "
+                             f"a larger training split")
+        want = classes == c
+        pick = torch.randint(0, rows.shape[0], (int(want.sum()),), generator=generator)
+        noise = torch.randn(int(want.sum()), x.shape[1], generator=generator, dtype=torch.float64)
+        out[want] = rows[pick] + bandwidth * rows.std(0) * noise
+    return out
+
+
+def bootstrap_token_weights(tokenizer, tokens: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, seed: int,
+                            bandwidth: float = 0.5, weights: str = "sampled", expected_from: int = 0) -> torch.Tensor:
+    """The smoothed bootstrap over a tokens file's code vectors, laid out like `marginal_token_weights`: the
+    positions a GPT's draw keeps (all of them; with weights "expected", those before `expected_from`) are a random
+    training field of the class jittered by `bandwidth` class stds, the rest its class's mean code vector (where
+    the marginals and the GPT take their expected values) → float32 weights [M, P]."""
+    from nfgen.generate import CLASS_DRAW_SEED_OFFSET
+
+    classes = tokenizer.draw_classes(classes, make_generator(seed + CLASS_DRAW_SEED_OFFSET))
+    labels = labels.long().cpu()
+    vectors = tokenizer.code_vectors().double()[tokens.long().cpu()]  # [N, L, group]
+    n_classes = int(labels.max()) + 1
+    missing = sorted(set(classes.tolist()) - set(labels.tolist()) - {-1})
+    if missing:
+        raise NfgenError(f"class {missing[0]} has no training fields to copy: use a training split with every class")
+    means = torch.stack([vectors[labels == c].mean(0) for c in range(n_classes)] + [vectors.mean(0)])
+    out = means[classes]  # class -1 indexes the last entry: every field's mean
+    drawn = expected_from if weights == "expected" else vectors.shape[1]
+    if drawn:
+        jittered = smoothed_bootstrap(vectors[:, :drawn].flatten(1), labels, classes, bandwidth, make_generator(seed))
+        out[:, :drawn] = jittered.view(len(classes), drawn, -1)
+    return tokenizer.decode_vectors(out.float(), classes)

@@ -1,8 +1,10 @@
-"""nfgen.baselines: the per-class Gaussian and the per-position token-frequency reference generators."""
+"""nfgen.baselines: the reference generators without a GPT (per-class Gaussian, per-position token frequencies,
+smoothed bootstrap)."""
 import pytest
 import torch
 
-from nfgen.baselines import gaussian_samples, marginal_token_samples, marginal_token_weights, token_marginals
+from nfgen.baselines import (bootstrap_token_weights, gaussian_samples, marginal_token_samples, marginal_token_weights,
+                             smoothed_bootstrap, token_marginals)
 from nfgen.common import make_generator
 from nfgen.generate import CLASS_DRAW_SEED_OFFSET
 from nfgen.io import NfgenError
@@ -122,7 +124,7 @@ def test_marginal_bad_input_is_a_clear_error():
         marginal_token_samples(f, torch.tensor([2]), make_generator(0))
 
 
-def test_marginal_weights_decode_as_generate_does():
+def _class_pca_tokens():
     spec = SirenSpec(hidden=8, hidden_layers=2)
     g = make_generator(5)
     labels = torch.arange(240) % 3
@@ -130,7 +132,11 @@ def test_marginal_weights_decode_as_generate_does():
     w = w + 0.2 * torch.randn(3, spec.num_params, generator=g)[labels]
     tok = WeightTokenizer.fit(w, spec, TokenizerConfig(codebook_size=16, iters=6, basis="class-pca", center="class"),
                               labels=labels)
-    tokens = tok.encode(w, labels)
+    return tok, tok.encode(w, labels), labels, spec
+
+
+def test_marginal_weights_decode_as_generate_does():
+    tok, tokens, labels, spec = _class_pca_tokens()
     classes = torch.tensor([0] * 5 + [2] * 4 + [-1] * 6)
     sampled = marginal_token_weights(tok, tokens, labels, classes, seed=3)
     # unconditional entries get the class generate_weights would draw for them, then that class's frequencies
@@ -148,3 +154,46 @@ def test_marginal_weights_decode_as_generate_does():
     partial = marginal_token_weights(tok, tokens, labels, classes, seed=3, weights="expected",
                                      expected_from=tok.tokens_per_field)
     torch.testing.assert_close(partial, sampled, atol=1e-5, rtol=1e-5)
+
+
+def test_smoothed_bootstrap_copies_a_row_and_jitters_it():
+    x, labels = _data()
+    classes = torch.tensor([0] * 30000 + [-1] * 30000)
+    copies = smoothed_bootstrap(x.float(), labels, classes, 0.0, make_generator(0))
+    assert copies.dtype == torch.float64
+    rows = x.float().double()
+    assert (torch.cdist(copies[:30000], rows[labels == 0]).min(1).values == 0).all()  # bandwidth 0: exact copies
+    assert (torch.cdist(copies[30000:], rows).min(1).values == 0).all()
+    draws = smoothed_bootstrap(x, labels, classes, 0.5, make_generator(0))
+    for sel, got in ((labels == 0, draws[:30000]), (torch.ones_like(labels, dtype=torch.bool), draws[30000:])):
+        ref = x[sel]
+        # a uniform row has the class's mean and (ddof 0) variance; the kernel adds 0.25 of the (ddof 1) variance
+        torch.testing.assert_close(got.mean(0), ref.mean(0), atol=0.03 * float(ref.std(0).max()), rtol=0)
+        want_var = ref.var(0, unbiased=False) + 0.25 * ref.var(0)
+        torch.testing.assert_close(got.var(0), want_var, rtol=0.05, atol=0)
+    perm = torch.randperm(len(classes), generator=make_generator(1))
+    again = smoothed_bootstrap(x, labels, classes[perm], 0.5, make_generator(0))
+    for c in (-1, 0):
+        assert torch.equal(draws[classes == c], again[classes[perm] == c])
+    with pytest.raises(NfgenError, match="bandwidth must be ≥ 0"):
+        smoothed_bootstrap(x, labels, classes, -0.1, make_generator(0))
+    with pytest.raises(NfgenError, match="class 7 has 0 example"):
+        smoothed_bootstrap(x, labels, torch.tensor([7]), 0.5, make_generator(0))
+
+
+def test_bootstrap_token_weights_copy_training_fields_and_share_the_marginals_tail():
+    tok, tokens, labels, spec = _class_pca_tokens()
+    classes = torch.tensor([0] * 4 + [1] * 3 + [-1] * 5)
+    copies = bootstrap_token_weights(tok, tokens, labels, classes, seed=2, bandwidth=0.0)
+    drawn = tok.draw_classes(classes, make_generator(2 + CLASS_DRAW_SEED_OFFSET))
+    detok = tok.decode(tokens, labels)
+    for i, c in enumerate(drawn.tolist()):  # bandwidth 0, every position drawn: a de-tokenized field of its class
+        assert float((detok[labels == c] - copies[i]).abs().max(1).values.min()) < 1e-5, i
+    jittered = bootstrap_token_weights(tok, tokens, labels, classes, seed=2, bandwidth=0.5)
+    assert float((jittered - copies).abs().max()) > 1e-3
+    # expected values everywhere: nothing is copied, the class's mean field as in the marginals baseline
+    torch.testing.assert_close(
+        bootstrap_token_weights(tok, tokens, labels, classes, seed=2, weights="expected"),
+        marginal_token_weights(tok, tokens, labels, classes, seed=2, weights="expected"), atol=1e-5, rtol=1e-5)
+    with pytest.raises(NfgenError, match="class 5 has no training fields"):
+        bootstrap_token_weights(tok, tokens, labels, torch.tensor([5]), seed=0)

@@ -250,7 +250,7 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
         assert all(_finite(row["metrics"][f"cond_{m}"]["mean"]) for m in ("mmd", "cov", "1nna"))
     assert all(_finite(v) for p in r["psnr"].values() for v in p.values())
     baselines = r["rows"]["baselines"]
-    assert set(baselines) == {"gaussian:weights", "gaussian:pixels", "marginals:tokens"}
+    assert set(baselines) == {"gaussian:weights", "gaussian:pixels", "marginals:tokens", "bootstrap:tokens"}
     for row in baselines.values():
         assert all(_finite(row["metrics"][name]["mean"]) for name in HEADLINE)
         # the same protocol as the main row: same seeds, so the same oracle draws
