@@ -77,6 +77,7 @@ from nfgen.fields import (Fields, FitConfig, load_fields, psnr, render_fields, r
 from nfgen.generate import SampleConfig, generate_weights
 from nfgen.io import NfgenError, write_json
 from nfgen.metrics import distance_metrics, evaluate, memorisation, save_nearest_grid
+from nfgen.render import save_class_rows
 from nfgen.model import load_model
 from nfgen.template import TemplateConfig, run_template
 from nfgen.tokenizer import TokenizerConfig, load_tokens, run_tokenize
@@ -420,6 +421,7 @@ class Harness:
             raise NfgenError(f"train and held-out splits share {len(overlap)} images; use disjoint slices such as "
                              "mnist:test[:8000] and mnist:test[8000:]")
         self._classifier = None
+        self.baseline_images: dict[str, torch.Tensor] = {}  # each reference generator's seed-0 images, main protocol
 
     def num_params(self) -> int:
         """P of the SIREN the fit config gives for these images (before anything is fitted)."""
@@ -643,6 +645,8 @@ class Harness:
                                                 expected_from=sampling.get("expected_from", 0))
                     images = render_fields(draws, fields.spec, fields.image_shape, device=self.device)
                 self._lap("baselines", t0)
+                if seed == 0:
+                    self.baseline_images[name] = images.cpu()
                 sub = replace(fields, weights=draws, labels=classes, psnr=torch.zeros(len(classes)),
                               meta={"baseline": name})
                 per_seed.append(self.headline(self._evaluate(sub, images, seed)))
@@ -871,6 +875,7 @@ def run(args) -> dict:
         suffix += "-" + "+".join(sorted(only))
     results_path = Path(args.results or f"benchmarks/results/quality-{device_slug(dev)}{suffix}.json")
     png_path = results_path.with_name(results_path.stem + "-samples.png")
+    generators_png = results_path.with_name(results_path.stem + "-generators.png")
     t_start = time.perf_counter()
     h = Harness(cfg, run_dir, dev, data_root=args.data_root, fresh=args.fresh, quiet=not args.verbose)
     main = Recipe(init=cfg.main_init)
@@ -901,6 +906,13 @@ def run(args) -> dict:
         cond = labels >= 0
         save_nearest_grid(png_path, images[cond], labels[cond], h.train_split.images, nearest[cond], per_row=8)
         results["samples_png"] = str(png_path)
+        # the same classes from the GPT, the reference generators without one, and the held-out images
+        baseline_labels = torch.cat([h.heldout.labels.sort().values, torch.full_like(h.heldout.labels, -1)])
+        save_class_rows(generators_png, {"nfgen": (images, labels), **{
+            name.split(":")[0]: (h.baseline_images[name], baseline_labels)
+            for name in ("marginals:tokens", "bootstrap:tokens", "gaussian:weights")},
+            "real": (h.heldout.images, h.heldout.labels)}, per_row=8)
+        results["generators_png"] = str(generators_png)
         write(complete=False)
     if "nefgpt" in only:
         samplings = {"nefgpt": NEFGPT_SAMPLING}
@@ -920,7 +932,7 @@ def run(args) -> dict:
     print()
     for g in results["goals"]:
         print(f"{g['status']:4s}  {g['goal']}  [{g['detail']}]")
-    print(f"\nwrote {results_path}" + (f" and {png_path}" if "main" in only else "") +
+    print(f"\nwrote {results_path}" + (f", {png_path} and {generators_png}" if "main" in only else "") +
           f" in {results['total_seconds']:.0f} s")
     return results
 

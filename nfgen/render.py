@@ -44,3 +44,18 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 10,
         img = out
     with atomic_write(path) as tmp:
         img.save(tmp, format="PNG")
+
+
+def save_class_rows(path: str | os.PathLike, groups: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    per_row: int = 8) -> None:
+    """PNG comparing sources class by class: for each class (ascending) one row per entry of `groups` (name →
+    (images [N, H, W(, 3)], labels [N])), its first `per_row` images of that class; unlabelled (-1) images are left
+    out. Rows are labelled "<class> <name>"."""
+    labels = sorted({int(c) for _, lab in groups.values() for c in lab.tolist() if c >= 0})
+    rows, names = [], []
+    for c in labels:
+        for name, (images, lab) in groups.items():
+            imgs = images[torch.nonzero(lab.cpu() == c).flatten()[:per_row]].cpu().float()
+            rows.append(torch.cat([imgs, torch.zeros(per_row - imgs.shape[0], *images.shape[1:])]))
+            names.append(f"{c} {name}")
+    save_grid(torch.cat(rows), path, nrow=per_row, row_labels=names)

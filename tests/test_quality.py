@@ -5,10 +5,12 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
+from PIL import Image
 
 from benchmarks import quality
 from benchmarks.quality import (CONFIGS, HEADLINE, NEFGPT_METRICS, NEFGPT_SAMPLING, Recipe, ablation_recipes,
                                 aggregate, canonical_order, check_goals, mean_std)
+from nfgen.data import load_split
 from nfgen.generate import SampleConfig
 from nfkernels import SirenSpec, coord_grid, siren_forward_reference, siren_init
 
@@ -278,6 +280,10 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     assert len(r["goals"]) == 14 and {g["status"] for g in r["goals"]} <= {"PASS", "FAIL"}
     png = tmp_path / "quality-cpu-tiny-samples.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # per held-out class a row each from nfgen, the three weight- or token-space references and the real images
+    generators = Image.open(r["generators_png"])
+    n_rows = 5 * len(set(load_split(r["config"]["heldout_split"], data_root=data_root).labels.tolist()))
+    assert generators.height == (n_rows * (28 + 2) + 2) * 2
     assert "| MMD ↓ |" in out and "NeF-GPT" in out and ("PASS" in out or "FAIL" in out)
 
     # A second run in the same directory reuses every artifact: nothing is fitted, tokenized or trained.
