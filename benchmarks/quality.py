@@ -77,8 +77,8 @@ from nfgen.fields import (Fields, FitConfig, load_fields, psnr, render_fields, r
 from nfgen.generate import SampleConfig, generate_weights
 from nfgen.io import NfgenError, write_json
 from nfgen.metrics import distance_metrics, evaluate, memorisation, save_nearest_grid
-from nfgen.render import save_class_rows
 from nfgen.model import load_model
+from nfgen.render import save_class_rows
 from nfgen.template import TemplateConfig, run_template
 from nfgen.tokenizer import TokenizerConfig, load_tokens, run_tokenize
 from nfgen.train import TrainConfig, train
@@ -613,7 +613,8 @@ class Harness:
 
     def baseline_rows(self, recipe: Recipe, seeds: int) -> dict:
         """The reference generators without a GPT, main protocol: Gaussians over the recipe's training weights and
-        over the training pixels; the recipe's training tokens drawn position by position (sampled as the recipe)."""
+        over the training pixels; the recipe's training tokens drawn position by position, and jittered copies of
+        its training fields (both decoded as the recipe samples)."""
         fields = load_fields(self.fields(recipe))
         ts = load_tokens(self.tokens(recipe))
         sampling = {**self.cfg.sample, **recipe.sample}

@@ -14,12 +14,13 @@ dependency the training fields have, by copying a random training field of the c
 components. It scores what near-copies of the training data score; the memorised fraction says how near.
 
 `nfgen baseline` (`run_baseline`) samples the weight-space Gaussian of a run's fitted fields (with `--kind
-marginals`, its tokens position by position) into a samples file laid out like `nfgen generate`'s, so `nfgen
+marginals` or `bootstrap`, its tokens position by position or its fields jittered) into a samples file laid out like `nfgen generate`'s, so `nfgen
 evaluate` scores it with the same metrics:
 
     nfgen baseline --run R --per-class 200                       # R/baseline/samples.safetensors, samples.png
     nfgen evaluate --run R/baseline --classifier R/classifier.safetensors
     nfgen baseline --run R --per-class 200 --kind marginals --weights expected --expected-from 32 --out R/marginals
+    nfgen baseline --run R --per-class 200 --kind bootstrap --bandwidth 0.5 --out R/bootstrap
 """
 from __future__ import annotations
 
@@ -60,23 +61,30 @@ def gaussian_samples(x: torch.Tensor, labels: torch.Tensor, classes: torch.Tenso
     return out.to(x.dtype)
 
 
-KINDS = ("gaussian", "marginals")
+KINDS = ("gaussian", "marginals", "bootstrap")
 
 
 def run_baseline(fields_path, out_dir, *, per_class: int = 10, unconditional: int = 0, seed: int = 0,
-                 kind: str = "gaussian", tokens_path=None, weights: str = "sampled", expected_from: int = 0) -> dict:
+                 kind: str = "gaussian", tokens_path=None, weights: str = "sampled", expected_from: int = 0,
+                 bandwidth: float | None = None) -> dict:
     """Sample a reference generator without a GPT → OUT/samples.safetensors and OUT/samples.png: kind "gaussian"
-    the per-class Gaussian over a fields file's weights, "marginals" a tokens file's tokens position by position
-    (`weights` / `expected_from` as `nfgen generate` takes them)."""
+    the per-class Gaussian over a fields file's weights; over a tokens file, "marginals" its tokens drawn position
+    by position and "bootstrap" its fields copied and jittered by `bandwidth` class stds (default 0.5; both decoded
+    with `weights` / `expected_from` as `nfgen generate` decodes)."""
     from nfgen.generate import SampleConfig, check_sample_counts, classes_to_sample, save_samples
 
     if kind not in KINDS:
         raise NfgenError(f"--kind {kind!r} is not a baseline; use one of {', '.join(KINDS)}")
     if kind == "gaussian" and (weights != "sampled" or expected_from):
-        raise NfgenError("--weights / --expected-from choose how token draws decode; they need --kind marginals")
+        raise NfgenError("--weights / --expected-from choose how token draws decode; they need --kind marginals "
+                         "or bootstrap")
+    if bandwidth is not None and kind != "bootstrap":
+        raise NfgenError("--bandwidth is the bootstrap's jitter; it needs --kind bootstrap")
+    if bandwidth is not None and not bandwidth >= 0:
+        raise NfgenError(f"--bandwidth must be ≥ 0 (in class stds), got {bandwidth}")
     SampleConfig(weights=weights, expected_from=expected_from).validate()
     check_sample_counts(per_class, unconditional)  # before loading anything
-    if kind == "marginals":
+    if kind != "gaussian":
         from nfgen.tokenizer import load_tokens
 
         data = load_tokens(tokens_path)
@@ -93,7 +101,7 @@ def run_baseline(fields_path, out_dir, *, per_class: int = 10, unconditional: in
                              f"fields.safetensors)")
         labels, spec, image_shape, source = data.labels, data.spec, data.image_shape, {"fields": str(fields_path)}
     if (labels < 0).any():
-        raise NfgenError(f"{tokens_path if kind == 'marginals' else fields_path} holds unlabelled fields; a per-class "
+        raise NfgenError(f"{fields_path if kind == 'gaussian' else tokens_path} holds unlabelled fields; a per-class "
                          f"baseline needs the labelled training fields")
     n_classes = int(labels.max()) + 1
     classes = classes_to_sample(n_classes, per_class, unconditional)
@@ -102,6 +110,12 @@ def run_baseline(fields_path, out_dir, *, per_class: int = 10, unconditional: in
         out = marginal_token_weights(data.tokenizer, data.tokens, labels, classes, seed, weights, expected_from)
         about = {"baseline": "each token drawn from its position's frequencies in the class", "weights": weights,
                  "expected_from": expected_from}
+    elif kind == "bootstrap":
+        bandwidth = 0.5 if bandwidth is None else bandwidth
+        out = bootstrap_token_weights(data.tokenizer, data.tokens, labels, classes, seed, bandwidth, weights,
+                                      expected_from)
+        about = {"baseline": "a training field of the class with its drawn components jittered", "weights": weights,
+                 "expected_from": expected_from, "bandwidth": bandwidth}
     else:
         out = gaussian_samples(data.weights, labels, classes, make_generator(seed))
         about = {"baseline": "per-class Gaussian over the weights"}

@@ -175,7 +175,7 @@ def cmd_baseline(args) -> dict:
     summary = run_baseline(_path(args.fields, run, "fields.safetensors"), out, per_class=args.per_class,
                            unconditional=args.unconditional, seed=args.seed, kind=args.kind,
                            tokens_path=_path(args.tokens, run, "tokens.safetensors"), weights=args.weights,
-                           expected_from=args.expected_from)
+                           expected_from=args.expected_from, bandwidth=args.bandwidth)
     classifier = run / "classifier.safetensors"
     summary["evaluate_with"] = f"nfgen evaluate --run {out}" + (f" --classifier {classifier}"
                                                                  if classifier.is_file() else "")
@@ -328,16 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="sample a reference generator without a GPT (a per-class Gaussian over the "
                        "fitted weights, or the tokens drawn position by position), for `evaluate --run RUN/baseline`")
     _common(p)
-    p.add_argument("--kind", default="gaussian", choices=("gaussian", "marginals"),
+    p.add_argument("--kind", default="gaussian", choices=("gaussian", "marginals", "bootstrap"),
                    help="gaussian: each class's weights as a Gaussian; marginals: each token drawn on its own from its "
-                   "position's frequencies in the class (the GPT without context) (default: gaussian)")
+                   "position's frequencies in the class (the GPT without context); bootstrap: a random training field "
+                   "of the class, its code vectors jittered (a kernel density estimate) (default: gaussian)")
     p.add_argument("--fields", default=None, help="fitted fields, for gaussian (default: RUN/fields.safetensors)")
-    p.add_argument("--tokens", default=None, help="tokens file, for marginals (default: RUN/tokens.safetensors)")
+    p.add_argument("--tokens", default=None,
+                   help="tokens file, for marginals and bootstrap (default: RUN/tokens.safetensors)")
     p.add_argument("--weights", default="sampled", choices=("sampled", "expected"),
-                   help="marginals: a token's weight is its drawn code's value, or its position's mean code value "
-                   "(expected), as `generate --weights` (default: sampled)")
+                   help="marginals / bootstrap: a position's weight is its drawn (or copied) code's value, or its "
+                   "class's mean code value there (expected), as `generate --weights` (default: sampled)")
     p.add_argument("--expected-from", type=int, default=0,
-                   help="marginals with --weights expected: the first position whose weight is expected (default: 0)")
+                   help="with --weights expected: the first position whose weight is expected (default: 0)")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="bootstrap: the jitter, in class stds of each position's code value (default: 0.5)")
     p.add_argument("--per-class", type=int, default=10, help="samples per class (default: 10)")
     p.add_argument("--unconditional", type=int, default=0,
                    help="samples drawn without a class: from every training field (default: 0)")

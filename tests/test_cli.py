@@ -398,7 +398,7 @@ def test_baseline_samples_then_evaluate(cli, run_dir, tmp_path):
     assert (run_dir / "metrics.json").read_text() == gpt_metrics  # the GPT's metrics are left alone
 
 
-def test_marginals_baseline_draws_tokens_position_by_position(cli, run_dir, tmp_path):
+def test_token_baselines_draw_position_by_position_or_copy(cli, run_dir, tmp_path):
     # mnist:test[:40] has no 8: relabel so every class has 4 sequences (the draws' maths is test_baselines')
     tensors, meta = load_artifact(run_dir / "tokens.safetensors", "tokens")
     tensors["labels"] = torch.arange(40) % 10
@@ -427,6 +427,17 @@ def test_marginals_baseline_draws_tokens_position_by_position(cli, run_dir, tmp_
     for c in range(10):
         torch.testing.assert_close(expected.weights[3 * c:3 * c + 3], detok[ts.labels == c].mean(0).expand(3, -1),
                                    atol=1e-5, rtol=1e-5)
+    # the bootstrap at bandwidth 0 copies: every draw is a de-tokenized training field of its class
+    out = tmp_path / "copies"
+    base_boot = [a if a != "marginals" else "bootstrap" for a in base]
+    assert cli(*base_boot, "--bandwidth", "0", "--out", str(out)).returncode == 0
+    copies = load_fields(out / "samples.safetensors")
+    assert copies.meta["bandwidth"] == 0.0
+    for i in range(30):
+        c = int(copies.labels[i])
+        assert float((detok[ts.labels == c] - copies.weights[i]).abs().max(1).values.min()) < 1e-5, i
+    assert_clean_error(cli(*base, "--bandwidth", "0.5", "--out", str(tmp_path / "e")), "it needs --kind bootstrap")
+    assert_clean_error(cli(*base_boot, "--bandwidth", "-1", "--out", str(tmp_path / "e")), "--bandwidth must be ≥ 0")
     assert_clean_error(cli(*base, "--expected-from", "4", "--out", str(tmp_path / "e")), "add --weights expected")
     assert_clean_error(cli(*base, "--weights", "expected", "--expected-from", "33", "--out", str(tmp_path / "e")),
                        "--expected-from 33 is past the 33 tokens")
