@@ -87,7 +87,7 @@ from nfkernels import SirenSpec
 
 # The bootstrap:tokens reference's jitter, in class stds of each component: at 0.5 the small config's samples are
 # memorised about as often as the oracle's (0.025 ± 0.011 over 3 seeds against 0.0225, quality-cpu-small-8000.json);
-# closer copies (0.3, one scratch seed: 0.045) would score the training data's memorisation, not a generator's
+# closer copies are memorised more often, and would score the training data rather than a generator
 BOOTSTRAP_BANDWIDTH = 0.5
 NEFGPT = {"digit": 3, "n_generated": 256, "n_references": 196, "top_k": 3, "temperature": 0.8,
           "published": {"cov": 0.2773, "1nna": 0.84, "mmd": 0.2162, "accuracy": 0.703}}
