@@ -62,7 +62,6 @@ import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -626,6 +625,14 @@ class Harness:
                                      "frequencies in the class",
                  "bootstrap:tokens": f"a random training field of the class, its drawn positions' code vectors "
                                      f"jittered by {BOOTSTRAP_BANDWIDTH} class stds (a kernel density estimate)"}
+        decode = dict(weights=sampling.get("weights", "sampled"), expected_from=sampling.get("expected_from", 0))
+        weight_draws = {  # seed → weights [len(classes), P]
+            "gaussian:weights": lambda seed: gaussian_samples(fields.weights, fields.labels, classes,
+                                                              make_generator(seed)),
+            "marginals:tokens": lambda seed: marginal_token_weights(ts.tokenizer, ts.tokens, ts.labels, classes, seed,
+                                                                    **decode),
+            "bootstrap:tokens": lambda seed: bootstrap_token_weights(ts.tokenizer, ts.tokens, ts.labels, classes,
+                                                                     seed, BOOTSTRAP_BANDWIDTH, **decode)}
         rows = {}
         for name, note in notes.items():
             per_seed = []
@@ -636,14 +643,7 @@ class Harness:
                     images = draws.clamp(0, 1).reshape(-1, *self.train_split.image_shape).to(self.device)
                     draws = draws[:, :0]  # no weights: evaluate reads only the labels beside the images
                 else:
-                    if name == "gaussian:weights":
-                        draws = gaussian_samples(fields.weights, fields.labels, classes, make_generator(seed))
-                    else:
-                        tokens_baseline = marginal_token_weights if name == "marginals:tokens" else partial(
-                            bootstrap_token_weights, bandwidth=BOOTSTRAP_BANDWIDTH)
-                        draws = tokens_baseline(ts.tokenizer, ts.tokens, ts.labels, classes, seed,
-                                                weights=sampling.get("weights", "sampled"),
-                                                expected_from=sampling.get("expected_from", 0))
+                    draws = weight_draws[name](seed)
                     images = render_fields(draws, fields.spec, fields.image_shape, device=self.device)
                 self._lap("baselines", t0)
                 if seed == 0:

@@ -184,7 +184,7 @@ def marginal_token_weights(tokenizer, tokens: torch.Tensor, labels: torch.Tensor
     if weights != "expected":
         return tokenizer.decode(drawn, classes).float()
     codes = tokenizer.code_vectors().double()
-    vectors = (freqs @ codes)[classes]  # class -1 indexes the last entry: every sequence's frequencies
+    vectors = (freqs @ codes)[classes]  # each position's mean code value; class -1 indexes the pooled entry
     vectors[:, :expected_from] = codes[drawn[:, :expected_from]]
     return tokenizer.decode_vectors(vectors.float(), classes)
 
@@ -223,13 +223,13 @@ def bootstrap_token_weights(tokenizer, tokens: torch.Tensor, labels: torch.Tenso
 
     classes = tokenizer.draw_classes(classes, make_generator(seed + CLASS_DRAW_SEED_OFFSET))
     labels = labels.long().cpu()
-    vectors = tokenizer.code_vectors().double()[tokens.long().cpu()]  # [N, L, group]
-    n_classes = int(labels.max()) + 1
     missing = sorted(set(classes.tolist()) - set(labels.tolist()) - {-1})
     if missing:
         raise NfgenError(f"class {missing[0]} has no training fields to copy: use a training split with every class")
-    means = torch.stack([vectors[labels == c].mean(0) for c in range(n_classes)] + [vectors.mean(0)])
-    out = means[classes]  # class -1 indexes the last entry: every field's mean
+    codes = tokenizer.code_vectors().double()
+    vectors = codes[tokens.long().cpu()]  # [N, L, group]
+    # the class's mean code vectors, as the marginals baseline takes them; class -1 indexes the pooled entry
+    out = (token_marginals(tokens, labels, tokenizer.n_codes) @ codes)[classes]
     drawn = expected_from if weights == "expected" else vectors.shape[1]
     if drawn:
         jittered = smoothed_bootstrap(vectors[:, :drawn].flatten(1), labels, classes, bandwidth, make_generator(seed))
