@@ -1,9 +1,11 @@
 """Which tokenizer and template a small GPT models best: the demo's pipeline once per variant.
 
 Trains the demo's classifier once and fits the demo's fields once per template (`nfgen.demo`'s sizes: 2000
-MNIST digits, a 2→16→16→1 SIREN, a 3-layer GPT trained for 1000 steps of 16, T 0.8 / top-k 3): "random" is
-the fit's seeded shared draw, "meta" a template learned by `nfgen template` on the same 2000 digits. Then for
-each template × tokenizer it tokenizes, trains, generates and evaluates exactly as the demo does. Reports
+MNIST digits, a 2→16→16→1 SIREN, a 3-layer GPT trained for 1000 steps of 16): "random" is the fit's seeded
+shared draw, "meta" the demo's template, learned by `nfgen template` on the same 2000 digits. Then for each
+template × tokenizer it tokenizes, trains, generates and evaluates as the demo does, but samples raw or centred
+codes at T 0.8 / top-k 3, the demo's sampling when its rows were measured (the demo has since moved to class-pca
+tokens, measured by `nfgen demo` itself: benchmarks/results/demo-class-pca-cpu.json). Reports
 fitted and de-tokenized PSNR, the GPT's losses and the class-conditional sample metrics. 7-20 minutes per
 variant on a 2-core CPU.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks._env import environment, write_result
@@ -22,19 +25,18 @@ from nfgen.classifier import run_classifier
 from nfgen.fields import FitConfig, run_fit
 from nfgen.generate import SampleConfig, run_generate
 from nfgen.metrics import run_evaluate
-from nfgen.template import TemplateConfig, run_template
+from nfgen.template import run_template
 from nfgen.tokenizer import TokenizerConfig, run_tokenize
 from nfgen.train import TrainConfig, train
 
-# The meta template for the demo's SIREN: inner fits at the demo's lr.
-TEMPLATE = dict(hidden=demo.FIT["hidden"], lr=demo.FIT["lr"], outer=200, batch=256, inner_steps=20)
+SAMPLE = dict(temperature=0.8, top_k=3)  # NeF-GPT's sampling settings, as the committed rows were measured
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="none:256,mean:256,mean:64", help="tokenizers center:K, comma-separated")
     ap.add_argument("--templates", default="random", help="shared inits, comma-separated: random (the seeded draw) "
-                    "and/or meta (nfgen template with TEMPLATE's options)")
+                    "and/or meta (the demo's nfgen template)")
     ap.add_argument("--run-dir", default="runs/demo-tokenizers")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--results", default=None, help="write the rows as JSON here")
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
             if template == "meta":
                 fit_cfg.template = str(root / "template.safetensors")
                 if not Path(fit_cfg.template).exists():
-                    run_template(demo.TRAIN_SPLIT, fit_cfg.template, TemplateConfig(**TEMPLATE, quiet=True),
+                    run_template(demo.TRAIN_SPLIT, fit_cfg.template, demo.template_config(quiet=True),
                                  data_root=args.data_root)
             run_fit(demo.TRAIN_SPLIT, fields, fit_cfg, data_root=args.data_root)
         center, k = variant.split(":")
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
                            data_root=args.data_root, device="cpu", quiet=True)
         trained = train(run / "tokens.safetensors", run, TrainConfig(**demo.TRAIN, device="cpu", quiet=True))
         run_generate(run / "model.safetensors", run / "tokens.safetensors", run, per_class=demo.PER_CLASS,
-                     unconditional=demo.UNCONDITIONAL, cfg=SampleConfig(**demo.SAMPLE, quiet=True), device="cpu")
+                     unconditional=demo.UNCONDITIONAL, cfg=SampleConfig(**SAMPLE, quiet=True), device="cpu")
         metrics = run_evaluate(run / "samples.safetensors", run, ref_split=demo.REF_SPLIT,
                                train_split=demo.TRAIN_SPLIT, classifier_path=classifier, data_root=args.data_root,
                                device="cpu", seed=0, quiet=True)
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
     if args.results:
         write_result(args.results, {**environment("benchmarks.demo_tokenizers", "cpu"), "demo": {
             "train_split": demo.TRAIN_SPLIT, "ref_split": demo.REF_SPLIT, "fit": demo.FIT, "train": demo.TRAIN,
-            "sample": demo.SAMPLE, "per_class": demo.PER_CLASS, "template": TEMPLATE}, "rows": rows})
+            "sample": SAMPLE, "per_class": demo.PER_CLASS,
+            "template": asdict(demo.template_config())}, "rows": rows})
     return 0
 
 

@@ -264,6 +264,42 @@ def test_demo_run_folder_that_cannot_be_made(cli, data_root):
     assert_clean_error(cli("demo", "--run", "/proc/nfgen-demo", "--data-root", str(data_root)), "cannot write")
 
 
+def test_demo_end_to_end_at_a_tiny_size(cli, data_root, tmp_path, monkeypatch):
+    """The demo's own stages and recipe (template → fit from it → class-pca tokens → GPT → expected-from sampling
+    → evaluate) with every size shrunk: each artifact, the summary and the fields' start from the template."""
+    from nfgen import demo
+    monkeypatch.setattr(demo, "TRAIN_SPLIT", "mnist:test[:120]")
+    monkeypatch.setattr(demo, "REF_SPLIT", "mnist:test[8000:8040]")
+    monkeypatch.setattr(demo, "CLASSIFIER_SPLIT", "mnist:test[:300]")
+    monkeypatch.setattr(demo, "HELDOUT_SPLIT", "mnist:test[9000:9100]")
+    monkeypatch.setattr(demo, "FIT", dict(hidden=8, hidden_layers=1, steps=20, lr=1e-3))
+    monkeypatch.setattr(demo, "TEMPLATE", dict(outer=3, batch=16, inner_steps=4))
+    monkeypatch.setattr(demo, "TRAIN", {**demo.TRAIN, "n_layer": 1, "n_head": 2, "n_embd": 32, "steps": 6,
+                                        "eval_every": 3})
+    monkeypatch.setattr(demo, "PER_CLASS", 2)
+    monkeypatch.setattr(demo, "UNCONDITIONAL", 4)
+    run = tmp_path / "demo"
+    proc = cli("demo", "--run", str(run), "--data-root", str(data_root), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((run / "demo.json").read_text())
+    assert list(summary["seconds"]) == ["classifier", "template", "fit", "tokenize", "train", "generate", "evaluate"]
+    for name in ("template.safetensors", "fields.safetensors", "tokens.safetensors", "model.safetensors",
+                 "samples.safetensors", "samples.png", "metrics.json", "demo.config.json"):
+        assert (run / name).is_file(), name
+    template = load_fields(run / "template.safetensors")
+    fields = load_fields(run / "fields.safetensors")
+    assert template.weights.shape == (1, 33) and fields.weights.shape == (120, 33)
+    assert fields.meta["recipe"]["template"] == str(run / "template.safetensors")
+    tokens = load_tokens(run / "tokens.safetensors")
+    assert tokens.meta["tokenizer"]["basis"] == "class-pca" and tokens.meta["tokenizer"]["center"] == "class"
+    samples = load_fields(run / "samples.safetensors")
+    assert samples.weights.shape == (24, 33) and torch.isfinite(samples.weights).all()
+    assert samples.meta["sampling"]["expected_from"] == 32
+    metrics = summary["metrics"]
+    assert 0 <= metrics["classifier"]["accuracy"]["samples"] <= 1
+    assert all(0 <= metrics["conditional"][m]["samples"] <= 1 for m in ("mmd", "cov", "1nna"))
+
+
 def test_unwritable_outputs_refused_before_any_work(cli, tmp_path, run_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
