@@ -337,6 +337,21 @@ def test_atomic_write_turns_os_errors_into_one_line(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # no temporary file left behind
 
 
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_write_gives_the_mode_a_plain_open_would(tmp_path, umask):
+    """The temporary file mkstemp makes is private (0600); the artifact must not stay so."""
+    from nfgen.io import write_json
+
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "out.json", {"a": 1})
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
 def test_hand_edited_metadata_refused(cli, tmp_path, run_dir):
     tensors, meta = load_artifact(run_dir / "tokens.safetensors", "tokens")
     bad = tmp_path / "nan-codebooks.safetensors"
