@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
     p.set_defaults(func=cmd_classifier)
 
-    p = sub.add_parser("demo", help="the whole pipeline at a size that runs in about 10 minutes on a 2-core CPU")
+    p = sub.add_parser("demo", help="the whole pipeline at a size that runs in a few minutes on a 2-core CPU")
     _common(p, data=True)
     p.set_defaults(run="runs/demo")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")

@@ -1,4 +1,4 @@
-"""`nfgen demo`: the whole pipeline, small enough for about 10 minutes on a 2-core CPU.
+"""`nfgen demo`: the whole pipeline, small enough for a few minutes on a 2-core CPU.
 
 The sizes are the only thing that differs from a full run: fewer fields, a small GPT, fewer steps.
 On a CUDA GPU the same command runs the same sizes, faster.
@@ -27,9 +27,9 @@ HELDOUT_SPLIT = "mnist:test[8000:]"
 # The recipe is the quality runs' (benchmarks.quality's small and full configs) at demo size: every field fitted
 # from a Reptile template learned on the same images, tokens that are each class's own principal components
 # around its mean field, the coarsest 32 drawn at T 1 and the finer ones the GPT's expected values. Against the
-# raw weight codes of the random draw at T 0.8 / top-k 3 (the demo before it) it lifted accuracy from 0.67 to 0.81
-# and 1-NNA from 0.998 to 0.83 (oracle 0.74) for 55 s more on 2 cores
-# (benchmarks/results/demo-class-pca-cpu.json).
+# raw weight codes of the random draw at T 0.8 / top-k 3 (the demo before it) it lifted accuracy from 0.67 to 0.805,
+# COV from 0.225 to 0.435 and 1-NNA from 0.998 to 0.83 (oracle 0.982, 0.45, 0.74), in 4:08 against 3:59 wall clock
+# on 2 cores, the template taking 43 s of it (benchmarks/results/demo-class-pca-cpu.json).
 # A 2→16→16→1 SIREN (337 weights, so 339-token sequences) and a 3-layer GPT keep the CPU demo short: a training
 # step of the default 1187-token sequences costs several seconds on 2 cores.
 # Fewer, gentler fit steps keep every field near the shared template: weights that are easier to model.
@@ -39,7 +39,7 @@ TEMPLATE = dict(outer=200, batch=256, inner_steps=20)
 TOKENIZE = dict(basis="class-pca", center="class")
 # Code ids only: with the random draw's raw codes, embedding the code values lowered accuracy (0.395 against
 # 0.535, benchmarks/results/demo-value-embed-cpu.json); with class-pca tokens they changed nothing measurable
-# (0.815 against 0.805, one run each) for 25 % more training time. The class embedding (nfgen train's default)
+# (0.815 against 0.805, one run each) for 230 s of training against 186 s. The class embedding (nfgen train's default)
 # raised raw-code accuracy to 0.67 (benchmarks/results/demo-class-embed-cpu.json).
 TRAIN = dict(n_layer=3, n_head=3, n_embd=96, value_embed=False, steps=1000, batch_size=16, lr=3e-3, warmup=50,
              eval_every=100, checkpoint_every=1000)
