@@ -80,3 +80,21 @@ def tokens_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("tokens") / "tokens.safetensors"
     save_tokens(path, TokenSet(tok.encode(weights), labels, tok, spec, (1, 1), {"n_classes": 2}))
     return path
+
+
+@pytest.fixture
+def tiny_demo(monkeypatch):
+    """`nfgen.demo`'s sizes shrunk to seconds (120 fields of a 33-weight SIREN, a one-layer GPT for 6 steps); its
+    recipe (template, class-pca tokens, expected-from-32 sampling) unchanged. Returns the module."""
+    from nfgen import demo
+    monkeypatch.setattr(demo, "TRAIN_SPLIT", "mnist:test[:120]")
+    monkeypatch.setattr(demo, "REF_SPLIT", "mnist:test[8000:8040]")
+    monkeypatch.setattr(demo, "CLASSIFIER_SPLIT", "mnist:test[:300]")
+    monkeypatch.setattr(demo, "HELDOUT_SPLIT", "mnist:test[9000:9100]")
+    monkeypatch.setattr(demo, "FIT", dict(hidden=8, hidden_layers=1, steps=20, lr=1e-3))
+    monkeypatch.setattr(demo, "TEMPLATE", dict(outer=3, batch=16, inner_steps=4))
+    monkeypatch.setattr(demo, "TRAIN", {**demo.TRAIN, "n_layer": 1, "n_head": 2, "n_embd": 32, "steps": 6,
+                                        "eval_every": 3})
+    monkeypatch.setattr(demo, "PER_CLASS", 2)
+    monkeypatch.setattr(demo, "UNCONDITIONAL", 4)
+    return demo

@@ -264,20 +264,9 @@ def test_demo_run_folder_that_cannot_be_made(cli, data_root):
     assert_clean_error(cli("demo", "--run", "/proc/nfgen-demo", "--data-root", str(data_root)), "cannot write")
 
 
-def test_demo_end_to_end_at_a_tiny_size(cli, data_root, tmp_path, monkeypatch):
+def test_demo_end_to_end_at_a_tiny_size(cli, data_root, tmp_path, tiny_demo):
     """The demo's own stages and recipe (template → fit from it → class-pca tokens → GPT → expected-from sampling
     → evaluate) with every size shrunk: each artifact, the summary and the fields' start from the template."""
-    from nfgen import demo
-    monkeypatch.setattr(demo, "TRAIN_SPLIT", "mnist:test[:120]")
-    monkeypatch.setattr(demo, "REF_SPLIT", "mnist:test[8000:8040]")
-    monkeypatch.setattr(demo, "CLASSIFIER_SPLIT", "mnist:test[:300]")
-    monkeypatch.setattr(demo, "HELDOUT_SPLIT", "mnist:test[9000:9100]")
-    monkeypatch.setattr(demo, "FIT", dict(hidden=8, hidden_layers=1, steps=20, lr=1e-3))
-    monkeypatch.setattr(demo, "TEMPLATE", dict(outer=3, batch=16, inner_steps=4))
-    monkeypatch.setattr(demo, "TRAIN", {**demo.TRAIN, "n_layer": 1, "n_head": 2, "n_embd": 32, "steps": 6,
-                                        "eval_every": 3})
-    monkeypatch.setattr(demo, "PER_CLASS", 2)
-    monkeypatch.setattr(demo, "UNCONDITIONAL", 4)
     run = tmp_path / "demo"
     proc = cli("demo", "--run", str(run), "--data-root", str(data_root), "--quiet")
     assert proc.returncode == 0, proc.stderr
