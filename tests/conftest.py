@@ -26,6 +26,15 @@ def data_root() -> Path:
     return Path(os.environ["NFGEN_DATA"])
 
 
+@pytest.fixture(scope="session")
+def cifar_data_root() -> Path:
+    """NFGEN_DATA holding the CIFAR-10 test set as an image folder (shared/data/cifar10/test/<class>/*.png)."""
+    root = Path(os.environ["NFGEN_DATA"])
+    if not (root / "cifar10" / "test").is_dir():
+        pytest.fail(f"CIFAR-10 not found under NFGEN_DATA={root}/cifar10/test; point NFGEN_DATA at shared/data")
+    return root
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread (as torchrun gives each rank): the tiny models are dominated by per-op overhead,

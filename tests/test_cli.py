@@ -501,3 +501,29 @@ def test_baseline_bad_input(cli, run_dir, tmp_path):
     # the fixture's 40 images hold no 8: its Gaussian cannot be formed
     assert_clean_error(cli("baseline", "--run", str(run_dir), "--out", str(out)), "class 8 has 0 example(s)")
     assert not out.exists()
+
+
+def test_rgb_pipeline_end_to_end(tmp_path, cifar_data_root):
+    """CIFAR-10 through every stage: 3-output SIRENs on 32×32 colour images, class-pca tokens, the GPT, sampling
+    and the per-channel SSIM metrics."""
+    run = ["--run", str(tmp_path), "--quiet"]  # the data comes from NFGEN_DATA, which cifar_data_root checked
+    assert main(["fit", *run, "--split", "cifar10:test[:60]", "--hidden", "16", "--steps", "30"]) == 0
+    assert main(["tokenize", *run, "--basis", "class-pca", "--center", "class", "--iters", "5"]) == 0
+    assert main(["train", *run, "--steps", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+                 "--batch-size", "8", "--eval-every", "2"]) == 0
+    assert main(["classifier", *run, "--train-split", "cifar10:test[:300]", "--heldout-split",
+                 "cifar10:test[9000:9100]", "--epochs", "1"]) == 0
+    assert main(["generate", *run, "--per-class", "2", "--unconditional", "4", "--weights", "expected",
+                 "--expected-from", "32"]) == 0
+    assert main(["evaluate", *run, "--ref-split", "cifar10:test[8000:8040]", "--train-split",
+                 "cifar10:test[:60]"]) == 0
+    fields = load_fields(tmp_path / "fields.safetensors")
+    assert fields.meta["architecture"]["out_dim"] == 3 and list(fields.meta["image_shape"]) == [32, 32, 3]
+    assert fields.weights.shape == (60, 2 * 16 + 16 + 16 * 16 + 16 + 16 * 3 + 3)
+    assert float(fields.psnr.mean()) > 12.0
+    samples = load_fields(tmp_path / "samples.safetensors")
+    assert samples.weights.shape == (24, fields.weights.shape[1]) and torch.isfinite(samples.weights).all()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["sizes"]["image_shape"] == [32, 32, 3]
+    assert all(0 <= v <= 1 for m in ("mmd", "cov", "1nna") for v in metrics["groups"]["conditional_all"][m].values())
+    assert (tmp_path / "samples.png").stat().st_size > 0 and (tmp_path / "nearest.png").stat().st_size > 0
