@@ -455,7 +455,10 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
             last_val = evaluate_loss(model, val_seqs, vocab, bs, device, autocast) if n_val else float("nan")
             history.append({"step": done, "train_loss": train_loss, "val_loss": last_val, "lr": lr_at(step, cfg)})
             if cfg.keep == "best" and math.isfinite(last_val) and (best is None or last_val < best[1]):
-                best = (done, last_val, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+                # every rank tracks which step is best (kept() reports it); only the writing rank needs the weights
+                weights = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                           if distributed.is_main() else {})
+                best = (done, last_val, weights)
         if not cfg.quiet and (done % 10 == 0 or done == cfg.steps):
             rate = tokens_per_step * (done - bar.initial) / max(1e-9, time.perf_counter() - t0)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val=f"{last_val:.3f}", tok_s=f"{rate:,.0f}")

@@ -237,6 +237,12 @@ def test_ddp_two_processes_follow_the_one_process_loss_curve(one_process_run, tw
     torch.testing.assert_close(b, a, rtol=1e-4, atol=0)
     torch.testing.assert_close(losses(two_process_run, "val_loss"), losses(one_process_run, "val_loss"),
                                rtol=1e-4, atol=0)
+    # --keep best: the writing rank snapshots the best weights (the other ranks only track the step), and the
+    # model file holds the same step's weights as the one-process run's
+    (wa, ma), (wb, mb) = (load_artifact(r / "model.safetensors", "model") for r in (one_process_run, two_process_run))
+    assert mb["kept"]["rule"] == "best" and mb["kept"]["step"] == ma["kept"]["step"]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4)
 
 
 def test_ddp_refuses_a_global_batch_that_does_not_split(tokens_file, tmp_path, monkeypatch):
