@@ -39,8 +39,8 @@ TEMPLATE = dict(outer=200, batch=256, inner_steps=20)
 TOKENIZE = dict(basis="class-pca", center="class")
 # Code ids only: with the random draw's raw codes, embedding the code values lowered accuracy (0.395 against
 # 0.535, benchmarks/results/demo-value-embed-cpu.json); with class-pca tokens they changed nothing measurable
-# (0.815 against 0.805, one run each) for 230 s of training against 186 s. The class embedding (nfgen train's default)
-# raised raw-code accuracy to 0.67 (benchmarks/results/demo-class-embed-cpu.json).
+# (0.815 against 0.805, one run each) for 230 s of training against 186 s. The class embedding (nfgen train's
+# default) raised raw-code accuracy to 0.67 (benchmarks/results/demo-class-embed-cpu.json).
 TRAIN = dict(n_layer=3, n_head=3, n_embd=96, value_embed=False, steps=1000, batch_size=16, lr=3e-3, warmup=50,
              eval_every=100, checkpoint_every=1000)
 SAMPLE = dict(temperature=1.0, top_k=0, weights="expected", expected_from=32)

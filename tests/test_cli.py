@@ -265,8 +265,9 @@ def test_demo_run_folder_that_cannot_be_made(cli, data_root):
 
 
 def test_demo_end_to_end_at_a_tiny_size(cli, data_root, tmp_path, tiny_demo):
-    """The demo's own stages and recipe (template → fit from it → class-pca tokens → GPT → expected-from sampling
-    → evaluate) with every size shrunk: each artifact, the summary and the fields' start from the template."""
+    """The demo's own stages and recipe (template → fit from it → class-pca tokens → GPT → expected-from
+    sampling → evaluate) with every size shrunk: each artifact, the summary and the fields' start from the
+    template."""
     run = tmp_path / "demo"
     proc = cli("demo", "--run", str(run), "--data-root", str(data_root), "--quiet")
     assert proc.returncode == 0, proc.stderr
@@ -326,7 +327,6 @@ def test_atomic_write_turns_os_errors_into_one_line(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # no temporary file left behind
 
 
-
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_atomic_write_gives_the_mode_a_plain_open_would(tmp_path, umask):
     """The temporary file mkstemp makes is private (0600); the artifact must not stay so."""
@@ -340,6 +340,7 @@ def test_atomic_write_gives_the_mode_a_plain_open_would(tmp_path, umask):
         os.umask(old)
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
 
 def test_hand_edited_metadata_refused(cli, tmp_path, run_dir):
     tensors, meta = load_artifact(run_dir / "tokens.safetensors", "tokens")
