@@ -13,6 +13,9 @@ GPT scores above this baseline is what it learned of how a field's tokens depend
 dependency the training fields have, by copying a random training field of the class and jittering its drawn
 components. It scores what near-copies of the training data score; the memorised fraction says how near.
 
+Both token baselines treat a mode (a tokenizer with --modes) as part of the class: a sample's mode is drawn from
+its class's training frequencies first, then everything else as for a class of that mode's fields.
+
 `nfgen baseline` (`run_baseline`) samples the weight-space Gaussian of a run's fitted fields (with `--kind
 marginals` or `bootstrap`, its tokens position by position or its fields jittered) into a samples file laid out like `nfgen generate`'s, so `nfgen
 evaluate` scores it with the same metrics:
@@ -62,6 +65,7 @@ def gaussian_samples(x: torch.Tensor, labels: torch.Tensor, classes: torch.Tenso
 
 
 KINDS = ("gaussian", "marginals", "bootstrap")
+MODE_DRAW_SEED_OFFSET = 0x5EED_30DE  # the token baselines' mode draws: a stream of their own beside the tokens'
 
 
 def run_baseline(fields_path, out_dir, *, per_class: int = 10, unconditional: int = 0, seed: int = 0,
@@ -71,7 +75,7 @@ def run_baseline(fields_path, out_dir, *, per_class: int = 10, unconditional: in
     the per-class Gaussian over a fields file's weights; over a tokens file, "marginals" its tokens drawn position
     by position and "bootstrap" its fields copied and jittered by `bandwidth` class stds (default 0.5; both decoded
     with `weights` / `expected_from` as `nfgen generate` decodes)."""
-    from nfgen.generate import SampleConfig, check_sample_counts, classes_to_sample, save_samples
+    from nfgen.generate import SampleConfig, check_expected_from, check_sample_counts, classes_to_sample, save_samples
 
     if kind not in KINDS:
         raise NfgenError(f"--kind {kind!r} is not a baseline; use one of {', '.join(KINDS)}")
@@ -89,9 +93,7 @@ def run_baseline(fields_path, out_dir, *, per_class: int = 10, unconditional: in
 
         data = load_tokens(tokens_path)
         labels, spec, image_shape, source = data.labels, data.spec, data.image_shape, {"tokens": str(tokens_path)}
-        if expected_from >= data.tokenizer.tokens_per_field:
-            raise NfgenError(f"--expected-from {expected_from} is past the {data.tokenizer.tokens_per_field} tokens "
-                             f"of a field; use a position below it, or --weights sampled")
+        check_expected_from(expected_from, data.tokenizer)
     else:
         from nfgen.fields import load_fields
 
@@ -179,14 +181,37 @@ def marginal_token_weights(tokenizer, tokens: torch.Tensor, labels: torch.Tensor
     from nfgen.generate import CLASS_DRAW_SEED_OFFSET
 
     classes = tokenizer.draw_classes(classes, make_generator(seed + CLASS_DRAW_SEED_OFFSET))
-    freqs = token_marginals(tokens, labels, tokenizer.n_codes)
-    drawn = marginal_token_samples(freqs, classes, make_generator(seed))
+    train_groups, groups = modes_as_classes(tokenizer, tokens, labels, classes, seed)
+    freqs = token_marginals(tokens, train_groups, tokenizer.n_codes)
+    drawn = marginal_token_samples(freqs, groups, make_generator(seed))  # a group's mode token is its only one
     if weights != "expected":
         return tokenizer.decode(drawn, classes).float()
     codes = tokenizer.code_vectors().double()
-    vectors = (freqs @ codes)[classes]  # each position's mean code value; class -1 indexes the pooled entry
-    vectors[:, :expected_from] = codes[drawn[:, :expected_from]]
-    return tokenizer.decode_vectors(vectors.float(), classes)
+    vectors = (freqs @ codes)[groups]  # each position's mean code value; class -1 indexes the pooled entry
+    keep = tokenizer.lead + expected_from  # a mode token keeps its draw
+    vectors[:, :keep] = codes[drawn[:, :keep]]
+    return tokenizer.decode_vectors(vectors.float(), classes, tokenizer.modes_of(drawn))
+
+
+def modes_as_classes(tokenizer, tokens: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where sequences start with a mode token (--modes M): each sample's mode drawn from how often each mode
+    occurs in its class's training `tokens` [N, L], and (class, mode) as one class from then on → (training
+    groups labels · M + mode [N], sample groups classes · M + drawn mode [B]). Otherwise (labels, classes)."""
+    if not tokenizer.lead:
+        return labels, classes
+    M, labels, classes = tokenizer.cfg.modes, labels.long().cpu(), classes.long().cpu()
+    train_modes = tokens[:, 0].long().cpu()
+    freq = torch.zeros(tokenizer.class_prior.shape[0], M, dtype=torch.float64)
+    freq.index_put_((labels, train_modes), torch.ones(len(labels), dtype=torch.float64), accumulate=True)
+    gen, modes = make_generator(seed + MODE_DRAW_SEED_OFFSET), torch.empty_like(classes)
+    for c in classes.unique().tolist():
+        want = classes == c
+        if not float(freq[c].sum()) > 0:
+            raise NfgenError(f"class {c} has no training fields to draw a mode from: use a training split with "
+                             f"every class")
+        modes[want] = torch.multinomial(freq[c], int(want.sum()), replacement=True, generator=gen)
+    return labels * M + train_modes, classes * M + modes
 
 
 def smoothed_bootstrap(x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, bandwidth: float,
@@ -226,12 +251,15 @@ def bootstrap_token_weights(tokenizer, tokens: torch.Tensor, labels: torch.Tenso
     missing = sorted(set(classes.tolist()) - set(labels.tolist()) - {-1})
     if missing:
         raise NfgenError(f"class {missing[0]} has no training fields to copy: use a training split with every class")
+    train_groups, groups = modes_as_classes(tokenizer, tokens, labels, classes, seed)
     codes = tokenizer.code_vectors().double()
     vectors = codes[tokens.long().cpu()]  # [N, L, group]
     # the class's mean code vectors, as the marginals baseline takes them; class -1 indexes the pooled entry
-    out = (token_marginals(tokens, labels, tokenizer.n_codes) @ codes)[classes]
-    drawn = expected_from if weights == "expected" else vectors.shape[1]
+    out = (token_marginals(tokens, train_groups, tokenizer.n_codes) @ codes)[groups]
+    drawn = tokenizer.lead + expected_from if weights == "expected" else vectors.shape[1]
     if drawn:
-        jittered = smoothed_bootstrap(vectors[:, :drawn].flatten(1), labels, classes, bandwidth, make_generator(seed))
+        jittered = smoothed_bootstrap(vectors[:, :drawn].flatten(1), train_groups, groups, bandwidth,
+                                      make_generator(seed))
         out[:, :drawn] = jittered.view(len(classes), drawn, -1)
-    return tokenizer.decode_vectors(out.float(), classes)
+    modes = None if not tokenizer.lead else groups % tokenizer.cfg.modes
+    return tokenizer.decode_vectors(out.float(), classes, modes)

@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "training fields, largest first) or class-pca (each class's own principal components; with "
                      "--center class)"),
                     ("shrinkage", "class-pca: share of the pooled within-class covariance mixed into each class's"),
+                    ("modes", "with --center class: split each class into this many modes (k-means in weight "
+                     "space), each centred on (with class-pca: in the basis of) its own fields; the mode is a "
+                     "sequence's first token"),
                     ("iters", "Lloyd iterations"), ("sample", "points used to learn the codebook"),
                     ("seed", "k-means seed"), ("backend", "auto, torch, cpp or triton")]:
         _opt(p, name, TokenizerConfig, h)
@@ -322,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "weights", SampleConfig, "a field's weights: its drawn tokens' code values (sampled), or each token's "
          "mean code value under the distribution it was drawn from (expected)")
     _opt(p, "expected-from", SampleConfig, "with --weights expected: the first token position whose weight is "
-         "expected; earlier positions keep their drawn codes (with --basis class-pca, the coarse components)")
+         "expected; earlier positions keep their drawn codes (with --basis class-pca, the coarse components; a "
+         "mode token, tokenize --modes, always keeps its draw and is not counted)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("baseline", help="sample a reference generator without a GPT (a per-class Gaussian over the "

@@ -63,7 +63,8 @@ class SampleConfig:
     # keep their drawn tokens' values (0: every position expected). With coarse-to-fine tokens (--basis class-pca)
     # a field keeps its drawn coarse components and takes the model's mean of each fine one (a truncation trick):
     # on the CPU quality run the small GPT's fine draws add scatter that SSIM pays for, and drawing only the first
-    # 32 of 1185 cut MMD from 0.278 to 0.251 and lifted accuracy from 0.90 to 0.935 (README, Measured)
+    # 32 of 1185 cut MMD from 0.278 to 0.251 and lifted accuracy from 0.90 to 0.935 (README, Measured). A mode token
+    # (tokenize --modes) is not counted: it always keeps its draw, and K counts the positions after it
     expected_from: int = 0
     quiet: bool = False
 
@@ -294,6 +295,15 @@ def generate_tokens(model: GPT, vocab: Vocab, classes: torch.Tensor, length: int
     return out if values is None else (out, distributed.all_gather_rows(values[mine.start:mine.stop], counts))
 
 
+def check_expected_from(expected_from: int, tokenizer) -> None:
+    """Refuse an --expected-from at or past a field's last token (the mode token, with --modes, not counted)."""
+    n = tokenizer.tokens_per_field - tokenizer.lead
+    if expected_from >= n:
+        after = " after its mode token" if tokenizer.lead else ""
+        raise NfgenError(f"--expected-from {expected_from} is past the {n} tokens of a field{after}; use a position "
+                         f"below {n}, or --weights sampled")
+
+
 def generate_weights(model: GPT, vocab: Vocab, classes: torch.Tensor, tokenizer, cfg: SampleConfig,
                      device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one field per entry of `classes` → (tokens [B, L], float32 weights [B, P] on CPU).
@@ -302,19 +312,19 @@ def generate_weights(model: GPT, vocab: Vocab, classes: torch.Tensor, tokenizer,
     the distribution its token was drawn from (SampleConfig.weights), from position cfg.expected_from on. Tokens
     centred on their class's mean field (--center class) decode only with a class, so there an unconditional field
     (class -1) is drawn ancestrally: a class from the training frequencies (from a generator seeded by cfg.seed +
-    CLASS_DRAW_SEED_OFFSET, the same on every rank), then a field of it."""
+    CLASS_DRAW_SEED_OFFSET, the same on every rank), then a field of it. A mode token (--modes) is always the drawn
+    one, whatever cfg.weights says: it picks the basis the other tokens decode in."""
     length = tokenizer.tokens_per_field
-    if cfg.expected_from >= length:
-        raise NfgenError(f"--expected-from {cfg.expected_from} is past the {length} tokens of a field; "
-                         f"use a position below {length}, or --weights sampled")
+    check_expected_from(cfg.expected_from, tokenizer)
     classes = tokenizer.draw_classes(classes, make_generator(cfg.seed + CLASS_DRAW_SEED_OFFSET))
     args = (model, vocab, classes, length, cfg, device, tokenizer.token_ranges())
     if cfg.weights == "expected":
         codes = tokenizer.code_vectors()
         tokens, vectors = generate_tokens(*args, code_vectors=codes)
         vectors = vectors.cpu()
-        vectors[:, :cfg.expected_from] = codes[tokens[:, :cfg.expected_from].cpu()]
-        return tokens, tokenizer.decode_vectors(vectors, classes)
+        drawn = tokenizer.lead + cfg.expected_from  # a mode token keeps its draw
+        vectors[:, :drawn] = codes[tokens[:, :drawn].cpu()]
+        return tokens, tokenizer.decode_vectors(vectors, classes, tokenizer.modes_of(tokens.cpu()))
     tokens = generate_tokens(*args)
     return tokens, tokenizer.decode(tokens.cpu(), classes).float()
 

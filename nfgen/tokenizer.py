@@ -43,6 +43,18 @@ quality config's main recipe; the tokenize default stays the raw codes until the
 whether the 11 M GPT, whose raw-code samples beat the weight-space Gaussian on MMD but not on coverage, gains
 from it too.
 
+A class is rarely one Gaussian: MNIST 7s come with and without a bar, 1s upright and slanted. --modes M splits
+each class's fields into M modes by k-means in weight space, and each mode gets its own mean field (and, with
+class-pca, its own basis); a field's mode (the nearest mode mean of its class) is its sequence's first token, so
+the GPT draws the mode first and the components in that mode's basis after it. Without a GPT, standard normal
+components through each mode's basis (the mode drawn from its class's training frequencies; `python -m
+benchmarks.class_pca_shrinkage --modes 1,2,4,8,16 --draws 10`, benchmarks/results/class-pca-modes-cpu.json)
+already score closer to the real digits than through one basis per class. With the small GPT on the CPU quality
+run's 8000 fields, 4 modes lift accuracy from 0.955 to 0.972 and cut MMD from 0.236 to 0.224 and class-conditional
+1-NNA from 0.7475 to 0.733 (3 seeds; benchmarks/results/quality-cpu-small-8000-modes4.json), so the quality
+configs tokenize with 4. The default stays 1 with the rest of the class-pca recipe (the tokenize defaults are
+raw weight codes).
+
 Per-tensor normalisation (--normalize layer) is an option: the first layer's weights are ~30x larger
 than the later layers', so a shared codebook spends most codes on layer 0. Measured, that is the right
 call: layer 0 feeds sin(omega0 * .), so its errors cost the most PSNR; hence the default "none".
@@ -100,6 +112,12 @@ class TokenizerConfig:
     # through each class's basis keep the class up to 0.2 (accuracy 0.92, 0.915, 0.91) and lose it beyond (0.805
     # at 0.5, 0.58 at 1); `python -m benchmarks.class_pca_shrinkage`, benchmarks/results/class-pca-shrinkage-cpu.json
     shrinkage: float = 0.2
+    # center "class": split each class's fields into this many modes by k-means in weight space, and quantise
+    # each field around its mode's mean field (with "class-pca": in its mode's own basis). The mode is then the
+    # sequence's first token (an id in [0, modes)), so the GPT draws it first: where standard normal class-pca
+    # components are one Gaussian per class, they become a mixture of `modes` Gaussians. 1 keeps the tokens of
+    # before the option existed; the quality configs use 4 (module docstring)
+    modes: int = 1
     iters: int = 30  # Lloyd iterations per level
     sample: int = 1_000_000  # vectors k-means learns from (0 = all)
     seed: int = 0
@@ -127,6 +145,14 @@ class TokenizerConfig:
         if self.basis == "class-pca" and (self.center != "class" or self.normalize != "none"):
             raise NfgenError("--basis class-pca takes each class's principal components around its class's mean "
                              "field; use it with --center class and --normalize none")
+        if self.modes < 1:
+            raise NfgenError(f"--modes {self.modes} is invalid; use 1 or more")
+        if self.modes > 1 and self.center != "class":
+            raise NfgenError("--modes splits each class into modes around their own mean fields; use it with "
+                             "--center class")
+        if self.modes > self.codebook_size:
+            raise NfgenError(f"--modes {self.modes} exceeds --codebook-size {self.codebook_size} (the mode is a "
+                             f"code token); use at most {self.codebook_size} modes")
         if self.iters < 0 or self.sample < 0:
             raise NfgenError("--iters and --sample must be ≥ 0")
         if self.backend not in ("auto", "torch", "cpp", "cuda", "triton"):
@@ -141,7 +167,10 @@ class WeightTokenizer:
     """Centre [P] (+ class means [C, P] and the training class frequencies [C], with center "class") + per-tensor
     scales [T] (+ basis [P, P] and its stds [P] with basis "pca", a basis [C, P, P] and stds [C, P] per class with
     "class-pca") + codebooks [levels, K, group]; maps weights [N, P] ↔ tokens [N, L] (with center "class",
-    together with the fields' classes [N])."""
+    together with the fields' classes [N]).
+
+    With M = cfg.modes > 1 every class is M modes: the class means become the modes' means [C·M, P] (class c's
+    mode m at row c·M + m), class-pca takes a basis per mode, and a sequence starts with its mode token."""
 
     def __init__(self, spec: SirenSpec, cfg: TokenizerConfig, codebooks: torch.Tensor, scales: torch.Tensor,
                  center: torch.Tensor | None = None, basis: torch.Tensor | None = None,
@@ -151,14 +180,15 @@ class WeightTokenizer:
         n_tensors, P = len(spec.param_layout()), spec.num_params
         center = torch.zeros(P) if center is None else center
         pca, by_class = cfg.basis != "weights", cfg.center == "class"
-        lead = (class_centers.shape[0],) if cfg.basis == "class-pca" and class_centers is not None else ()
+        per_group = (class_centers.shape[0],) if cfg.basis == "class-pca" and class_centers is not None else ()
         if (codebooks.shape != (cfg.levels, cfg.codebook_size, cfg.group) or scales.shape != (n_tensors,)
                 or center.shape != (P,) or pca != (basis is not None) or pca != (basis_stds is not None)
-                or (pca and (basis.shape != (*lead, P, P) or basis_stds.shape != (*lead, P)
+                or (pca and (basis.shape != (*per_group, P, P) or basis_stds.shape != (*per_group, P)
                              or not bool((basis_stds > 0).all())))
                 or by_class != (class_centers is not None) or by_class != (class_prior is not None)
                 or (by_class and (class_centers.dim() != 2 or class_centers.shape[1] != P
-                                  or class_prior.shape != class_centers.shape[:1] or not bool((class_prior >= 0).all())
+                                  or class_prior.dim() != 1 or class_centers.shape[0] != cfg.modes * class_prior.shape[0]
+                                  or not bool((class_prior >= 0).all())
                                   or not float(class_prior.sum()) > 0))):
             raise NfgenError(f"tokenizer tensors do not match its config (codebooks {tuple(codebooks.shape)}, "
                              f"scales {tuple(scales.shape)}, center {tuple(center.shape)}, basis "
@@ -177,24 +207,57 @@ class WeightTokenizer:
         # often each class occurs among the training fields, what an unconditional sample draws its class from
         self.class_centers = None if class_centers is None else class_centers.float()
         self.class_prior = None if class_prior is None else (class_prior / class_prior.sum()).float()
+        # tokens before the components: the mode token, with cfg.modes > 1
+        self.lead = int(cfg.modes > 1)
 
     @property
     def needs_classes(self) -> bool:
         """Whether encoding and decoding need each field's class (center "class")."""
         return self.class_centers is not None
 
-    def field_offsets(self, labels: torch.Tensor | None, n: int, device=None) -> torch.Tensor:
-        """What each of n fields is quantised relative to: the centre [P], plus (center "class") its class's mean
-        field → [n, P]. `labels` [n] are the fields' classes; only center "class" reads them."""
+    def _offsets(self, groups: torch.Tensor | None, device) -> torch.Tensor:
+        """What each field is quantised relative to: the centre [P], plus (center "class") the mean field of its
+        class, or of its mode (`groups` [n], from _groups) → [n, P]."""
         center = self.center.to(device)
+        return center if groups is None else center + self.class_centers.to(device)[groups.to(device)]
+
+    def _groups(self, labels, modes, n: int) -> torch.Tensor | None:
+        """Each field's row of class_centers (and of a class-pca basis): its class, or class · M + mode with M =
+        cfg.modes > 1 (NfgenError for missing or out-of-range ids); None without center "class"."""
         labels = self._checked_labels(labels, n)
-        return center if labels is None else center + self.class_centers.to(device)[labels.to(device)]
+        if labels is None or not self.lead:
+            return labels
+        if modes is None:
+            raise NfgenError(f"these tokens start with a mode token (--modes {self.cfg.modes}): decoding needs each "
+                             f"field's mode; pass tokens[:, 0] (WeightTokenizer.modes_of)")
+        modes = torch.as_tensor(modes).long().to(labels.device)
+        if modes.shape != (n,) or (n and (int(modes.min()) < 0 or int(modes.max()) >= self.cfg.modes)):
+            raise NfgenError(f"modes must be [{n}] ids in [0, {self.cfg.modes}); sample the first token of a "
+                             f"sequence among the modes")
+        return labels * self.cfg.modes + modes
+
+    def modes_of(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The mode of each sequence of tokens [N, L] (its first token), or None where there are no modes."""
+        return tokens[:, 0].long() if self.lead else None
+
+    def assign_modes(self, weights: torch.Tensor, labels) -> torch.Tensor | None:
+        """Each field's mode [N] (None without modes): the nearest, in weight space, of its class's mode means."""
+        labels = self._checked_labels(labels, weights.shape[0]) if self.lead else None
+        if labels is None:
+            return None
+        M, labels = self.cfg.modes, labels.to(weights.device)
+        means = self.class_centers.to(weights.device).view(-1, M, weights.shape[1])
+        out = torch.empty(weights.shape[0], dtype=torch.int64, device=weights.device)
+        for c in labels.unique().tolist():
+            rows = labels == c
+            out[rows] = torch.cdist(weights[rows].float(), means[c]).argmin(1)
+        return out
 
     def _checked_labels(self, labels, n: int) -> torch.Tensor | None:
         """labels as int64 [n] in [0, C) where the tokens need classes (NfgenError otherwise); else None."""
         if not self.needs_classes:
             return None
-        n_classes = self.class_centers.shape[0]
+        n_classes = self.class_prior.shape[0]
         if labels is None:
             raise NfgenError("these tokens are offsets from their class's mean field (--center class): encoding and "
                              "decoding need every field's class; pass the labels")
@@ -224,17 +287,20 @@ class WeightTokenizer:
 
     @property
     def tokens_per_field(self) -> int:
-        return self.spec.num_params // self.cfg.group * self.cfg.levels
+        return self.lead + self.spec.num_params // self.cfg.group * self.cfg.levels
 
     @property
     def bits_per_field(self) -> float:
-        return self.tokens_per_field * math.log2(self.cfg.codebook_size)
+        components = self.tokens_per_field - self.lead
+        return components * math.log2(self.cfg.codebook_size) + self.lead * math.log2(self.cfg.modes)
 
     def token_ranges(self) -> torch.Tensor:
-        """[L, 2]: the allowed [lo, hi) token ids at each position (level j of a vector: j*K … (j+1)*K)."""
+        """[L, 2]: the allowed [lo, hi) token ids at each position (level j of a vector: j*K … (j+1)*K; a mode token:
+        0 … modes)."""
         K = self.cfg.codebook_size
-        level = torch.arange(self.tokens_per_field) % self.cfg.levels
-        return torch.stack([level * K, (level + 1) * K], dim=1)
+        level = torch.arange(self.tokens_per_field - self.lead) % self.cfg.levels
+        ranges = torch.stack([level * K, (level + 1) * K], dim=1)
+        return torch.cat([torch.tensor([[0, self.cfg.modes]] * self.lead, dtype=ranges.dtype).view(-1, 2), ranges])
 
     @property
     def n_role_nodes(self) -> int:
@@ -251,6 +317,9 @@ class WeightTokenizer:
         if self.cfg.basis != "weights":
             raise NfgenError("weight roles need tokens that stand for weights, and these stand for principal "
                              "components (--basis pca); train without --weight-roles or tokenize with --basis weights")
+        if self.lead:
+            raise NfgenError("weight roles name the weight each token stands for, and a mode token (--modes) stands "
+                             "for none; train without --weight-roles or tokenize with --modes 1")
         spec = self.spec
         widths = [spec.in_dim] + [spec.hidden] * spec.hidden_layers + [spec.out_dim]
         first = [sum(widths[:i]) for i in range(len(widths))]
@@ -295,6 +364,47 @@ class WeightTokenizer:
         return means.float(), counts
 
     @staticmethod
+    def class_modes(weights: torch.Tensor, labels: torch.Tensor, class_centers: torch.Tensor, modes: int,
+                    seed: int, max_iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split every class's fields into `modes` by k-means in weight space (k-means++ seeding, Lloyd until no
+        field moves or `max_iters`) → the modes' mean fields [C·modes, P] (class c's mode m at row c·modes + m;
+        a class without fields keeps its class centre in every mode) and each field's row [N], on CPU. A class
+        with fewer fields than modes is refused."""
+        w, labels = weights.double().cpu(), labels.cpu()
+        gen = torch.Generator().manual_seed(seed)
+        means = class_centers.double().repeat_interleave(modes, dim=0)
+        groups = torch.empty_like(labels)
+        check_mode_counts(labels, modes)
+        for c in range(class_centers.shape[0]):
+            idx = torch.nonzero(labels == c).flatten()
+            if not len(idx):
+                continue
+            x = w[idx]
+            centers = x[torch.randint(len(x), (1,), generator=gen)]
+            for _ in range(modes - 1):  # k-means++: far from the chosen centres is likelier
+                d2 = torch.cdist(x, centers).min(1).values.square()
+                pick = torch.multinomial(d2 / d2.sum(), 1, generator=gen) if float(d2.sum()) > 0 else \
+                    torch.randint(len(x), (1,), generator=gen)
+                centers = torch.cat([centers, x[pick]])
+            assign = None
+            for _ in range(max_iters):
+                dist = torch.cdist(x, centers)
+                new = dist.argmin(1)
+                for m in range(modes):  # an emptied mode restarts at the field farthest from its centre
+                    if not bool((new == m).any()):
+                        far = int(dist.min(1).values.argmax())
+                        new[far] = m
+                        dist[far] = 0.0
+                if assign is not None and torch.equal(new, assign):
+                    break
+                assign = new
+                centers = torch.zeros_like(centers).index_add_(0, assign, x) / \
+                    torch.bincount(assign, minlength=modes).double()[:, None]
+            means[c * modes:(c + 1) * modes] = centers
+            groups[idx] = c * modes + assign
+        return means.float(), groups
+
+    @staticmethod
     def principal_basis(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean [P], principal directions [P, P] (columns, largest variance first) and their stds [P] of the
         fields [N, P], in float64 on CPU (P x P is small: 1185 for the default SIREN)."""
@@ -337,13 +447,13 @@ class WeightTokenizer:
         # a constant tensor (std 0, e.g. never trained) keeps scale 1 instead of dividing by zero
         return torch.tensor([float(s) if s > 0 else 1.0 for s in stds], dtype=torch.float32)
 
-    def _vectors(self, weights: torch.Tensor, labels=None) -> torch.Tensor:
+    def _vectors(self, weights: torch.Tensor, labels=None, modes=None) -> torch.Tensor:
         if weights.dim() != 2 or weights.shape[1] != self.spec.num_params:
             raise NfgenError(f"weights {tuple(weights.shape)} do not match the tokenizer's architecture "
                              f"(P={self.spec.num_params}); tokenize fields of the same architecture")
         check_finite("weights", weights, "refit the fields (they diverged) before tokenizing")
-        w = weights.float() - self.field_offsets(labels, weights.shape[0], weights.device)
-        w = self._rotate(w, labels, to_components=True)
+        groups = self._groups(labels, modes, weights.shape[0])
+        w = self._rotate(weights.float() - self._offsets(groups, weights.device), groups, to_components=True)
         w = w / self.scale_vector(weights.device)
         return w.reshape(-1, self.cfg.group)
 
@@ -363,21 +473,24 @@ class WeightTokenizer:
         if n_vectors < cfg.codebook_size:
             raise NfgenError(f"{n_vectors} weight vectors cannot fill {cfg.codebook_size} codes; "
                              f"lower --codebook-size or tokenize more fields")
-        basis = stds = class_centers = counts = None
+        basis = stds = class_centers = counts = groups = None
         offsets = weights
         if cfg.center == "class":
             class_centers, counts = cls.class_means(weights, labels, n_classes)
-            offsets = weights - class_centers.to(weights.device)[torch.as_tensor(labels).long().to(weights.device)]
+            groups = torch.as_tensor(labels).long().cpu()
+            if cfg.modes > 1:
+                class_centers, groups = cls.class_modes(weights, groups, class_centers, cfg.modes, cfg.seed)
+            offsets = weights - class_centers.to(weights.device)[groups.to(weights.device)]
         if cfg.basis == "pca":
             center, basis, stds = cls.principal_basis(offsets)
         elif cfg.basis == "class-pca":
-            center, basis, stds = cls.class_principal_bases(offsets, labels, len(counts), cfg.shrinkage)
+            center, basis, stds = cls.class_principal_bases(offsets, groups, len(class_centers), cfg.shrinkage)
         else:
             center = cls.mean_field(offsets, "none" if cfg.center == "class" else cfg.center)
         scales = cls.tensor_scales(offsets - center.to(weights.device), spec, cfg.normalize)
         tok = cls(spec, cfg, torch.zeros(cfg.levels, cfg.codebook_size, cfg.group), scales, center, basis, stds,
                   class_centers, None if counts is None else counts.float())
-        residual = tok._vectors(weights, labels)
+        residual = tok._vectors(weights, labels, tok.assign_modes(weights, labels))
         codebooks = []
         for level in range(cfg.levels):
             cb = None if callback is None else (lambda it, mse, level=level: callback(level, it, mse))
@@ -394,8 +507,10 @@ class WeightTokenizer:
                           for s in range(0, x.shape[0], ENCODE_CHUNK)]) if x.shape[0] else x.new_zeros(0).long()
 
     def encode(self, weights: torch.Tensor, labels=None) -> torch.Tensor:
-        """weights [N, P] (and, center "class", their classes [N]) → int64 tokens [N, L] (on weights' device)."""
-        residual = self._vectors(weights, labels)
+        """weights [N, P] (and, center "class", their classes [N]) → int64 tokens [N, L] (on weights' device); with
+        modes, the first token is each field's mode (`assign_modes`)."""
+        modes = self.assign_modes(weights, labels) if weights.dim() == 2 else None
+        residual = self._vectors(weights, labels, modes)
         K, levels = self.cfg.codebook_size, self.cfg.levels
         codebooks = self.codebooks.to(residual.device)
         tokens = torch.empty(residual.shape[0], levels, dtype=torch.int64, device=residual.device)
@@ -404,7 +519,8 @@ class WeightTokenizer:
             tokens[:, level] = idx + level * K
             if level + 1 < levels:
                 residual = residual - codebooks[level][idx]
-        return tokens.reshape(weights.shape[0], self.tokens_per_field)
+        tokens = tokens.reshape(weights.shape[0], self.tokens_per_field - self.lead)
+        return tokens if modes is None else torch.cat([modes[:, None], tokens], dim=1)
 
     def decode(self, tokens: torch.Tensor, labels=None) -> torch.Tensor:
         """int64 tokens [N, L] (and, center "class", the fields' classes [N]) → float32 weights [N, P] (on tokens'
@@ -416,41 +532,43 @@ class WeightTokenizer:
         ranges = self.token_ranges().to(tokens.device)
         bad = (tokens < ranges[:, 0]) | (tokens >= ranges[:, 1])
         if bad.any():
-            raise NfgenError(f"{int(bad.sum())} token(s) are outside their level's id range (codes are "
-                             f"[0, {self.n_codes}), level j at positions ≡ j mod {self.cfg.levels}); "
+            where = (f"a mode token is in [0, {self.cfg.modes}), then " if self.lead else "") + \
+                f"codes are [0, {self.n_codes}), level j at positions ≡ j mod {self.cfg.levels}"
+            raise NfgenError(f"{int(bad.sum())} token(s) are outside their position's id range ({where}); "
                              f"sample only code tokens for the right level")
-        return self.decode_vectors(self.code_vectors(tokens.device)[tokens], labels)
+        return self.decode_vectors(self.code_vectors(tokens.device)[tokens], labels, self.modes_of(tokens))
 
     def code_vectors(self, device=None) -> torch.Tensor:
         """[n_codes, group]: the vector each code token stands for (token id j*K + c is code c of level j)."""
         return self.codebooks.to(device).reshape(self.n_codes, self.cfg.group)
 
-    def decode_vectors(self, vectors: torch.Tensor, labels=None) -> torch.Tensor:
+    def decode_vectors(self, vectors: torch.Tensor, labels=None, modes=None) -> torch.Tensor:
         """Code vectors [N, L, group] (one per token, e.g. `code_vectors()[tokens]`, or a mean of code vectors
         per position) → float32 weights [N, P]. Linear in `vectors`: residual levels add up, then scale, rotate
-        back from the principal components (basis "pca"), centre (center "class": on the class `labels` [N])."""
+        back from the principal components (basis "pca"), centre (center "class": on the class `labels` [N]).
+        With modes, position 0 (the mode token) is not read: pass the drawn modes [N] (`modes_of(tokens)`)."""
         L, g = self.tokens_per_field, self.cfg.group
         if vectors.dim() != 3 or tuple(vectors.shape[1:]) != (L, g):
             raise NfgenError(f"code vectors {tuple(vectors.shape)} are not [N, {L}, {g}] for this tokenizer; "
                              f"use the tokens file the model was trained on")
         n = vectors.shape[0]
-        weights = vectors.float().reshape(n, L // self.cfg.levels, self.cfg.levels, g).sum(dim=2)
+        weights = vectors[:, self.lead:].float().reshape(n, -1, self.cfg.levels, g).sum(dim=2)
         weights = weights.reshape(n, self.spec.num_params) * self.scale_vector(vectors.device)
-        offsets = self.field_offsets(labels, n, vectors.device)  # checks the labels before _rotate reads them
-        return self._rotate(weights, labels, to_components=False) + offsets
+        groups = self._groups(labels, modes, n)  # checks the labels and modes before _rotate reads them
+        return self._rotate(weights, groups, to_components=False) + self._offsets(groups, vectors.device)
 
-    def _rotate(self, x: torch.Tensor, labels, *, to_components: bool) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, groups, *, to_components: bool) -> torch.Tensor:
         """Offsets [N, P] → standardised principal components [N, P], or back; the identity with basis "weights".
-        With "class-pca" each field turns by its class's basis (labels already checked)."""
+        With "class-pca" each field turns by its class's (or mode's) basis: `groups` [N] (already checked)."""
         if self.basis is None:
             return x
         if self.basis.dim() == 2:
-            groups = [(slice(None), self.basis, self.basis_stds)]
+            parts = [(slice(None), self.basis, self.basis_stds)]
         else:
-            labels = torch.as_tensor(labels).long().to(x.device)
-            groups = [(labels == c, self.basis[c], self.basis_stds[c]) for c in labels.unique().tolist()]
+            groups = groups.to(x.device)
+            parts = [(groups == c, self.basis[c], self.basis_stds[c]) for c in groups.unique().tolist()]
         out = torch.empty_like(x)
-        for rows, basis, stds in groups:
+        for rows, basis, stds in parts:
             basis, stds = basis.to(x.device), stds.to(x.device)
             out[rows] = (x[rows] @ basis) / stds if to_components else (x[rows] * stds) @ basis.T
         return out
@@ -481,6 +599,16 @@ class WeightTokenizer:
         return cls(SirenSpec.from_dict(meta["spec"]), cfg, tensors["codebooks"], tensors["scales"],
                    tensors.get("center"), tensors.get("basis"), tensors.get("basis_stds"),
                    tensors.get("class_centers"), tensors.get("class_prior"))
+
+
+def check_mode_counts(labels, modes: int) -> None:
+    """Refuse a class with fields but fewer than `modes` of them (k-means cannot split it)."""
+    counts = torch.bincount(torch.as_tensor(labels).long().cpu().clamp_min(0))
+    short = torch.nonzero((counts > 0) & (counts < modes)).flatten()
+    if modes > 1 and len(short):
+        c = int(short[0])
+        raise NfgenError(f"class {c} has {int(counts[c])} field(s), fewer than --modes {modes}; lower --modes or "
+                         f"tokenize more fields")
 
 
 @dataclass
@@ -560,6 +688,8 @@ def run_tokenize(fields_path, out_path, cfg: TokenizerConfig, *, data_root=None,
     weights = fields.weights.to(dev)
     reference, against, n_classes = _reference_images(fields, data_root, dev)
     n_classes = int(n_classes if n_classes is not None else int(fields.labels.max()) + 1)
+    if cfg.modes > 1:  # before the progress bar: a refusal is then the only line on stderr
+        check_mode_counts(fields.labels, cfg.modes)
 
     t0 = time.perf_counter()  # after the loads: seconds_fit is the k-means alone
     total = cfg.levels * (cfg.iters + 1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nfgen.baselines import (bootstrap_token_weights, gaussian_samples, marginal_token_samples, marginal_token_weights,
-                             smoothed_bootstrap, token_marginals)
+                             modes_as_classes, smoothed_bootstrap, token_marginals)
 from nfgen.common import make_generator
 from nfgen.generate import CLASS_DRAW_SEED_OFFSET
 from nfgen.io import NfgenError
@@ -197,3 +197,43 @@ def test_bootstrap_token_weights_copy_training_fields_and_share_the_marginals_ta
         marginal_token_weights(tok, tokens, labels, classes, seed=2, weights="expected"), atol=1e-5, rtol=1e-5)
     with pytest.raises(NfgenError, match="class 5 has no training fields"):
         bootstrap_token_weights(tok, tokens, labels, torch.tensor([5]), seed=0)
+
+
+def test_token_baselines_draw_a_mode_then_treat_it_as_the_class():
+    spec = SirenSpec(hidden=8, hidden_layers=2)
+    g = make_generator(7)
+    labels = torch.arange(240) % 3
+    planted = (torch.arange(240) // 3) % 2
+    w = siren_init(spec, 240, generator=g) * (1 + 0.1 * torch.randn(240, spec.num_params, generator=g))
+    w = w + 0.2 * torch.randn(3, 2, spec.num_params, generator=g)[labels, planted]
+    cfg = TokenizerConfig(codebook_size=16, iters=6, basis="class-pca", center="class", modes=2)
+    tok = WeightTokenizer.fit(w, spec, cfg, labels=labels)
+    tokens = tok.encode(w, labels)
+    groups = labels * 2 + tokens[:, 0]
+    classes = torch.tensor([0] * 300 + [2] * 300 + [-1] * 6)
+    drawn_classes = tok.draw_classes(classes, make_generator(3 + CLASS_DRAW_SEED_OFFSET))
+    train_groups, sample_groups = modes_as_classes(tok, tokens, labels, drawn_classes, seed=3)
+    assert torch.equal(train_groups, groups) and torch.equal(sample_groups // 2, drawn_classes)
+    for c, block in ((0, slice(0, 300)), (2, slice(300, 600))):  # modes as often as in the class's training fields
+        share = float((sample_groups[block] % 2 == 0).double().mean())
+        assert abs(share - float((tokens[labels == c, 0] == 0).double().mean())) < 0.1
+    # every marginal draw is a sequence of its group's: each token seen at its position in the (class, mode)
+    sampled = marginal_token_weights(tok, tokens, labels, classes, seed=3)
+    seqs = marginal_token_samples(token_marginals(tokens, train_groups, tok.n_codes), sample_groups,
+                                  make_generator(3))
+    assert torch.equal(seqs[:, 0], sample_groups % 2)
+    torch.testing.assert_close(sampled, tok.decode(seqs, drawn_classes), rtol=0, atol=0)
+    for i in (0, 301, 605):
+        seen = tokens[groups == sample_groups[i]]
+        assert all(bool((seen[:, p] == seqs[i, p]).any()) for p in range(seqs.shape[1]))
+    # expected values everywhere but the mode, which keeps its draw: each field its (class, mode)'s mean field
+    expected = marginal_token_weights(tok, tokens, labels, classes, seed=3, weights="expected")
+    detok = tok.decode(tokens, labels).double()
+    means = torch.stack([detok[groups == k].mean(0) for k in range(6)]).float()
+    torch.testing.assert_close(expected, means[sample_groups], atol=1e-5, rtol=1e-5)
+    # the bootstrap at bandwidth 0 copies a training field of the drawn class and mode
+    copies = bootstrap_token_weights(tok, tokens, labels, classes[::50], seed=2, bandwidth=0.0)
+    _, boot_groups = modes_as_classes(tok, tokens, labels, tok.draw_classes(classes[::50], make_generator(
+        2 + CLASS_DRAW_SEED_OFFSET)), seed=2)
+    for i, k in enumerate(boot_groups.tolist()):
+        assert float((detok[groups == k].float() - copies[i]).abs().max(1).values.min()) < 1e-5, i

@@ -228,6 +228,29 @@ def test_class_centred_tokens_train_and_generate(cli, tmp_path, run_dir, basis):
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
+def test_modes_lead_the_tokens_and_decode_every_draw(cli, tmp_path, run_dir):
+    """--modes end to end: the mode leads every sequence, the GPT draws it, and every way of decoding a draw (drawn
+    codes, expected codes from any position) decodes in the drawn mode's basis (the token baselines: in
+    test_baselines; this run has a class without fields, which they refuse)."""
+    from nfgen.tokenizer import load_tokens
+
+    r = ["--run", str(tmp_path), "--quiet"]
+    assert main(["tokenize", *r, "--fields", str(run_dir / "fields.safetensors"), "--center", "class", "--basis",
+                 "class-pca", "--modes", "2", "--codebook-size", "16", "--iters", "5"]) == 0
+    ts = load_tokens(tmp_path / "tokens.safetensors")
+    assert ts.tokens.shape == (40, 34) and ts.tokenizer.cfg.modes == 2 and set(ts.tokens[:, 0].tolist()) <= {0, 1}
+    assert main(["train", *r, "--steps", "2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                 "--batch-size", "8"]) == 0
+    for extra in (["--weights", "expected"], ["--weights", "expected", "--expected-from", "5"], []):
+        assert main(["generate", *r, "--per-class", "2", "--unconditional", "4", *extra]) == 0
+        samples = load_fields(tmp_path / "samples.safetensors")
+        assert samples.weights.shape == (24, 33) and torch.isfinite(samples.weights).all()
+    assert_clean_error(cli("tokenize", "--run", str(tmp_path / "x"), "--fields", str(run_dir / "fields.safetensors"),
+                           "--modes", "2"), "--modes splits each class")
+    assert_clean_error(cli("tokenize", "--run", str(tmp_path / "x"), "--fields", str(run_dir / "fields.safetensors"),
+                           "--center", "class", "--modes", "30"), "fewer than --modes 30")
+
+
 def test_impossible_fit_options(cli, tmp_path):
     assert_clean_error(cli("fit", "--run", str(tmp_path), "--steps", "0"), "steps")
     assert_clean_error(cli("fit", "--run", str(tmp_path), "--init", "zeros"), "init")

@@ -1,5 +1,6 @@
 """The tokenize stage: encode/decode, group and residual levels, backends agree, artifacts, bad input."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -310,6 +311,70 @@ def test_class_centring_needs_classes_and_draws_unconditional_ones(tmp_path):
     save_artifact(tmp_path / "bad.safetensors", "tokens", tensors, meta)
     with pytest.raises(NfgenError, match="invalid tokenizer"):
         load_tokens(tmp_path / "bad.safetensors")
+
+
+def _moded_fields(n=300, n_classes=3, modes=2, seed=6):
+    """_class_fields, each class made of `modes` clusters far apart: field i sits in cluster (i // n_classes) % modes."""
+    w, labels, _ = _class_fields(n, n_classes, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    planted = (torch.arange(n) // n_classes) % modes
+    return w + 0.1 * torch.randn(n_classes, modes, SPEC.num_params, generator=g)[labels, planted], labels, planted
+
+
+@pytest.mark.parametrize("basis", ["weights", "class-pca"])
+def test_modes_split_each_class_and_lead_its_tokens(basis, tmp_path):
+    w, labels, planted = _moded_fields(modes=3)
+    cfg = TokenizerConfig(codebook_size=16, iters=8, basis=basis, center="class", modes=3)
+    tok = WeightTokenizer.fit(w, SPEC, cfg, labels=labels)
+    assert tok.class_centers.shape == (9, SPEC.num_params) and tok.class_prior.shape == (3,)
+    modes = tok.assign_modes(w, labels)
+    for c in range(3):  # k-means finds the planted clusters (up to their names), and each mode's mean is its fields'
+        rows = labels == c
+        assert len(set(zip(modes[rows].tolist(), planted[rows].tolist()))) == 3
+        for m in range(3):
+            mine = w[rows & (modes == m)]
+            torch.testing.assert_close(tok.class_centers[3 * c + m], mine.double().mean(0).float(), atol=1e-6, rtol=0)
+    tokens = tok.encode(w, labels)
+    assert tokens.shape == (300, 1 + SPEC.num_params) == (300, tok.tokens_per_field)
+    assert torch.equal(tokens[:, 0], modes) and torch.equal(tok.modes_of(tokens), modes)
+    assert tok.token_ranges()[0].tolist() == [0, 3] and tok.token_ranges()[1:].tolist() == [[0, 16]] * SPEC.num_params
+    detok = tok.decode(tokens, labels)
+    torch.testing.assert_close(detok, tok.decode_vectors(tok.code_vectors()[tokens], labels, modes), rtol=0, atol=0)
+    # the mode's mean is taken out: the within-mode spread is all the codes resolve, far finer than one class mean
+    one = WeightTokenizer.fit(w, SPEC, replace(cfg, modes=1), labels=labels)
+    err = float((detok - w).pow(2).mean())
+    assert err < 0.2 * float((one.decode(one.encode(w, labels), labels) - w).pow(2).mean())
+    # another mode of the same class is another field: decoded around that mode's mean (and in its basis)
+    moved = tok.decode(torch.cat([(tokens[:, :1] + 1) % 3, tokens[:, 1:]], 1), labels)
+    assert float((moved - detok).abs().mean()) > 0.05
+    with pytest.raises(NfgenError, match="mode"):
+        tok.decode_vectors(tok.code_vectors()[tokens], labels)  # modes not passed
+    with pytest.raises(NfgenError, match="outside their position's id range"):
+        tok.decode(torch.cat([torch.full((300, 1), 3), tokens[:, 1:]], 1), labels)
+    # artifacts keep the modes' means (and bases): the same decode after loading
+    path = save_tokens(tmp_path / "t.safetensors", TokenSet(tokens, labels, tok, SPEC, (4, 4)))
+    loaded = load_tokens(path)
+    assert loaded.tokenizer.cfg.modes == 3 and torch.equal(loaded.tokens, tokens)
+    torch.testing.assert_close(loaded.tokenizer.decode(tokens, labels), detok, rtol=0, atol=0)
+
+
+def test_modes_options_are_checked():
+    w, labels, _ = _moded_fields(n=30)
+    with pytest.raises(NfgenError, match="--modes 0"):
+        TokenizerConfig(modes=0).validate()
+    with pytest.raises(NfgenError, match="--center class"):
+        TokenizerConfig(modes=2, center="mean").validate()
+    with pytest.raises(NfgenError, match="exceeds --codebook-size"):
+        TokenizerConfig(modes=20, codebook_size=16, center="class").validate()
+    few = torch.where(torch.arange(30) < 27, labels, 3)  # class 3: 3 fields
+    with pytest.raises(NfgenError, match="class 3 has 3 field"):
+        WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=2, center="class", modes=4), labels=few)
+    tok = WeightTokenizer.fit(w, SPEC, TokenizerConfig(codebook_size=16, iters=2, center="class", modes=2),
+                              labels=labels)
+    with pytest.raises(NfgenError, match="mode token"):
+        tok.token_roles()
+    with pytest.raises(NfgenError, match=r"modes must be \[30\] ids in \[0, 2\)"):
+        tok.decode_vectors(tok.code_vectors()[tok.encode(w, labels)], labels, torch.full((30,), 2))
 
 
 def test_fit_is_deterministic():
