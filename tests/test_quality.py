@@ -125,15 +125,16 @@ def test_ablation_rows_follow_the_main_recipe():
         "vq:pca-cfg3", "vq:pca-class", "vq:class-pca", "vq:class-pca-from32", "vq:center-class", "vq:center-class-T1"}
     # a main on principal components is compared with weight tokens, and has no centred rows (pca centres)
     rows = ablation_recipes(raw, Recipe(tokenize={"basis": "pca"}), 1185)
-    assert rows["vq:weights"].tokenize == {"basis": "weights", "center": "none"}
+    assert rows["vq:weights"].tokenize == {"basis": "weights", "center": "none", "modes": 1}
     assert not any("center" in n for n in rows) and "vq:pca-class" not in rows
     # the class-pca main of the small and full configs: against raw weight codes (every weight drawn at T 0.8 /
     # top-k 3, as the first H100 run sampled them, not the main's coarse-to-fine truncation) and one basis for all
     # classes; no rows that would centre class-pca otherwise
     for cfg in (CONFIGS["small"], CONFIGS["full"]):
         rows = ablation_recipes(cfg, Recipe(init="meta"), 1185)
-        assert {"basis": "class-pca", "center": "class"} == cfg.tokenize
-        assert rows["vq:weights"].tokenize == {"basis": "weights", "center": "none"}
+        assert {"basis": "class-pca", "center": "class", "modes": 4} == cfg.tokenize
+        assert rows["vq:weights"].tokenize == {"basis": "weights", "center": "none", "modes": 1}
+        assert rows["vq:modes1"].tokenize == {"modes": 1} and "vq:modes4" not in rows  # one mean field per class
         sample = {**asdict(SampleConfig()), **cfg.sample, **rows["vq:weights"].sample}
         assert (sample["temperature"], sample["top_k"], sample["weights"]) == (0.8, 3, "sampled")
         assert rows["vq:pca-class"].tokenize == {"basis": "pca"} and not any("center" in n for n in rows)
@@ -263,7 +264,7 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     assert set(r["rows"]["ablations"]) == {"fit:steps60", "fit:clamp-margin0.3", "init:meta", "order:canonical", "vq:group3",
                                            "vq:weights", "model:kv1", "sampling:cfg2-expected"}
     assert r["rows"]["main"]["recipe"]["tokenize"] == {} and r["config"]["tokenize"]["basis"] == "class-pca"
-    assert r["rows"]["ablations"]["vq:weights"]["recipe"]["tokenize"] == {"basis": "weights", "center": "none"}
+    assert r["rows"]["ablations"]["vq:weights"]["recipe"]["tokenize"] == {"basis": "weights", "center": "none", "modes": 1}
     # the GPT's kept weights are named (keep best: the lowest validation loss of its one validation)
     assert r["rows"]["main"]["train"]["kept"] == {"rule": "best", "step": 8,
                                                   "val_loss": r["rows"]["main"]["train_history"][0]["val_loss"]}
@@ -320,16 +321,23 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
 
     shrink = tmp_path / "shrink.json"
     assert class_pca_shrinkage.main(common[:2] + common[4:] + ["--shrinkage", "0,1", "--expected-from", "4",
+                                                               "--modes", "1,2", "--draws", "2",
                                                                "--results", str(shrink)]) == 0
     rows = json.loads(shrink.read_text())["rows"]
-    assert [row["shrinkage"] for row in rows] == [0.0, 1.0]
-    assert rows[1]["detok_heldout_psnr"] > rows[0]["detok_heldout_psnr"] + 1.0
+    assert [(row["shrinkage"], row["modes"]) for row in rows] == [(0.0, 1), (0.0, 2), (1.0, 1), (1.0, 2)]
+    assert rows[2]["detok_heldout_psnr"] > rows[0]["detok_heldout_psnr"] + 1.0
     for row in rows:
         assert _finite(row["detok_train_psnr"]) and _finite(row["standard_components"]["accuracy"]["samples"])
         # the same draws with all but the first 4 components at 0: other fields, so another MMD
         coarse = row["expected_from"]["4"]
         assert _finite(coarse["cond_mmd"]["samples"])
         assert coarse["cond_mmd"]["samples"] != row["standard_components"]["cond_mmd"]["samples"]
+        # the reported numbers are the means of the two draws'
+        draws = [d["cond_mmd"]["samples"] for d in row["per_draw"]["all"]]
+        assert len(draws) == 2 and draws[0] != draws[1]
+        assert row["standard_components"]["cond_mmd"]["samples"] == pytest.approx(sum(draws) / 2)
+    # two modes a class: other fields than one class mean, from the same seeds
+    assert rows[1]["standard_components"]["cond_mmd"] != rows[0]["standard_components"]["cond_mmd"]
 
 
 def test_bad_options_exit_2(tmp_path, data_root, capsys):
