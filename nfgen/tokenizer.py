@@ -242,9 +242,10 @@ class WeightTokenizer:
 
     def assign_modes(self, weights: torch.Tensor, labels) -> torch.Tensor | None:
         """Each field's mode [N] (None without modes): the nearest, in weight space, of its class's mode means."""
-        labels = self._checked_labels(labels, weights.shape[0]) if self.lead else None
-        if labels is None:
+        if not self.lead:
             return None
+        self._check_weights(weights)
+        labels = self._checked_labels(labels, weights.shape[0])
         M, labels = self.cfg.modes, labels.to(weights.device)
         means = self.class_centers.to(weights.device).view(-1, M, weights.shape[1])
         out = torch.empty(weights.shape[0], dtype=torch.int64, device=weights.device)
@@ -447,11 +448,14 @@ class WeightTokenizer:
         # a constant tensor (std 0, e.g. never trained) keeps scale 1 instead of dividing by zero
         return torch.tensor([float(s) if s > 0 else 1.0 for s in stds], dtype=torch.float32)
 
-    def _vectors(self, weights: torch.Tensor, labels=None, modes=None) -> torch.Tensor:
+    def _check_weights(self, weights: torch.Tensor) -> None:
         if weights.dim() != 2 or weights.shape[1] != self.spec.num_params:
             raise NfgenError(f"weights {tuple(weights.shape)} do not match the tokenizer's architecture "
                              f"(P={self.spec.num_params}); tokenize fields of the same architecture")
         check_finite("weights", weights, "refit the fields (they diverged) before tokenizing")
+
+    def _vectors(self, weights: torch.Tensor, labels=None, modes=None) -> torch.Tensor:
+        self._check_weights(weights)
         groups = self._groups(labels, modes, weights.shape[0])
         w = self._rotate(weights.float() - self._offsets(groups, weights.device), groups, to_components=True)
         w = w / self.scale_vector(weights.device)
@@ -509,7 +513,7 @@ class WeightTokenizer:
     def encode(self, weights: torch.Tensor, labels=None) -> torch.Tensor:
         """weights [N, P] (and, center "class", their classes [N]) → int64 tokens [N, L] (on weights' device); with
         modes, the first token is each field's mode (`assign_modes`)."""
-        modes = self.assign_modes(weights, labels) if weights.dim() == 2 else None
+        modes = self.assign_modes(weights, labels)
         residual = self._vectors(weights, labels, modes)
         K, levels = self.cfg.codebook_size, self.cfg.levels
         codebooks = self.codebooks.to(residual.device)
@@ -603,7 +607,8 @@ class WeightTokenizer:
 
 def check_mode_counts(labels, modes: int) -> None:
     """Refuse a class with fields but fewer than `modes` of them (k-means cannot split it)."""
-    counts = torch.bincount(torch.as_tensor(labels).long().cpu().clamp_min(0))
+    labels = torch.as_tensor(labels).long().cpu()
+    counts = torch.bincount(labels[labels >= 0])
     short = torch.nonzero((counts > 0) & (counts < modes)).flatten()
     if modes > 1 and len(short):
         c = int(short[0])

@@ -373,6 +373,8 @@ def test_modes_options_are_checked():
                               labels=labels)
     with pytest.raises(NfgenError, match="mode token"):
         tok.token_roles()
+    with pytest.raises(NfgenError, match="do not match the tokenizer's architecture"):
+        tok.encode(w[:, :5], labels)  # refused before a mode is looked for
     with pytest.raises(NfgenError, match=r"modes must be \[30\] ids in \[0, 2\)"):
         tok.decode_vectors(tok.code_vectors()[tok.encode(w, labels)], labels, torch.full((30,), 2))
 
