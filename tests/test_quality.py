@@ -132,9 +132,9 @@ def test_ablation_rows_follow_the_main_recipe():
     # classes; no rows that would centre class-pca otherwise
     for cfg in (CONFIGS["small"], CONFIGS["full"]):
         rows = ablation_recipes(cfg, Recipe(init="meta"), 1185)
-        assert {"basis": "class-pca", "center": "class", "modes": 4} == cfg.tokenize
+        assert {"basis": "class-pca", "center": "class", "modes": 8} == cfg.tokenize
         assert rows["vq:weights"].tokenize == {"basis": "weights", "center": "none", "modes": 1}
-        assert rows["vq:modes1"].tokenize == {"modes": 1} and "vq:modes4" not in rows  # one mean field per class
+        assert rows["vq:modes1"].tokenize == {"modes": 1} and "vq:modes8" not in rows  # one mean field per class
         sample = {**asdict(SampleConfig()), **cfg.sample, **rows["vq:weights"].sample}
         assert (sample["temperature"], sample["top_k"], sample["weights"]) == (0.8, 3, "sampled")
         assert rows["vq:pca-class"].tokenize == {"basis": "pca"} and not any("center" in n for n in rows)
