@@ -49,11 +49,11 @@ class-pca, its own basis); a field's mode (the nearest mode mean of its class) i
 the GPT draws the mode first and the components in that mode's basis after it. Without a GPT, standard normal
 components through each mode's basis (the mode drawn from its class's training frequencies; `python -m
 benchmarks.class_pca_shrinkage --modes 1,2,4,8,16 --draws 10`, benchmarks/results/class-pca-modes-cpu.json)
-already score closer to the real digits than through one basis per class. With the small GPT on the CPU quality
-run's 8000 fields, 4 modes lift accuracy from 0.955 to 0.972 and cut MMD from 0.236 to 0.224 and class-conditional
-1-NNA from 0.7475 to 0.733 (3 seeds; benchmarks/results/quality-cpu-small-8000-modes4.json), so the quality
-configs tokenize with 4. The default stays 1 with the rest of the class-pca recipe (the tokenize defaults are
-raw weight codes).
+score higher accuracy and lower MMD than through one basis per class. With the small GPT on the CPU quality run's
+8000 fields, accuracy rises from 0.955 to 0.972 with 4 modes and 0.983 with 8, and MMD falls from 0.236 to 0.224 /
+0.227, 1-NNA within its seed spread (3 seeds; benchmarks/results/quality-cpu-small-8000-modes{4,8}.json), so the
+quality configs tokenize with 8. The default stays 1 with the rest of the class-pca recipe (the tokenize defaults
+are raw weight codes).
 
 Per-tensor normalisation (--normalize layer) is an option: the first layer's weights are ~30x larger
 than the later layers', so a shared codebook spends most codes on layer 0. Measured, that is the right
@@ -116,7 +116,7 @@ class TokenizerConfig:
     # each field around its mode's mean field (with "class-pca": in its mode's own basis). The mode is then the
     # sequence's first token (an id in [0, modes)), so the GPT draws it first: where standard normal class-pca
     # components are one Gaussian per class, they become a mixture of `modes` Gaussians. 1 keeps the tokens of
-    # before the option existed; the quality configs use 4 (module docstring)
+    # before the option existed; the quality configs use 8 (module docstring)
     modes: int = 1
     iters: int = 30  # Lloyd iterations per level
     sample: int = 1_000_000  # vectors k-means learns from (0 = all)
