@@ -16,7 +16,8 @@ fits the tokenizer on the quality run's training fields and measures
 - --draws D scores D seeds of draws per row and reports their mean (and each seed's numbers).
 
     python -m benchmarks.class_pca_shrinkage [--config small] [--run-dir /tmp/q/run] [--shrinkage 0,0.05,0.2,0.5,1]
-        [--expected-from 16,32,64] [--modes 1,4,8] [--draws 10] [--results benchmarks/results/class-pca-shrinkage-cpu.json]
+        [--expected-from 16,32,64] [--modes 1,4,8] [--draws 10]
+        [--results benchmarks/results/class-pca-shrinkage-cpu.json]
 """
 from __future__ import annotations
 

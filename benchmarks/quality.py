@@ -206,11 +206,12 @@ CONFIGS = {
     # steps of 64 fields (~32 epochs; dropout, and the kept weights are those of the lowest validation loss:
     # TrainConfig.keep).
     # Tokens and sampling are the small config's: each class's 8 modes' principal components around their mean
-    # fields, the mode and the first 32 components drawn at T 1 and the finer ones the GPT's means. The H100's only full run (a406862, raw scalar
-    # VQ with 256 codes at T 0.8 / top-k 3, now the vq:weights row) missed every distance goal far from the oracle
-    # (1-NNA 0.968 against 0.642, COV 0.202 against 0.506), while at CPU size class-pca beat raw codes on every
-    # metric at 4000 fields and passed 7 of the 10 main goals at 8000 (README, Measured); the first GPU call should
-    # produce the headline with the better recipe, and the vq:weights row measures the old one at full size.
+    # fields, the mode and the first 32 components drawn at T 1 and the finer ones the GPT's means. The H100's only
+    # full run (a406862, raw scalar VQ with 256 codes at T 0.8 / top-k 3, now the vq:weights row) missed every
+    # distance goal far from the oracle (1-NNA 0.968 against 0.642, COV 0.202 against 0.506), while at CPU size
+    # class-pca beat raw codes on every metric at 4000 fields and passed 8 of the 10 main goals at 8000 with 8 modes
+    # (README, Measured); the first GPU call should produce the headline with the better recipe, and the
+    # vq:weights row measures the old one at full size.
     # Ablations that train their own GPT do so for 1000 steps, beside a baseline row of the main recipe at 1000
     # steps; the model-size rows try a 25M GPT and 2 key/value heads (a 4x smaller KV cache: faster decoding,
     # issue 5).
@@ -281,7 +282,7 @@ def ablation_recipes(cfg: QualityConfig, main: Recipe, num_params: int) -> dict[
         if tok["basis"] == "class-pca":  # against one basis for all classes
             rows["vq:pca-class"] = main.but(tokenize={"basis": "pca"})
     if tok["center"] == "class":  # each class's fields around one mean field, against a mixture of modes
-        other_modes = 1 if tok["modes"] > 1 else 4
+        other_modes = 1 if tok["modes"] > 1 else 8
         rows[f"vq:modes{other_modes}"] = main.but(tokenize={"modes": other_modes})
     if tok["center"] == "none" and tok["basis"] == "weights":
         rows["vq:center-mean"] = main.but(tokenize={"center": "mean"})

@@ -187,7 +187,8 @@ class WeightTokenizer:
                              or not bool((basis_stds > 0).all())))
                 or by_class != (class_centers is not None) or by_class != (class_prior is not None)
                 or (by_class and (class_centers.dim() != 2 or class_centers.shape[1] != P
-                                  or class_prior.dim() != 1 or class_centers.shape[0] != cfg.modes * class_prior.shape[0]
+                                  or class_prior.dim() != 1
+                                  or class_centers.shape[0] != cfg.modes * class_prior.shape[0]
                                   or not bool((class_prior >= 0).all())
                                   or not float(class_prior.sum()) > 0))):
             raise NfgenError(f"tokenizer tensors do not match its config (codebooks {tuple(codebooks.shape)}, "

@@ -264,7 +264,8 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     assert set(r["rows"]["ablations"]) == {"fit:steps60", "fit:clamp-margin0.3", "init:meta", "order:canonical", "vq:group3",
                                            "vq:weights", "model:kv1", "sampling:cfg2-expected"}
     assert r["rows"]["main"]["recipe"]["tokenize"] == {} and r["config"]["tokenize"]["basis"] == "class-pca"
-    assert r["rows"]["ablations"]["vq:weights"]["recipe"]["tokenize"] == {"basis": "weights", "center": "none", "modes": 1}
+    assert r["rows"]["ablations"]["vq:weights"]["recipe"]["tokenize"] == {"basis": "weights", "center": "none",
+                                                                          "modes": 1}
     # the GPT's kept weights are named (keep best: the lowest validation loss of its one validation)
     assert r["rows"]["main"]["train"]["kept"] == {"rule": "best", "step": 8,
                                                   "val_loss": r["rows"]["main"]["train_history"][0]["val_loss"]}

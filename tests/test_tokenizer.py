@@ -314,7 +314,7 @@ def test_class_centring_needs_classes_and_draws_unconditional_ones(tmp_path):
 
 
 def _moded_fields(n=300, n_classes=3, modes=2, seed=6):
-    """_class_fields, each class made of `modes` clusters far apart: field i sits in cluster (i // n_classes) % modes."""
+    """_class_fields, each class made of `modes` clusters far apart: field i is in cluster (i // n_classes) % modes."""
     w, labels, _ = _class_fields(n, n_classes, seed)
     g = torch.Generator().manual_seed(seed + 1)
     planted = (torch.arange(n) // n_classes) % modes
