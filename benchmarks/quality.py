@@ -152,12 +152,13 @@ class QualityConfig:
 
 CONFIGS = {
     # CI smoke test: a 105-parameter SIREN (2→8→8→1; P = 3·5·7 so groups 3 and 5 divide it), 120 fields,
-    # a one-layer GPT trained for a few steps, tokenized and sampled as the full config's main rows. The numbers
-    # mean nothing; every code path runs.
+    # a one-layer GPT trained for a few steps, tokenized and sampled as the full config's main rows (2 modes per
+    # class of ~12 fields, where the full config has 8 of ~800; some modes hold one field). The numbers mean
+    # nothing; every code path runs.
     "tiny": QualityConfig(
         train_split="mnist:test[:120]", heldout_split="mnist:test[8000:8040]",
         fit=dict(hidden=8, steps=40, chunk=256),
-        tokenize=dict(codebook_size=64, iters=4, basis="class-pca", center="class"),
+        tokenize=dict(codebook_size=64, iters=4, basis="class-pca", center="class", modes=2),
         sample=dict(weights="expected", expected_from=32),
         train=dict(n_layer=1, n_head=2, n_embd=32, steps=8, batch_size=8, lr=3e-3, warmup=2, eval_every=8,
                    checkpoint_every=10_000),

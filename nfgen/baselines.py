@@ -215,10 +215,11 @@ def modes_as_classes(tokenizer, tokens: torch.Tensor, labels: torch.Tensor, clas
 
 
 def smoothed_bootstrap(x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, bandwidth: float,
-                       generator: torch.Generator) -> torch.Tensor:
+                       generator: torch.Generator, spread: dict | None = None) -> torch.Tensor:
     """One draw per entry of `classes` [M] from a Gaussian kernel density estimate over the rows of x [N, D] with
     that label (-1: every row) → float64 [M, D]: a uniformly chosen row plus noise of `bandwidth` times the class's
-    per-column std (ddof 1). Classes are drawn in ascending order, each from one block of `generator`."""
+    per-column std (ddof 1), or `spread[class]` [D] where given. Classes are drawn in ascending order, each from one
+    block of `generator`."""
     if x.dim() != 2 or labels.shape != (x.shape[0],):
         raise NfgenError(f"smoothed_bootstrap wants x [N, D] and labels [N], got {tuple(x.shape)} and "
                          f"{tuple(labels.shape)}")
@@ -228,13 +229,14 @@ def smoothed_bootstrap(x: torch.Tensor, labels: torch.Tensor, classes: torch.Ten
     out = torch.empty(len(classes), x.shape[1], dtype=torch.float64)
     for c in classes.unique().tolist():
         rows = (x if c == -1 else x[labels == c]).double().cpu()
-        if rows.shape[0] < 2:
+        given = None if spread is None else spread.get(c)
+        if rows.shape[0] < (1 if given is not None else 2):
             raise NfgenError(f"class {c} has {rows.shape[0]} example(s); a bootstrap's spread needs at least 2: use "
                              f"a larger training split")
         want = classes == c
         pick = torch.randint(0, rows.shape[0], (int(want.sum()),), generator=generator)
         noise = torch.randn(int(want.sum()), x.shape[1], generator=generator, dtype=torch.float64)
-        out[want] = rows[pick] + bandwidth * rows.std(0) * noise
+        out[want] = rows[pick] + bandwidth * (rows.std(0) if given is None else given.double()) * noise
     return out
 
 
@@ -258,8 +260,12 @@ def bootstrap_token_weights(tokenizer, tokens: torch.Tensor, labels: torch.Tenso
     out = (token_marginals(tokens, train_groups, tokenizer.n_codes) @ codes)[groups]
     drawn = tokenizer.lead + expected_from if weights == "expected" else vectors.shape[1]
     if drawn:
-        jittered = smoothed_bootstrap(vectors[:, :drawn].flatten(1), train_groups, groups, bandwidth,
-                                      make_generator(seed))
+        flat = vectors[:, :drawn].flatten(1)
+        spread = None
+        if tokenizer.lead:  # a mode of one field has no spread of its own: it is jittered by its class's
+            M, sizes = tokenizer.cfg.modes, torch.bincount(train_groups)
+            spread = {g: flat[labels == g // M].std(0) for g in groups.unique().tolist() if sizes[g] < 2}
+        jittered = smoothed_bootstrap(flat, train_groups, groups, bandwidth, make_generator(seed), spread)
         out[:, :drawn] = jittered.view(len(classes), drawn, -1)
     modes = None if not tokenizer.lead else groups % tokenizer.cfg.modes
     return tokenizer.decode_vectors(out.float(), classes, modes)

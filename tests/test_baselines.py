@@ -237,3 +237,21 @@ def test_token_baselines_draw_a_mode_then_treat_it_as_the_class():
         2 + CLASS_DRAW_SEED_OFFSET)), seed=2)
     for i, k in enumerate(boot_groups.tolist()):
         assert float((detok[groups == k].float() - copies[i]).abs().max(1).values.min()) < 1e-5, i
+
+
+def test_bootstrap_jitters_a_mode_of_one_field_by_its_class_spread():
+    spec = SirenSpec(hidden=8, hidden_layers=2)
+    g = make_generator(8)
+    labels = torch.arange(60) % 3
+    w = siren_init(spec, 60, generator=g) * (1 + 0.1 * torch.randn(60, spec.num_params, generator=g))
+    w[0] += 3.0  # an outlier of class 0: a mode of its own
+    tok = WeightTokenizer.fit(w, spec, TokenizerConfig(codebook_size=16, iters=4, basis="class-pca", center="class",
+                                                       modes=2), labels=labels)
+    tokens = tok.encode(w, labels)
+    assert int((tokens[labels == 0, 0] == tokens[0, 0]).sum()) == 1
+    classes = torch.zeros(400, dtype=torch.long)
+    copies = bootstrap_token_weights(tok, tokens, labels, classes, seed=1, bandwidth=0.0)
+    jittered = bootstrap_token_weights(tok, tokens, labels, classes, seed=1, bandwidth=0.5)
+    outlier = (copies - tok.decode(tokens[:1], labels[:1])).abs().max(1).values < 1e-5
+    assert 0 < int(outlier.sum()) < 400 and torch.isfinite(jittered).all()  # drawn about 1 time in 20
+    assert float((jittered[outlier] - copies[outlier]).abs().max()) > 1e-3  # and still jittered
