@@ -1,4 +1,4 @@
-"""benchmarks.demo_tokenizers at the tiny demo's sizes: every template × tokenizer row runs and is written."""
+"""benchmarks.demo_tokenizers and benchmarks.demo_timing at the tiny demo's sizes: every row runs and is written."""
 import json
 
 from benchmarks import demo_tokenizers
@@ -21,3 +21,19 @@ def test_rows_for_each_template_and_tokenizer(tiny_demo, data_root, tmp_path):
     assert out["demo"]["template"]["hidden"] == 8 and out["demo"]["template"]["outer"] == 3
     # the meta rows fit from the demo's template; the random rows from the seeded draw
     assert (tmp_path / "runs" / "template.safetensors").is_file()
+
+
+def test_demo_timing_records_every_stage(tiny_demo, data_root, tmp_path):
+    from benchmarks import demo_timing
+
+    results = tmp_path / "timing.json"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "stale.txt").write_text("from an earlier run")  # the run folder is emptied first
+    assert demo_timing.main(["--run-dir", str(tmp_path / "run"), "--data-root", str(data_root),
+                             "--results", str(results)]) == 0
+    out = json.loads(results.read_text())
+    stages = out["demo"]["seconds"]
+    assert set(stages) == {"classifier", "template", "fit", "tokenize", "train", "generate", "evaluate"}
+    assert all(v >= 0 for v in stages.values()) and out["wall_seconds"] >= sum(stages.values()) - 0.5
+    assert out["command"].startswith("python -m benchmarks.demo_timing") and out["device_type"] == "cpu"
+    assert not (tmp_path / "run" / "stale.txt").exists()
