@@ -193,7 +193,7 @@ def cmd_evaluate(args) -> dict:
     _outputs(run, "evaluate", run / "metrics.json", run / "nearest.png")
     summary = run_evaluate(_path(args.samples, run, "samples.safetensors"), run, ref_split=args.ref_split,
                            train_split=args.train_split, classifier_path=classifier, data_root=args.data_root,
-                           device=args.device, seed=args.seed, quiet=args.quiet)
+                           device=args.device, seed=args.seed, quiet=args.quiet, images_path=args.images)
     _save_config(run, "evaluate", args, classifier=str(classifier) if classifier else None)
     return summary
 
@@ -355,7 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="MMD / COV / 1-NNA, memorisation and classifier score, with the real-data oracle")
     _common(p, data=True)
-    p.add_argument("--samples", default=None, help="generated fields (default: RUN/samples.safetensors)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--samples", default=None, help="generated fields (default: RUN/samples.safetensors)")
+    source.add_argument("--images", default=None,
+                        help="instead, images from any generator: a safetensors file with 'images' (float "
+                             "[N, H, W(, C)] in [0, 1], or uint8) and optional 'labels' (int [N], -1 = unconditional)")
     p.add_argument("--ref-split", default="mnist:test[8000:]", help="held-out references (default: mnist:test[8000:])")
     p.add_argument("--train-split", default="mnist:test[:8000]", help="training split, for memorisation and the oracle")
     p.add_argument("--classifier", default=None, help="classifier file (default: RUN/classifier.safetensors if present)")

@@ -36,6 +36,58 @@ from nfkernels.ssim import _same_set, nearest_from_matrix, ssim_distance, ssim_n
 
 MEMORISED_SSIM = 0.95
 GENERATE_HINT = "run `nfgen generate` first"
+IMAGES_HINT = ("write one with safetensors.torch.save_file({'images': float [N, H, W(, C)] in [0, 1], "
+               "'labels': int64 [N] (-1 = unconditional; optional)}, path)")
+
+
+@dataclass
+class ImageSamples:
+    """Generated images from any generator, scored like nfgen's own samples (`nfgen evaluate --images`)."""
+    images: torch.Tensor  # float32 [N, H, W] or [N, H, W, C] in [0, 1]
+    labels: torch.Tensor  # int64 [N]: the class each was generated for, -1 = unconditional
+
+
+def load_images(path) -> ImageSamples:
+    """Read an images file: a plain safetensors file with `images` (float in [0, 1], or uint8 0-255) and
+    optionally `labels`; no nfgen metadata needed, so another generator's output scores as it is."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise NfgenError(f"images file not found: {path}; {IMAGES_HINT}")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise NfgenError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); "
+                         f"{IMAGES_HINT}") from None
+    images = tensors.get("images")
+    if images is None:
+        raise NfgenError(f"{path} holds no 'images' tensor (found: {', '.join(sorted(tensors)) or 'none'}); "
+                         f"{IMAGES_HINT}")
+    if images.dim() not in (3, 4) or images.shape[0] == 0:
+        raise NfgenError(f"{path}: images must be [N, H, W] or [N, H, W, C] with N ≥ 1, got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    elif images.is_floating_point():
+        images = images.float()
+        if not torch.isfinite(images).all():
+            raise NfgenError(f"{path}: images hold {int((~torch.isfinite(images)).sum())} NaN/inf values; "
+                             f"fix the generator's output")
+        lo, hi = images.min().item(), images.max().item()
+        if lo < 0.0 or hi > 1.0:
+            raise NfgenError(f"{path}: image values span [{lo:.4g}, {hi:.4g}], SSIM here takes [0, 1] "
+                             f"(data_range 1); clamp (or rescale) them to [0, 1] first")
+    else:
+        raise NfgenError(f"{path}: images are {images.dtype}; store float in [0, 1] or uint8 0-255")
+    labels = tensors.get("labels")
+    if labels is None:
+        labels = torch.full((images.shape[0],), -1, dtype=torch.long)
+    elif labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or \
+            labels.shape != (images.shape[0],):
+        raise NfgenError(f"{path}: labels must be integers [N] = [{images.shape[0]}], got {labels.dtype} "
+                         f"{list(labels.shape)}")
+    return ImageSamples(images=images.contiguous(), labels=labels.long())
 
 
 # ----------------------------------------------------------------------------- metric definitions
@@ -205,7 +257,8 @@ def _classifier_scores(classifier, images, labels, ref_images, ref_labels, n_cla
 def evaluate(samples, ref, train, classifier=None, *, sample_images: torch.Tensor | None = None, seed: int = 0,
              backend: str = "auto", device="cpu", threshold: float = MEMORISED_SSIM, quiet: bool = False) -> dict:
     """All metrics for generated fields `samples` (nfgen.fields.Fields; label -1 = unconditional) against the
-    reference Split `ref`, with the training Split `train` as oracle and memorisation set."""
+    reference Split `ref`, with the training Split `train` as oracle and memorisation set. With `sample_images`
+    given, only `samples.labels` is read (an ImageSamples does)."""
     from nfgen.fields import render_fields
 
     device = torch.device(device)
@@ -214,7 +267,7 @@ def evaluate(samples, ref, train, classifier=None, *, sample_images: torch.Tenso
         sample_images = render_fields(samples.weights, samples.spec, samples.image_shape, device=device)
     labels = samples.labels.cpu()
     if len(labels) == 0:
-        raise NfgenError("the samples file holds no fields; generate some first")
+        raise NfgenError("no samples to evaluate; generate some first")
     shapes = {"samples": tuple(sample_images.shape[1:]), "references": ref.image_shape, "train": train.image_shape}
     if len(set(shapes.values())) != 1:
         raise NfgenError(f"image shapes differ: {shapes}; evaluate against splits of the dataset the fields "
@@ -310,33 +363,41 @@ def save_nearest_grid(path, sample_images, labels, train_images, nearest_index, 
 
 def run_evaluate(samples_path, out_dir, *, ref_split: str = "mnist:test[8000:]", train_split: str = "mnist:test[:8000]",
                  classifier_path=None, data_root=None, device: str = "auto", seed: int = 0, backend: str = "auto",
-                 quiet: bool = False) -> dict:
+                 quiet: bool = False, images_path=None) -> dict:
     """Load, evaluate, write out_dir/metrics.json and out_dir/nearest.png; returns the metrics.
 
-    Under torchrun the nearest-neighbour searches are split over the ranks and rank 0 writes the files."""
+    The samples are generated fields (`samples_path`, rendered here) or, with `images_path`, an images file
+    (load_images) from any generator. Under torchrun the nearest-neighbour searches are split over the ranks and
+    rank 0 writes the files."""
     from nfgen.data import load_split
     from nfgen.fields import load_fields, render_fields
 
     t0 = time.perf_counter()
     distributed.init_from_env(device)
     dev = pick_device(device)
-    samples = load_fields(samples_path, hint=GENERATE_HINT)
+    source = images_path if images_path is not None else samples_path
+    samples = load_images(images_path) if images_path is not None else load_fields(samples_path, hint=GENERATE_HINT)
     ref = load_split(ref_split, data_root=data_root)
     train = load_split(train_split, data_root=data_root)
-    if tuple(samples.image_shape) != tuple(ref.image_shape):
-        raise NfgenError(f"{samples_path} holds {tuple(samples.image_shape)} images but {ref_split} has "
-                         f"{tuple(ref.image_shape)}; evaluate against the dataset the fields were fitted on")
+    shape = tuple(samples.images.shape[1:]) if images_path is not None else tuple(samples.image_shape)
+    if shape != tuple(ref.image_shape):
+        raise NfgenError(f"{source} holds {shape} images but {ref_split} has {tuple(ref.image_shape)}; evaluate "
+                         f"against the dataset the {'images' if images_path is not None else 'fields'} come from")
     classifier = None
     if classifier_path is not None:
         from nfgen.classifier import load_classifier
 
         classifier = load_classifier(classifier_path, dev)
-    images = render_fields(samples.weights, samples.spec, samples.image_shape, device=dev)
+    if images_path is not None:
+        images = samples.images.to(dev)
+    else:
+        images = render_fields(samples.weights, samples.spec, samples.image_shape, device=dev)
     result = evaluate(samples, ref, train, classifier, sample_images=images, seed=seed, backend=backend, device=dev,
                       quiet=quiet or not distributed.is_main())
     nearest = result.pop("_nearest_train_index")
     out_dir = Path(out_dir)
-    result["inputs"] = {"samples": str(samples_path), "classifier": str(classifier_path) if classifier_path else None,
+    result["inputs"] = {"samples" if images_path is None else "images": str(source),
+                        "classifier": str(classifier_path) if classifier_path else None,
                         "device": str(dev), "backend": backend, "world_size": distributed.world_size()}
     result["timing"]["total_s"] = time.perf_counter() - t0
     if distributed.is_main():  # every rank holds the same metrics; rank 0 writes them

@@ -273,7 +273,29 @@ def test_usage_errors_are_one_line(cli, tmp_path):
                        "not an integer in range")
     assert_clean_error(cli("fit", "--run", str(tmp_path), "--seed", "x"), "not an integer in range")
     assert_clean_error(cli("train", "--run", str(tmp_path), "--device", "meta"), "unknown device 'meta'")
+    assert_clean_error(cli("evaluate", "--run", str(tmp_path), "--samples", "s.safetensors",
+                           "--images", "i.safetensors"), "argument --images: not allowed with argument --samples")
     assert not any(tmp_path.iterdir())
+
+
+def test_evaluate_images_from_another_generator(cli, tmp_path, data_root):
+    from safetensors.torch import save_file
+
+    from nfgen.data import load_split
+
+    real = load_split("mnist:test[9000:9030]", data_root=data_root)
+    save_file({"images": real.images, "labels": real.labels}, str(tmp_path / "mine.safetensors"))
+    run = tmp_path / "run"
+    splits = ["--ref-split", "mnist:test[8000:8060]", "--train-split", "mnist:test[:40]", "--quiet"]
+    proc = cli("evaluate", "--run", str(run), "--images", str(tmp_path / "mine.safetensors"), *splits)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["sizes"]["conditional"] == 30 and metrics["inputs"]["images"] == str(tmp_path / "mine.safetensors")
+    assert json.loads((run / "evaluate.config.json").read_text())["images"] == str(tmp_path / "mine.safetensors")
+    save_file({"images": real.images * 255}, str(tmp_path / "bytes-as-float.safetensors"))
+    assert_clean_error(cli("evaluate", "--run", str(tmp_path / "bad"), "--images",
+                           str(tmp_path / "bytes-as-float.safetensors"), *splits), "clamp (or rescale) them to [0, 1]")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_demo_without_data_leaves_no_run_folder(cli, tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nfgen.io import NfgenError
-from nfgen.metrics import (distance_metrics, evaluate, memorisation, metrics_from_nearest, nearest_from_matrices,
-                           run_evaluate)
+from nfgen.metrics import (distance_metrics, evaluate, load_images, memorisation, metrics_from_nearest,
+                           nearest_from_matrices, run_evaluate)
 
 
 def line_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -189,3 +189,86 @@ def test_bad_input(tmp_path, data_root):
     assert not (tmp_path / "e" / "metrics.json").exists()
     with pytest.raises(NfgenError, match="differ in shape"):
         distance_metrics(torch.rand(3, 28, 28), torch.rand(3, 20, 20))
+
+
+EVAL_SPLITS = dict(ref_split="mnist:test[9000:9120]", train_split="mnist:test[:150]")
+
+
+def _scores(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("groups", "memorisation", "classifier", "sizes") if k in metrics}
+
+
+def test_images_file_scores_like_the_fields_it_was_rendered_from(tmp_path, data_root):
+    from safetensors.torch import save_file
+
+    from nfgen.classifier import ClassifierConfig, SmallCNN, save_classifier
+    from nfgen.fields import load_fields, render_fields
+
+    torch.manual_seed(0)
+    save_classifier(tmp_path / "clf.safetensors", SmallCNN(ClassifierConfig()), {})
+    _write_fields(tmp_path / "s.safetensors", 12, labels=torch.tensor([0, 1, 2, -1] * 3))
+    fields = load_fields(tmp_path / "s.safetensors")
+    images = render_fields(fields.weights, fields.spec, fields.image_shape)
+    save_file({"images": images, "labels": fields.labels}, str(tmp_path / "images.safetensors"))
+    common = dict(**EVAL_SPLITS, classifier_path=tmp_path / "clf.safetensors", data_root=data_root, device="cpu",
+                  quiet=True)
+    from_fields = run_evaluate(tmp_path / "s.safetensors", tmp_path / "a", **common)
+    from_images = run_evaluate(None, tmp_path / "b", images_path=tmp_path / "images.safetensors", **common)
+    assert _scores(from_images) == _scores(from_fields)
+    assert from_images["classifier"]["n"]["samples"] == 9 and from_images["groups"]["unconditional"]["n"] == 3
+    written = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert written["inputs"]["images"] == str(tmp_path / "images.safetensors") and "samples" not in written["inputs"]
+    assert (tmp_path / "b" / "nearest.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_images_file_of_uint8_real_digits_without_labels(tmp_path, data_root):
+    from safetensors.torch import save_file
+
+    from nfgen.data import load_split
+
+    real = load_split("mnist:test[9500:9620]", data_root=data_root)
+    save_file({"images": (real.images * 255).round().to(torch.uint8)}, str(tmp_path / "u8.safetensors"))
+    loaded = load_images(tmp_path / "u8.safetensors")
+    assert torch.equal(loaded.images, real.images)  # MNIST is uint8 / 255 already
+    assert loaded.labels.tolist() == [-1] * 120
+    res = run_evaluate(None, tmp_path / "e", images_path=tmp_path / "u8.safetensors", **EVAL_SPLITS,
+                       data_root=data_root, device="cpu", quiet=True)
+    assert set(res["groups"]) == {"unconditional"} and "classifier" not in res
+    g = res["groups"]["unconditional"]
+    # real digits are near the references (as near as the oracle's training images); uniform noise is not
+    assert abs(g["mmd"]["samples"] - g["mmd"]["oracle"]) < 0.02 and g["1nna"]["samples"] < 0.9
+    save_file({"images": torch.rand(120, 28, 28, generator=torch.Generator().manual_seed(0))},
+              str(tmp_path / "noise.safetensors"))
+    noise = run_evaluate(None, tmp_path / "n", images_path=tmp_path / "noise.safetensors", **EVAL_SPLITS,
+                         data_root=data_root, device="cpu", quiet=True)["groups"]["unconditional"]
+    assert noise["1nna"]["samples"] > 0.95 and noise["mmd"]["samples"] > g["mmd"]["samples"] + 0.1
+
+
+@pytest.mark.parametrize("tensors, pattern", [
+    ({"pics": torch.rand(4, 28, 28)}, "no 'images' tensor \\(found: pics\\)"),
+    ({"images": torch.rand(4, 28, 28) * 2}, "clamp \\(or rescale\\) them to \\[0, 1\\]"),
+    ({"images": torch.full((4, 28, 28), float("nan"))}, "3136 NaN/inf values"),
+    ({"images": torch.zeros(4, 28, 28, dtype=torch.int32)}, "store float in \\[0, 1\\] or uint8"),
+    ({"images": torch.rand(4, 784)}, "must be \\[N, H, W\\] or \\[N, H, W, C\\]"),
+    ({"images": torch.rand(4, 28, 28), "labels": torch.zeros(3, dtype=torch.long)}, "labels must be integers"),
+    ({"images": torch.rand(4, 28, 28), "labels": torch.zeros(4)}, "labels must be integers"),
+    ({"images": torch.rand(4, 28, 28), "labels": torch.tensor([0, 1, 10, -1])}, "sample labels must be -1"),
+    ({"images": torch.rand(4, 16, 16)}, "holds \\(16, 16\\) images but"),
+])
+def test_images_file_bad_input(tmp_path, data_root, tensors, pattern):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "images.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(NfgenError, match=pattern):
+        run_evaluate(None, tmp_path / "e", images_path=path, ref_split="mnist:test[:20]",
+                     train_split="mnist:test[20:40]", data_root=data_root, device="cpu", quiet=True)
+    assert not (tmp_path / "e").exists()
+
+
+def test_images_file_missing_or_corrupt(tmp_path):
+    with pytest.raises(NfgenError, match="images file not found.*safetensors.torch.save_file"):
+        load_images(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(NfgenError, match="not a readable safetensors file"):
+        load_images(tmp_path / "bad.safetensors")
