@@ -188,7 +188,7 @@ def marginal_token_weights(tokenizer, tokens: torch.Tensor, labels: torch.Tensor
         return tokenizer.decode(drawn, classes).float()
     codes = tokenizer.code_vectors().double()
     vectors = (freqs @ codes)[groups]  # each position's mean code value; class -1 indexes the pooled entry
-    keep = tokenizer.lead + expected_from  # a mode token keeps its draw
+    keep = tokenizer.token_position(expected_from)  # a mode token keeps its draw
     vectors[:, :keep] = codes[drawn[:, :keep]]
     return tokenizer.decode_vectors(vectors.float(), classes, tokenizer.modes_of(drawn))
 
@@ -258,7 +258,7 @@ def bootstrap_token_weights(tokenizer, tokens: torch.Tensor, labels: torch.Tenso
     vectors = codes[tokens.long().cpu()]  # [N, L, group]
     # the class's mean code vectors, as the marginals baseline takes them; class -1 indexes the pooled entry
     out = (token_marginals(tokens, train_groups, tokenizer.n_codes) @ codes)[groups]
-    drawn = tokenizer.lead + expected_from if weights == "expected" else vectors.shape[1]
+    drawn = tokenizer.token_position(expected_from) if weights == "expected" else vectors.shape[1]
     if drawn:
         flat = vectors[:, :drawn].flatten(1)
         spread = None

@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                     ("modes", "with --center class: split each class into this many modes (k-means in weight "
                      "space), each centred on (with class-pca: in the basis of) its own fields; the mode is a "
                      "sequence's first token"),
+                    ("coarse", "with --basis pca or class-pca: the first this many components each get a coarse "
+                     "token (which of --coarse-levels equal-probability bins it falls in) before their code"),
+                    ("coarse-levels", "bins of a coarse token"),
                     ("iters", "Lloyd iterations"), ("sample", "points used to learn the codebook"),
                     ("seed", "k-means seed"), ("backend", "auto, torch, cpp or triton")]:
         _opt(p, name, TokenizerConfig, h)
@@ -324,9 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
          "the filled KV cache, one CUDA graph)")
     _opt(p, "weights", SampleConfig, "a field's weights: its drawn tokens' code values (sampled), or each token's "
          "mean code value under the distribution it was drawn from (expected)")
-    _opt(p, "expected-from", SampleConfig, "with --weights expected: the first token position whose weight is "
-         "expected; earlier positions keep their drawn codes (with --basis class-pca, the coarse components; a "
-         "mode token, tokenize --modes, always keeps its draw and is not counted)")
+    _opt(p, "expected-from", SampleConfig, "with --weights expected: the first code token whose weight is "
+         "expected; earlier ones keep their drawn codes (with --basis class-pca, the coarse components; a mode "
+         "token, tokenize --modes, always keeps its draw, and neither it nor coarse tokens are counted)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("baseline", help="sample a reference generator without a GPT (a per-class Gaussian over the "

@@ -64,7 +64,8 @@ class SampleConfig:
     # a field keeps its drawn coarse components and takes the model's mean of each fine one (a truncation trick):
     # on the CPU quality run the small GPT's fine draws add scatter that SSIM pays for, and drawing only the first
     # 32 of 1185 cut MMD from 0.278 to 0.251 and lifted accuracy from 0.90 to 0.935 (README, Measured). A mode token
-    # (tokenize --modes) is not counted: it always keeps its draw, and K counts the positions after it
+    # (tokenize --modes) is not counted: it always keeps its draw, and K counts the code tokens after it (coarse
+    # tokens, tokenize --coarse, are not counted either)
     expected_from: int = 0
     quiet: bool = False
 
@@ -296,12 +297,13 @@ def generate_tokens(model: GPT, vocab: Vocab, classes: torch.Tensor, length: int
 
 
 def check_expected_from(expected_from: int, tokenizer) -> None:
-    """Refuse an --expected-from at or past a field's last token (the mode token, with --modes, not counted)."""
-    n = tokenizer.tokens_per_field - tokenizer.lead
+    """Refuse an --expected-from at or past a field's last code (it counts code tokens: mode and coarse tokens,
+    with --modes and --coarse, are not counted)."""
+    n = tokenizer.n_components
     if expected_from >= n:
         after = " after its mode token" if tokenizer.lead else ""
-        raise NfgenError(f"--expected-from {expected_from} is past the {n} tokens of a field{after}; use a position "
-                         f"below {n}, or --weights sampled")
+        raise NfgenError(f"--expected-from {expected_from} is past the {n} code tokens of a field{after}; use a "
+                         f"position below {n}, or --weights sampled")
 
 
 def generate_weights(model: GPT, vocab: Vocab, classes: torch.Tensor, tokenizer, cfg: SampleConfig,
@@ -322,7 +324,7 @@ def generate_weights(model: GPT, vocab: Vocab, classes: torch.Tensor, tokenizer,
         codes = tokenizer.code_vectors()
         tokens, vectors = generate_tokens(*args, code_vectors=codes)
         vectors = vectors.cpu()
-        drawn = tokenizer.lead + cfg.expected_from  # a mode token keeps its draw
+        drawn = tokenizer.token_position(cfg.expected_from)  # a mode token keeps its draw
         vectors[:, :drawn] = codes[tokens[:, :drawn].cpu()]
         return tokens, tokenizer.decode_vectors(vectors, classes, tokenizer.modes_of(tokens.cpu()))
     tokens = generate_tokens(*args)

@@ -55,6 +55,13 @@ score higher accuracy and lower MMD than through one basis per class. With the s
 quality configs tokenize with 8. The default stays 1 with the rest of the class-pca recipe (the tokenize defaults
 are raw weight codes).
 
+Coarse tokens (--coarse K, with --basis pca or class-pca) put before each of the first K components' code a token
+naming which of --coarse-levels equal-probability bins of a standard normal its coded value falls in. They add no
+information (decoding reads the codes; bits_per_field does not count them) but split a leading component's draw
+in two, its bin first. That matters under top-k sampling: over 256 fine codes, top-k 3 keeps three neighbouring
+codes at a component's mode and pins the leading components, where over bins it keeps three bins that span the
+component's spread. NeF-GPT's protocol samples at top-k 3 (README, "Coarse tokens"). Off by default.
+
 Per-tensor normalisation (--normalize layer) is an option: the first layer's weights are ~30x larger
 than the later layers', so a shared codebook spends most codes on layer 0. Measured, that is the right
 call: layer 0 feeds sin(omega0 * .), so its errors cost the most PSNR; hence the default "none".
@@ -118,6 +125,14 @@ class TokenizerConfig:
     # components are one Gaussian per class, they become a mixture of `modes` Gaussians. 1 keeps the tokens of
     # before the option existed; the quality configs use 8 (module docstring)
     modes: int = 1
+    # basis "pca" / "class-pca": the first `coarse` components each get a coarse token before their code token: which
+    # of `coarse_levels` equal-probability bins of a standard normal the coded value falls in (an id in [0,
+    # coarse_levels)). It adds nothing to the field (decoding reads the code; bits_per_field does not count it) but
+    # splits a leading component's draw in two, its bin first. Top-k sampling then truncates among bins that span
+    # the component's spread, where over 256 fine codes its top 3 are three neighbours at the component's mode
+    # (NeF-GPT's protocol samples at top-k 3; module docstring)
+    coarse: int = 0
+    coarse_levels: int = 8
     iters: int = 30  # Lloyd iterations per level
     sample: int = 1_000_000  # vectors k-means learns from (0 = all)
     seed: int = 0
@@ -153,6 +168,17 @@ class TokenizerConfig:
         if self.modes > self.codebook_size:
             raise NfgenError(f"--modes {self.modes} exceeds --codebook-size {self.codebook_size} (the mode is a "
                              f"code token); use at most {self.codebook_size} modes")
+        if self.coarse < 0:
+            raise NfgenError(f"--coarse {self.coarse} is invalid; use 0 (none) or a count of leading components")
+        if self.coarse and (self.basis == "weights" or self.group != 1 or self.levels != 1):
+            raise NfgenError("--coarse bins standardised components, one token each; use it with --basis pca or "
+                             "class-pca, --group 1 and --levels 1")
+        if self.coarse and not 2 <= self.coarse_levels <= self.codebook_size:
+            raise NfgenError(f"--coarse-levels {self.coarse_levels} is invalid; use 2 to --codebook-size "
+                             f"({self.codebook_size}) bins (a coarse token is a code id)")
+        if num_params is not None and self.coarse > num_params:
+            raise NfgenError(f"--coarse {self.coarse} exceeds the {num_params} components of a field; use at most "
+                             f"{num_params}")
         if self.iters < 0 or self.sample < 0:
             raise NfgenError("--iters and --sample must be ≥ 0")
         if self.backend not in ("auto", "torch", "cpp", "cuda", "triton"):
@@ -288,21 +314,45 @@ class WeightTokenizer:
         return self.cfg.levels * self.cfg.codebook_size
 
     @property
+    def n_components(self) -> int:
+        """Code tokens per field (vectors × levels); the mode and coarse tokens come on top."""
+        return self.spec.num_params // self.cfg.group * self.cfg.levels
+
+    @property
     def tokens_per_field(self) -> int:
-        return self.lead + self.spec.num_params // self.cfg.group * self.cfg.levels
+        return self.lead + self.cfg.coarse + self.n_components
 
     @property
     def bits_per_field(self) -> float:
-        components = self.tokens_per_field - self.lead
-        return components * math.log2(self.cfg.codebook_size) + self.lead * math.log2(self.cfg.modes)
+        # a coarse token is a function of its code token: no bits of its own
+        return self.n_components * math.log2(self.cfg.codebook_size) + self.lead * math.log2(self.cfg.modes)
+
+    def token_position(self, component: int) -> int:
+        """Where component `component`'s tokens start (its coarse token, if it has one); n_components: the end."""
+        k = self.cfg.coarse
+        return self.lead + 2 * min(component, k) + max(component - k, 0)
+
+    def code_positions(self, device=None) -> torch.Tensor:
+        """[n_components]: the positions of the code tokens, the ones decoding reads."""
+        k = self.cfg.coarse
+        return torch.cat([self.lead + 2 * torch.arange(k, device=device) + 1,
+                          torch.arange(self.lead + 2 * k, self.tokens_per_field, device=device)])
+
+    def coarse_edges(self, device=None) -> torch.Tensor:
+        """[coarse_levels - 1]: the inner edges of the coarse bins, standard normal quantiles j / coarse_levels."""
+        q = torch.arange(1, self.cfg.coarse_levels, dtype=torch.float64) / self.cfg.coarse_levels
+        return torch.distributions.Normal(0.0, 1.0).icdf(q).float().to(device)
 
     def token_ranges(self) -> torch.Tensor:
         """[L, 2]: the allowed [lo, hi) token ids at each position (level j of a vector: j*K … (j+1)*K; a mode token:
-        0 … modes)."""
-        K = self.cfg.codebook_size
-        level = torch.arange(self.tokens_per_field - self.lead) % self.cfg.levels
-        ranges = torch.stack([level * K, (level + 1) * K], dim=1)
-        return torch.cat([torch.tensor([[0, self.cfg.modes]] * self.lead, dtype=ranges.dtype).view(-1, 2), ranges])
+        0 … modes; a coarse token: 0 … coarse_levels)."""
+        K, k = self.cfg.codebook_size, self.cfg.coarse
+        level = torch.arange(self.n_components) % self.cfg.levels
+        ranges = torch.zeros(self.tokens_per_field, 2, dtype=torch.int64)
+        ranges[self.code_positions()] = torch.stack([level * K, (level + 1) * K], dim=1)
+        ranges[self.lead + 2 * torch.arange(k), 1] = self.cfg.coarse_levels
+        ranges[:self.lead, 1] = self.cfg.modes
+        return ranges
 
     @property
     def n_role_nodes(self) -> int:
@@ -524,7 +574,11 @@ class WeightTokenizer:
             tokens[:, level] = idx + level * K
             if level + 1 < levels:
                 residual = residual - codebooks[level][idx]
-        tokens = tokens.reshape(weights.shape[0], self.tokens_per_field - self.lead)
+        tokens = tokens.reshape(weights.shape[0], self.n_components)
+        k = self.cfg.coarse
+        if k:  # each of the first k codes after its bin
+            bins = torch.bucketize(codebooks[0, tokens[:, :k], 0], self.coarse_edges(tokens.device))
+            tokens = torch.cat([torch.stack([bins, tokens[:, :k]], dim=2).flatten(1), tokens[:, k:]], dim=1)
         return tokens if modes is None else torch.cat([modes[:, None], tokens], dim=1)
 
     def decode(self, tokens: torch.Tensor, labels=None) -> torch.Tensor:
@@ -538,6 +592,8 @@ class WeightTokenizer:
         bad = (tokens < ranges[:, 0]) | (tokens >= ranges[:, 1])
         if bad.any():
             where = (f"a mode token is in [0, {self.cfg.modes}), then " if self.lead else "") + \
+                (f"the first {self.cfg.coarse} codes each follow a coarse token in [0, {self.cfg.coarse_levels}); "
+                 if self.cfg.coarse else "") + \
                 f"codes are [0, {self.n_codes}), level j at positions ≡ j mod {self.cfg.levels}"
             raise NfgenError(f"{int(bad.sum())} token(s) are outside their position's id range ({where}); "
                              f"sample only code tokens for the right level")
@@ -551,13 +607,14 @@ class WeightTokenizer:
         """Code vectors [N, L, group] (one per token, e.g. `code_vectors()[tokens]`, or a mean of code vectors
         per position) → float32 weights [N, P]. Linear in `vectors`: residual levels add up, then scale, rotate
         back from the principal components (basis "pca"), centre (center "class": on the class `labels` [N]).
-        With modes, position 0 (the mode token) is not read: pass the drawn modes [N] (`modes_of(tokens)`)."""
+        With modes, position 0 (the mode token) is not read: pass the drawn modes [N] (`modes_of(tokens)`); nor are
+        coarse tokens (only `code_positions()` are)."""
         L, g = self.tokens_per_field, self.cfg.group
         if vectors.dim() != 3 or tuple(vectors.shape[1:]) != (L, g):
             raise NfgenError(f"code vectors {tuple(vectors.shape)} are not [N, {L}, {g}] for this tokenizer; "
                              f"use the tokens file the model was trained on")
         n = vectors.shape[0]
-        weights = vectors[:, self.lead:].float().reshape(n, -1, self.cfg.levels, g).sum(dim=2)
+        weights = vectors[:, self.code_positions(vectors.device)].float().reshape(n, -1, self.cfg.levels, g).sum(dim=2)
         weights = weights.reshape(n, self.spec.num_params) * self.scale_vector(vectors.device)
         groups = self._groups(labels, modes, n)  # checks the labels and modes before _rotate reads them
         return self._rotate(weights, groups, to_components=False) + self._offsets(groups, vectors.device)

@@ -199,16 +199,18 @@ def test_bootstrap_token_weights_copy_training_fields_and_share_the_marginals_ta
         bootstrap_token_weights(tok, tokens, labels, torch.tensor([5]), seed=0)
 
 
-def test_token_baselines_draw_a_mode_then_treat_it_as_the_class():
+@pytest.mark.parametrize("coarse", [0, 3])  # coarse tokens (--coarse) ride along: never decoded
+def test_token_baselines_draw_a_mode_then_treat_it_as_the_class(coarse):
     spec = SirenSpec(hidden=8, hidden_layers=2)
     g = make_generator(7)
     labels = torch.arange(240) % 3
     planted = (torch.arange(240) // 3) % 2
     w = siren_init(spec, 240, generator=g) * (1 + 0.1 * torch.randn(240, spec.num_params, generator=g))
     w = w + 0.2 * torch.randn(3, 2, spec.num_params, generator=g)[labels, planted]
-    cfg = TokenizerConfig(codebook_size=16, iters=6, basis="class-pca", center="class", modes=2)
+    cfg = TokenizerConfig(codebook_size=16, iters=6, basis="class-pca", center="class", modes=2, coarse=coarse)
     tok = WeightTokenizer.fit(w, spec, cfg, labels=labels)
     tokens = tok.encode(w, labels)
+    assert tokens.shape[1] == 1 + coarse + spec.num_params
     groups = labels * 2 + tokens[:, 0]
     classes = torch.tensor([0] * 300 + [2] * 300 + [-1] * 6)
     drawn_classes = tok.draw_classes(classes, make_generator(3 + CLASS_DRAW_SEED_OFFSET))

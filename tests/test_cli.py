@@ -251,6 +251,29 @@ def test_modes_lead_the_tokens_and_decode_every_draw(cli, tmp_path, run_dir):
                            "--center", "class", "--modes", "30"), "fewer than --modes 30")
 
 
+def test_coarse_tokens_end_to_end(cli, tmp_path, run_dir):
+    """--coarse with modes: tokenize → train → generate with every decoding (the token baselines: test_baselines)."""
+    from nfgen.tokenizer import load_tokens
+
+    r = ["--run", str(tmp_path), "--quiet"]
+    assert main(["tokenize", *r, "--fields", str(run_dir / "fields.safetensors"), "--center", "class", "--basis",
+                 "class-pca", "--modes", "2", "--coarse", "4", "--coarse-levels", "4", "--codebook-size", "16",
+                 "--iters", "5"]) == 0
+    ts = load_tokens(tmp_path / "tokens.safetensors")
+    assert ts.tokens.shape == (40, 1 + 4 + 33) and ts.tokenizer.cfg.coarse == 4
+    assert (ts.tokens[:, 1:9:2] < 4).all() and ts.tokens[:, 1:9:2].unique().numel() > 1
+    assert main(["train", *r, "--steps", "2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                 "--batch-size", "8"]) == 0
+    for extra in (["--weights", "expected"], ["--weights", "expected", "--expected-from", "2"], []):
+        assert main(["generate", *r, "--per-class", "2", "--unconditional", "4", *extra]) == 0
+        samples = load_fields(tmp_path / "samples.safetensors")
+        assert samples.weights.shape == (24, 33) and torch.isfinite(samples.weights).all()
+    assert_clean_error(cli("tokenize", "--run", str(tmp_path / "x"), "--fields", str(run_dir / "fields.safetensors"),
+                           "--coarse", "4"), "use it with --basis pca or class-pca")
+    assert_clean_error(cli("generate", *r, "--weights", "expected", "--expected-from", "33"),
+                       "past the 33 code tokens of a field after its mode token")
+
+
 def test_impossible_fit_options(cli, tmp_path):
     assert_clean_error(cli("fit", "--run", str(tmp_path), "--steps", "0"), "steps")
     assert_clean_error(cli("fit", "--run", str(tmp_path), "--init", "zeros"), "init")
@@ -526,7 +549,7 @@ def test_token_baselines_draw_position_by_position_or_copy(cli, run_dir, tmp_pat
     assert_clean_error(cli(*base_boot, "--bandwidth", "-1", "--out", str(tmp_path / "e")), "--bandwidth must be ≥ 0")
     assert_clean_error(cli(*base, "--expected-from", "4", "--out", str(tmp_path / "e")), "add --weights expected")
     assert_clean_error(cli(*base, "--weights", "expected", "--expected-from", "33", "--out", str(tmp_path / "e")),
-                       "--expected-from 33 is past the 33 tokens")
+                       "--expected-from 33 is past the 33 code tokens")
     assert_clean_error(cli("baseline", "--run", str(run_dir), "--weights", "expected", "--out", str(tmp_path / "e")),
                        "they need --kind marginals")
     # the fixture's own tokens hold no 8

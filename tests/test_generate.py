@@ -186,9 +186,40 @@ def test_expected_from_keeps_the_draws_before_it_and_the_means_after(tmp_path):
         if k % 2:  # weight k // 2 adds its drawn first level to its expected second level: neither of the two
             mixed = w_k[:, k // 2]
             assert not torch.allclose(mixed, w_s[:, k // 2]) and not torch.allclose(mixed, w_e[:, k // 2])
-    with pytest.raises(NfgenError, match="past the 34 tokens"):
+    with pytest.raises(NfgenError, match="past the 34 code tokens"):
         run(weights="expected", expected_from=tok.tokens_per_field)
 
+
+
+def test_coarse_tokens_are_drawn_in_range_and_not_counted_by_expected_from():
+    """--coarse: each bin is drawn among the bins, and expected_from K counts code tokens, so components < K keep
+    their drawn codes and components ≥ K take their expected ones, whatever bins sit between them."""
+    from nfgen.tokenizer import TokenizerConfig, WeightTokenizer
+    from nfkernels.siren import SirenSpec
+
+    spec = SirenSpec(in_dim=2, hidden=4, hidden_layers=1, out_dim=1, omega0=30.0)  # P = 17
+    w = torch.randn(40, spec.num_params, generator=torch.Generator().manual_seed(1))
+    tok = WeightTokenizer.fit(w, spec, TokenizerConfig(codebook_size=8, iters=3, basis="pca", coarse=3,
+                                                       coarse_levels=3, quiet=True))
+    vocab = Vocab(tok.n_codes, 3)
+    model = small_model(4, vocab, tok.tokens_per_field)
+    classes = torch.tensor([0, 1, 2, -1, 1])
+
+    def run(**kw):
+        tokens, weights = generate_weights(model, vocab, classes, tok, SampleConfig(temperature=3.0, seed=5,
+                                                                                    quiet=True, **kw))
+        return tokens, tok._vectors(weights).reshape(len(classes), -1)  # back to the 17 standardised components
+
+    t_s, c_s = run()
+    assert tok.tokens_per_field == 20 and (t_s[:, [0, 2, 4]] < 3).all()  # bins among the 3 bins
+    t_e, c_e = run(weights="expected")
+    for k in (1, 3, 5):
+        t_k, c_k = run(weights="expected", expected_from=k)
+        assert torch.equal(t_k, t_s) and torch.equal(t_e, t_s)
+        torch.testing.assert_close(c_k[:, :k], c_s[:, :k], rtol=0, atol=1e-4)
+        torch.testing.assert_close(c_k[:, k:], c_e[:, k:], rtol=0, atol=1e-4)
+    with pytest.raises(NfgenError, match="past the 17 code tokens"):
+        run(weights="expected", expected_from=17)
 
 def test_bad_options_and_mismatches():
     model = small_model()

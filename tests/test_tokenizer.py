@@ -379,6 +379,56 @@ def test_modes_options_are_checked():
         tok.decode_vectors(tok.code_vectors()[tok.encode(w, labels)], labels, torch.full((30,), 2))
 
 
+
+@pytest.mark.parametrize("modes", [1, 3])
+def test_coarse_tokens_bin_the_leading_codes_and_decode_to_nothing(modes, tmp_path):
+    w, labels, _ = _moded_fields(modes=3)
+    k, P = 5, SPEC.num_params
+    cfg = TokenizerConfig(codebook_size=32, iters=8, basis="class-pca", center="class", modes=modes)
+    plain = WeightTokenizer.fit(w, SPEC, cfg, labels=labels)
+    tok = WeightTokenizer.fit(w, SPEC, replace(cfg, coarse=k, coarse_levels=4), labels=labels)
+    lead = int(modes > 1)
+    assert torch.equal(tok.codebooks, plain.codebooks)  # the bins change the layout, not the codes
+    assert tok.tokens_per_field == lead + k + P and tok.n_components == P
+    assert tok.bits_per_field == plain.bits_per_field  # a bin is a function of its code
+    assert [tok.token_position(i) for i in (0, 1, k, k + 1, P)] == [lead, lead + 2, lead + 2 * k, lead + 2 * k + 1,
+                                                                      tok.tokens_per_field]
+    codes_at = tok.code_positions()
+    assert codes_at.tolist() == [lead + 2 * i + 1 for i in range(k)] + list(range(lead + 2 * k, lead + k + P))
+    tokens, ref = tok.encode(w, labels), plain.encode(w, labels)
+    assert torch.equal(tokens[:, :lead], ref[:, :lead]) and torch.equal(tokens[:, codes_at], ref[:, lead:])
+    # each bin: how many of the standard normal's quartiles (-0.674, 0, 0.674) the coded value lies above
+    value = tok.codebooks[0, tokens[:, codes_at[:k]], 0]
+    quartiles = torch.tensor([-0.6745, 0.0, 0.6745])
+    assert torch.equal(tokens[:, lead:lead + 2 * k:2], (value[..., None] > quartiles).sum(-1))
+    assert set(tokens[:, lead].tolist()) == {0, 1, 2, 3}  # standardised components fill every bin
+    ranges = tok.token_ranges()
+    assert ranges[lead:lead + 2 * k:2].tolist() == [[0, 4]] * k and ranges[codes_at].tolist() == [[0, 32]] * P
+    assert ranges[:lead].tolist() == [[0, modes]] * lead
+    detok = tok.decode(tokens, labels)
+    torch.testing.assert_close(detok, plain.decode(ref, labels), rtol=0, atol=0)
+    vectors = tok.code_vectors()[tokens]
+    vectors[:, lead:lead + 2 * k:2] = 1e3  # decoding never reads a coarse position
+    torch.testing.assert_close(tok.decode_vectors(vectors, labels, tok.modes_of(tokens)), detok, rtol=0, atol=0)
+    with pytest.raises(NfgenError, match="coarse token in \\[0, 4\\)"):
+        tok.decode(torch.cat([tokens[:, :lead], torch.full((300, 1), 4), tokens[:, lead + 1:]], 1), labels)
+    loaded = load_tokens(save_tokens(tmp_path / "t.safetensors", TokenSet(tokens, labels, tok, SPEC, (4, 4))))
+    assert (loaded.tokenizer.cfg.coarse, loaded.tokenizer.cfg.coarse_levels) == (k, 4)
+    torch.testing.assert_close(loaded.tokenizer.decode(tokens, labels), detok, rtol=0, atol=0)
+
+
+def test_coarse_options_are_checked():
+    for cfg, pattern in ((dict(coarse=-1), "--coarse -1 is invalid"),
+                         (dict(coarse=4), "use it with --basis pca or class-pca"),
+                         (dict(coarse=4, basis="pca", levels=2), "--group 1 and --levels 1"),
+                         (dict(coarse=4, basis="pca", coarse_levels=1), "--coarse-levels 1 is invalid"),
+                         (dict(coarse=4, basis="pca", codebook_size=16, coarse_levels=17), "--coarse-levels 17")):
+        with pytest.raises(NfgenError, match=pattern):
+            TokenizerConfig(**cfg).validate()
+    with pytest.raises(NfgenError, match="--coarse 106 exceeds the 105 components"):
+        TokenizerConfig(coarse=106, basis="pca").validate(SPEC.num_params)
+
+
 def test_fit_is_deterministic():
     w = _weights()
     cfg = TokenizerConfig(codebook_size=16, iters=5, seed=3)
