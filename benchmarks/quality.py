@@ -3,6 +3,7 @@
     python -m benchmarks.quality --config {tiny,small,full} [--device auto] [--run-dir runs/quality-<config>]
         [--results benchmarks/results/quality-<device>[-<config>].json] [--only main,nefgpt,ablations]
         [--ablations fit,init,order,vq,codebook,model,sampling,baseline] [--seeds 3]
+        [--set tokenize.coarse=32 ...]  (a config's main recipe changed: fit / tokenize / train / sample.KEY=VALUE)
 
 Protocol (fixed; the sizes are the only thing the configs change)
 - Data: train split `mnist:test[:8000]`, held-out split `mnist:test[8000:]` (200 per class ± MNIST's natural
@@ -850,6 +851,28 @@ def markdown_tables(results: dict) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
+SETTABLE = {"fit": FitConfig, "tokenize": TokenizerConfig, "train": TrainConfig, "sample": SampleConfig}
+
+
+def with_settings(cfg: QualityConfig, settings: list[str]) -> QualityConfig:
+    """`cfg` with each "SECTION.KEY=VALUE" of `settings` set in its SECTION dict (VALUE read as JSON where it
+    parses, else as a string): the main recipe of a config, changed from the command line and recorded with it."""
+    sections = {name: dict(getattr(cfg, name)) for name in SETTABLE}
+    for item in settings:
+        m = re.fullmatch(r"(\w+)\.(\w+)=(.*)", item)
+        if not m or m.group(1) not in SETTABLE:
+            raise NfgenError(f"--set {item!r}: use SECTION.KEY=VALUE with SECTION one of {', '.join(SETTABLE)}")
+        section, key, raw = m.groups()
+        if key not in SETTABLE[section].__dataclass_fields__:
+            raise NfgenError(f"--set {item!r}: {SETTABLE[section].__name__} has no field {key!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        sections[section][key] = value
+    return replace(cfg, **sections)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", choices=sorted(CONFIGS), default="small")
@@ -861,6 +884,9 @@ def parse_args(argv=None):
     ap.add_argument("--ablations", default="all", help="comma list of ablation names or groups "
                     "(fit, init, order, vq, codebook, model, sampling, baseline), or all")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="change the config's main recipe: fit, tokenize, train or sample (e.g. tokenize.coarse=32); "
+                         "repeatable, recorded in the results' config")
     ap.add_argument("--train-split", default=None)
     ap.add_argument("--heldout-split", default=None)
     ap.add_argument("--data-root", default=None)
@@ -871,7 +897,7 @@ def parse_args(argv=None):
 
 def run(args) -> dict:
     cfg = CONFIGS[args.config]
-    cfg = replace(cfg, train_split=args.train_split or cfg.train_split,
+    cfg = replace(with_settings(cfg, args.set), train_split=args.train_split or cfg.train_split,
                   heldout_split=args.heldout_split or cfg.heldout_split)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     if not only <= {"main", "nefgpt", "ablations"} or not only:

@@ -11,6 +11,7 @@ from benchmarks import quality
 from benchmarks.quality import (CONFIGS, HEADLINE, NEFGPT_METRICS, NEFGPT_SAMPLING, Recipe, ablation_recipes,
                                 aggregate, canonical_order, check_goals, mean_std)
 from nfgen.data import load_split
+from nfgen.io import NfgenError
 from nfgen.generate import SampleConfig
 from nfkernels import SirenSpec, coord_grid, siren_forward_reference, siren_init
 
@@ -346,6 +347,8 @@ def test_bad_options_exit_2(tmp_path, data_root, capsys):
     assert quality.main(base + ["--only", "main,bogus"]) == 2
     assert quality.main(base + ["--only", "ablations", "--ablations", "nope"]) == 2
     assert quality.main(base + ["--seeds", "0"]) == 2
+    assert quality.main(base + ["--set", "tokenize.nope=1"]) == 2
+    assert quality.main(base + ["--set", "model.n_layer=1"]) == 2
     assert "error:" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.safetensors"))  # refused before any work
 
@@ -378,3 +381,16 @@ def test_oracle_spread_draws_like_the_main_rows_and_scores_the_goals(data_root, 
     monkeypatch.undo()
     real = oracle_spread.spread(train, held, trials=2, device="cpu")  # the real metrics: in range, not constant
     assert 0.5 <= real["single_draw"]["1nna"]["mean"] <= 1.0 and real["single_draw"]["1nna"]["std"] > 0
+
+
+def test_set_changes_the_main_recipe_and_nothing_else():
+    small = quality.CONFIGS["small"]
+    cfg = quality.with_settings(small, ["tokenize.coarse=32", "sample.weights=sampled", "train.lr=0.001",
+                                        "tokenize.basis=pca"])
+    assert cfg.tokenize == {**small.tokenize, "coarse": 32, "basis": "pca"}
+    assert cfg.sample == {**small.sample, "weights": "sampled"} and cfg.train == {**small.train, "lr": 0.001}
+    assert cfg.fit == small.fit and small.tokenize.get("coarse") is None  # the config itself is left alone
+    with pytest.raises(NfgenError, match="has no field 'coarser'"):
+        quality.with_settings(small, ["tokenize.coarser=1"])
+    with pytest.raises(NfgenError, match="SECTION.KEY=VALUE"):
+        quality.with_settings(small, ["tokenize=coarse"])
