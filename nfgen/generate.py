@@ -364,7 +364,7 @@ def save_samples(out_dir, weights: torch.Tensor, classes: torch.Tensor, spec, im
     """Write generated fields as OUT/samples.safetensors (a fields file, psnr zeros) and a grid OUT/samples.png
     (a row per class, then one of unconditional samples) → their paths."""
     from nfgen.fields import render_fields, save_fields
-    from nfgen.render import save_grid
+    from nfgen.render import blank_cells, save_grid
 
     fields_path, png_path = sample_paths(out_dir)
     conditional = classes[classes >= 0]
@@ -376,7 +376,7 @@ def save_samples(out_dir, weights: torch.Tensor, classes: torch.Tensor, spec, im
     per_row = min(GRID_COLUMNS, per_class or unconditional)
     order, row_labels = _grid_rows(classes, n_classes, per_row)
     images = render_fields(weights, spec, image_shape)
-    blank = torch.zeros_like(images[:1])
+    blank = blank_cells(1, images.shape[1:]).to(images)
     grid = torch.cat([images[i:i + 1] if i >= 0 else blank for i in order])
     save_grid(grid, png_path, nrow=per_row, row_labels=row_labels)
     return fields_path, png_path

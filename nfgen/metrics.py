@@ -348,15 +348,14 @@ def evaluate(samples, ref, train, classifier=None, *, sample_images: torch.Tenso
 
 def save_nearest_grid(path, sample_images, labels, train_images, nearest_index, per_row: int = 8) -> None:
     """PNG: per group (class or unconditional), a row of samples above a row of their nearest training images."""
-    from nfgen.render import save_grid
+    from nfgen.render import blank_cells, save_grid
 
     rows, names = [], []
     for c in sorted(set(labels.tolist())):
         sel = torch.nonzero(labels == c).flatten()[:per_row]
         name = "uncond" if c < 0 else str(c)
         for imgs, tag in ((sample_images[sel], "gen"), (train_images[nearest_index[sel]], "nn")):
-            pad = torch.zeros(per_row - imgs.shape[0], *imgs.shape[1:])
-            rows.append(torch.cat([imgs.cpu().float(), pad]))
+            rows.append(torch.cat([imgs.cpu().float(), blank_cells(per_row - imgs.shape[0], imgs.shape[1:])]))
             names.append(f"{name} {tag}")
     save_grid(torch.cat(rows), path, nrow=per_row, row_labels=names)
 

@@ -10,15 +10,26 @@ from PIL import Image, ImageDraw
 from nfgen.io import atomic_write
 
 
+def blank_cells(n: int, image_shape) -> torch.Tensor:
+    """`n` images that grid_array leaves empty (all NaN): fillers for short rows, so they are not read as black
+    samples."""
+    return torch.full((n, *image_shape), float("nan"))
+
+
 def grid_array(images: torch.Tensor, nrow: int, pad: int = 2, scale: int = 2) -> np.ndarray:
-    """[N, H, W] or [N, H, W, 3] in [0, 1] → uint8 [rows·(H+pad), nrow·(W+pad)(, 3)] with `nrow` per row."""
-    imgs = images.detach().float().clamp(0, 1).cpu()
+    """[N, H, W] or [N, H, W, 3] in [0, 1] → uint8 [rows·(H+pad), nrow·(W+pad)(, 3)] with `nrow` per row, on a
+    white background; an all-NaN image (blank_cells) is an empty cell."""
+    imgs = images.detach().float().cpu()
+    empty = torch.isnan(imgs).flatten(1).all(1) if len(imgs) else torch.zeros(0, dtype=torch.bool)
+    imgs = imgs.clamp(0, 1)
     if imgs.dim() == 3:
         imgs = imgs.unsqueeze(-1)
     n, h, w, c = imgs.shape
     rows = max(1, -(-n // nrow))
     canvas = torch.ones(rows * (h + pad) + pad, nrow * (w + pad) + pad, c)
     for i in range(n):
+        if empty[i]:
+            continue
         r, col = divmod(i, nrow)
         y, x = pad + r * (h + pad), pad + col * (w + pad)
         canvas[y:y + h, x:x + w] = imgs[i]
@@ -56,6 +67,6 @@ def save_class_rows(path: str | os.PathLike, groups: dict[str, tuple[torch.Tenso
     for c in labels:
         for name, (images, lab) in groups.items():
             imgs = images[torch.nonzero(lab.cpu() == c).flatten()[:per_row]].cpu().float()
-            rows.append(torch.cat([imgs, torch.zeros(per_row - imgs.shape[0], *images.shape[1:])]))
+            rows.append(torch.cat([imgs, blank_cells(per_row - imgs.shape[0], images.shape[1:])]))
             names.append(f"{c} {name}")
     save_grid(torch.cat(rows), path, nrow=per_row, row_labels=names)
