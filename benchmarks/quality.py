@@ -74,15 +74,13 @@ from nfgen.common import make_generator, pick_device
 from nfgen.data import load_split
 from nfgen.fields import (Fields, FitConfig, load_fields, psnr, render_fields, run_fit, save_fields,
                           spec_for_images)
-from nfgen.generate import SampleConfig, generate_weights
+from nfgen.generate import SampleConfig, load_generator
 from nfgen.io import NfgenError, write_json
 from nfgen.metrics import distance_metrics, evaluate, memorisation, save_nearest_grid
-from nfgen.model import load_model
 from nfgen.render import save_class_rows
 from nfgen.template import TemplateConfig, run_template
 from nfgen.tokenizer import TokenizerConfig, load_tokens, run_tokenize
 from nfgen.train import TrainConfig, train
-from nfgen.vocab import Vocab
 from nfkernels import SirenSpec
 
 # The bootstrap:tokens reference's jitter, in class stds of each component: at 0.5 the small config's samples are
@@ -558,19 +556,16 @@ class Harness:
         """Generate one field per entry of `classes` (-1 = unconditional) → (Fields, images on device)."""
         model_path, tokens_path = self.model(recipe)
         t0 = time.perf_counter()
-        model, meta = load_model(model_path, device=self.device)
-        ts = load_tokens(tokens_path)
-        tok = ts.tokenizer
+        gen = load_generator(model_path, tokens_path, self.device)
         sample_cfg = SampleConfig(**{**self.cfg.sample, **recipe.sample, **sample_overrides}, seed=seed,
                                   quiet=self.quiet)
-        vocab = Vocab(tok.n_codes, int(meta["n_classes"]))
-        _, weights = generate_weights(model, vocab, classes, tok, sample_cfg, self.device)
-        images = render_fields(weights, ts.spec, ts.image_shape, device=self.device)
+        _, weights = gen.sample(classes, sample_cfg)
+        images = render_fields(weights, gen.spec, gen.image_shape, device=self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._lap("generate", t0)
-        fields = Fields(weights=weights, labels=classes.long().cpu(), psnr=torch.zeros(len(classes)), spec=ts.spec,
-                        image_shape=ts.image_shape, meta={"sampling": asdict(sample_cfg)})
+        fields = Fields(weights=weights, labels=classes.long().cpu(), psnr=torch.zeros(len(classes)), spec=gen.spec,
+                        image_shape=gen.image_shape, meta={"sampling": asdict(sample_cfg)})
         return fields, images
 
     # -- rows

@@ -24,6 +24,7 @@ import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,6 +35,9 @@ from nfgen.model import ATTENTION, GPT, load_model
 from nfgen.vocab import Vocab
 from nfkernels._ext import BACKENDS, HAS_TRITON, resolve_backend
 from nfkernels.sampling import draw_seed, filtered_logits, sample_next
+
+if TYPE_CHECKING:
+    from nfgen.tokenizer import TokenSet
 
 WEIGHTS = ("sampled", "expected")  # what a generated field's weights are (SampleConfig.weights)
 # the unconditional samples' classes (--center class) come from a generator seeded apart from the token seeds': on
@@ -382,18 +386,39 @@ def save_samples(out_dir, weights: torch.Tensor, classes: torch.Tensor, spec, im
     return fields_path, png_path
 
 
-def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, unconditional: int = 0,
-                 cfg: SampleConfig | None = None, device="auto") -> dict:
-    """Sample fields with a trained model; write OUT/samples.safetensors (a fields file) and OUT/samples.png.
+@dataclass
+class Generator:
+    """A trained GPT with the tokens file it learnt from: what sampling fields needs (`load_generator`)."""
+    model: GPT
+    vocab: Vocab
+    tokens: TokenSet
+    device: torch.device
 
-    Under torchrun the batches are split over the ranks and rank 0 writes the files."""
+    @property
+    def n_classes(self) -> int:
+        return self.vocab.n_classes
+
+    @property
+    def spec(self):
+        return self.tokens.spec
+
+    @property
+    def image_shape(self) -> tuple:
+        return self.tokens.image_shape
+
+    def sample(self, classes, cfg: SampleConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One field per entry of `classes` (-1: unconditional) → (tokens [B, L], float32 weights [B, P] on CPU)."""
+        cfg = cfg or SampleConfig(quiet=True)
+        cfg.validate()
+        classes = torch.as_tensor(classes, dtype=torch.long)
+        return generate_weights(self.model, self.vocab, classes, self.tokens.tokenizer, cfg, self.device)
+
+
+def load_generator(model_path, tokens_path, device="auto") -> Generator:
+    """Load a model and the tokens file it was trained on, checking that they belong together."""
     from nfgen.tokenizer import load_tokens
     from nfgen.train import data_fingerprint, make_sequences
 
-    cfg = cfg or SampleConfig()
-    cfg.validate()
-    distributed.init_from_env(device)
-    check_sample_counts(per_class, unconditional)  # before loading anything
     device = pick_device(device)
     model, meta = load_model(model_path, device=device)
     ts = load_tokens(tokens_path, hint="pass the tokens file the model was trained on")
@@ -410,9 +435,23 @@ def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, uncon
     if "data" in meta and data_fingerprint(make_sequences(ts.tokens, ts.labels, vocab)) != meta["data"]:
         raise NfgenError(f"{model_path} was trained on other tokens than {tokens_path} holds (their sequences "
                          "differ); use the tokens file the model was trained on")
+    return Generator(model=model, vocab=vocab, tokens=ts, device=device)
+
+
+def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, unconditional: int = 0,
+                 cfg: SampleConfig | None = None, device="auto") -> dict:
+    """Sample fields with a trained model; write OUT/samples.safetensors (a fields file) and OUT/samples.png.
+
+    Under torchrun the batches are split over the ranks and rank 0 writes the files."""
+    cfg = cfg or SampleConfig()
+    cfg.validate()
+    distributed.init_from_env(device)
+    check_sample_counts(per_class, unconditional)  # before loading anything
+    gen = load_generator(model_path, tokens_path, device)
+    device, n_classes, ts, tok = gen.device, gen.n_classes, gen.tokens, gen.tokens.tokenizer
     classes = classes_to_sample(n_classes, per_class, unconditional)
     t0 = time.perf_counter()
-    _, weights = generate_weights(model, vocab, classes, tok, cfg, device)
+    _, weights = gen.sample(classes, cfg)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0

@@ -274,6 +274,24 @@ def test_run_generate_writes_fields_and_png(tmp_path):
     assert torch.equal(load_fields(again["samples"]).weights, fields.weights)  # same seed, same fields
 
 
+
+def test_load_generator_samples_what_run_generate_writes(tmp_path):
+    from nfgen.fields import load_fields
+    from nfgen.generate import load_generator
+
+    tok = _tokens_file(tmp_path / "tokens.safetensors")
+    vocab = Vocab(tok.n_codes, 3)
+    save_model(tmp_path / "model.safetensors", small_model(4, vocab, tok.tokens_per_field),
+               {"n_codes": tok.n_codes, "n_classes": 3, "tokens_per_field": tok.tokens_per_field})
+    gen = load_generator(tmp_path / "model.safetensors", tmp_path / "tokens.safetensors", device="cpu")
+    assert gen.n_classes == 3 and gen.spec.num_params == 17 and gen.image_shape == (8, 8)
+    cfg = SampleConfig(top_k=5, seed=3, quiet=True)
+    tokens, weights = gen.sample([0, 0, 1, 1, 2, 2, -1], cfg)
+    assert tokens.shape == (7, tok.tokens_per_field) and weights.shape == (7, 17)
+    summary = run_generate(tmp_path / "model.safetensors", tmp_path / "tokens.safetensors", tmp_path / "out",
+                           per_class=2, unconditional=1, cfg=cfg, device="cpu")
+    assert torch.equal(load_fields(summary["samples"]).weights, weights)  # the same draws, written
+
 def test_run_generate_rejects_mismatched_artifacts(tmp_path):
     tok = _tokens_file(tmp_path / "tokens.safetensors")
     model = small_model(0, Vocab(tok.n_codes + 4, 3), tok.tokens_per_field)

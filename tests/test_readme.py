@@ -37,6 +37,8 @@ def test_python_api_example_loads_a_run(tmp_path, data_root):
     assert main(["fit", "--run", str(run), "--split", "mnist:test[:20]", "--hidden", "8", "--hidden-layers", "1",
                  "--steps", "20", "--data-root", str(data_root), "--quiet"]) == 0
     assert main(["tokenize", "--run", str(run), "--codebook-size", "16", "--iters", "3", "--quiet"]) == 0
+    assert main(["train", "--run", str(run), "--steps", "2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                 "--batch-size", "8", "--quiet"]) == 0
     second = python_blocks("Python API")[1]
     assert "runs/demo" in second
     ns = {}
@@ -46,5 +48,7 @@ def test_python_api_example_loads_a_run(tmp_path, data_root):
     assert torch.allclose(ns["weights"], fields.weights[:4], atol=0.1)  # 16 codes: close, not exact
     assert set(ns["arrays"]) == {"weights", "labels", "psnr"}
     assert (ns["arrays"]["weights"] == fields.weights.numpy()).all()
+    assert ns["tokens"].shape == (20, 33) and ns["images"].shape == (20, 28, 28)
+    assert ns["gen"].n_classes == 10 and torch.isfinite(ns["drawn"]).all()
     layout = json.loads(ns["layout"])["param_layout"]
     assert [e["shape"] for e in layout] == [[8, 2], [8], [1, 8], [1]]
