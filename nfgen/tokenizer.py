@@ -62,7 +62,7 @@ in two, its bin first. That matters under top-k sampling: over 256 fine codes, t
 codes at a component's mode and pins the leading components, where over bins it keeps three bins that span the
 component's spread. NeF-GPT's protocol samples at top-k 3. On the CPU quality run 32 components with 8 bins lifted
 its COV at top-k 3 / T 0.8 from 0.265 to 0.430, while the main protocol's accuracy (T 1) fell from 0.983 to 0.948,
-below a second training of the plain recipe (0.978); so off by default (README, "Coarse tokens").
+below three trainings of the plain recipe (0.978-0.983); so off by default (README, "Coarse tokens").
 
 Per-tensor normalisation (--normalize layer) is an option: the first layer's weights are ~30x larger
 than the later layers', so a shared codebook spends most codes on layer 0. Measured, that is the right
