@@ -229,8 +229,8 @@ def sweep_triton(spec, device, n=10000, steps=20, repeats=3, which="all"):
     for cfg in configs:
         row = {"n_fields": n, "steps": steps, **cfg}
         try:
-            sec, _, _ = time_contender(lambda: nfgen_fit(spec, coords, target, template, steps_per_call=steps, **cfg),
-                                    device, steps, repeats)
+            fit = lambda: nfgen_fit(spec, coords, target, template, steps_per_call=steps, **cfg)  # noqa: E731
+            sec, _, _ = time_contender(fit, device, steps, repeats)
             row["field_steps_per_s"] = n / sec
         except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit is reported
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
