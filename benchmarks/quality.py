@@ -2,7 +2,7 @@
 
     python -m benchmarks.quality --config {tiny,small,full} [--device auto] [--run-dir runs/quality-<config>]
         [--results benchmarks/results/quality-<device>[-<config>].json] [--only main,nefgpt,ablations]
-        [--ablations fit,init,order,vq,codebook,model,sampling,baseline] [--seeds 3]
+        [--ablations fit,init,order,vq,codebook,model,sampling,baseline] [--seeds 3] [--train-seeds 1]
         [--set tokenize.coarse=32 ...]  (a config's main recipe changed: fit / tokenize / train / sample.KEY=VALUE)
 
 Protocol (fixed; the sizes are the only thing the configs change)
@@ -16,7 +16,9 @@ Protocol (fixed; the sizes are the only thing the configs change)
   number), memorised fraction (nearest training image SSIM > 0.95) beside the oracle's, classifier accuracy /
   cross-entropy of the class-conditional samples against their class (beside the classifier's own held-out
   accuracy / CE), fitted-field PSNR and de-tokenized PSNR (training and held-out fields, the held-out ones
-  encoded with the tokenizer learned on the training fields). Mean ± std (ddof 1) over 3 generation seeds.
+  encoded with the tokenizer learned on the training fields). Mean ± std (ddof 1) over 3 generation seeds
+  (with --train-seeds K, over the 3 of each of K trainings of the GPT: one training's numbers move by about as
+  much as its generation seeds' at CPU size, README "Three trainings").
 - Reconstruction rows: the fitted training fields, and the same fields de-tokenized, evaluated like the samples
   (|Sr| per class, seeded choice): what a generator that reproduced the training fields exactly would get.
 - Reference generators without a GPT (nfgen.baselines): a Gaussian per class (sample mean and covariance) over
@@ -538,9 +540,12 @@ class Harness:
             fields_path, path, tok_cfg, data_root=self.data_root, device=str(self.device), quiet=self.quiet))
         return path
 
+    def train_config(self, recipe: Recipe) -> TrainConfig:
+        return TrainConfig(**{**self.cfg.train, **recipe.train}, device=str(self.device), quiet=self.quiet)
+
     def model(self, recipe: Recipe) -> tuple[Path, Path]:
         tokens_path = self.tokens(recipe)
-        train_cfg = TrainConfig(**{**self.cfg.train, **recipe.train}, device=str(self.device), quiet=self.quiet)
+        train_cfg = self.train_config(recipe)
         key = {"tokens": tokens_path.name, "tokens_key": self._sidecar_key(tokens_path),
                "train": {k: v for k, v in asdict(train_cfg).items() if k not in ("quiet", "device")}}
         run = self.run_dir / f"model-{key_id(key)}"
@@ -590,27 +595,43 @@ class Harness:
         out["cross_entropy"] = clf.get("cross_entropy", {"samples": None, "oracle": None})
         return out
 
-    def main_row(self, recipe: Recipe, seeds: int) -> tuple[dict, tuple]:
-        """|Sg| = |Sr| per class (class-conditional, the held-out counts) plus as many unconditional samples.
+    def trainings(self, recipe: Recipe, count: int) -> list[Recipe]:
+        """The recipe and `count` - 1 copies whose GPTs train with the next seeds (other batches and initial
+        weights): the first is the recipe itself, so one training keeps its artifacts and numbers."""
+        base = {**self.cfg.train, **recipe.train}.get("seed", TrainConfig.seed)
+        return [recipe] + [recipe.but(train={"seed": base + t}) for t in range(1, count)]
 
-        Returns the row and seed 0's (images, labels, nearest training index) for the picture.
+    def main_row(self, recipe: Recipe, seeds: int, trainings: int = 1) -> tuple[dict, tuple]:
+        """|Sg| = |Sr| per class (class-conditional, the held-out counts) plus as many unconditional samples, from
+        `seeds` generation seeds of each of `trainings` GPT trainings (the statistics pool every draw).
+
+        Returns the row and the first draw's (images, labels, nearest training index) for the picture.
         """
         refs = self.heldout.labels.sort().values
         classes = torch.cat([refs, torch.full_like(refs, -1)])
-        per_seed, picture = [], None
-        for seed in range(seeds):
-            log(f"main protocol, seed {seed}: generating {len(classes)} fields")
-            fields, images = self.sample(recipe, classes, seed)
-            result = self._evaluate(fields, images, seed)
-            per_seed.append(self.headline(result))
-            if picture is None:
-                picture = (images.cpu(), fields.labels, result["_nearest_train_index"])
+        per_seed, picture, per_training = [], None, []
+        for trained in self.trainings(recipe, trainings):
+            drawn = []
+            for seed in range(seeds):
+                log(f"main protocol, train seed {self.train_config(trained).seed}, seed {seed}: generating "
+                    f"{len(classes)} fields")
+                fields, images = self.sample(trained, classes, seed)
+                result = self._evaluate(fields, images, seed)
+                drawn.append(self.headline(result))
+                if picture is None:
+                    picture = (images.cpu(), fields.labels, result["_nearest_train_index"])
+            model_path, _ = self.model(trained)
+            per_training.append({"train_seed": self.train_config(trained).seed, "model": model_path.parent.name,
+                                 "metrics": {k: v["mean"] for k, v in aggregate(drawn, HEADLINE).items()}})
+            per_seed += drawn
         model_path, tokens_path = self.model(recipe)
         fit = self.summaries[self.fields(replace(recipe, canonical=False)).name]
         row = {"recipe": asdict(recipe), "seeds": seeds, "metrics": aggregate(per_seed, HEADLINE),
                "fields_psnr": fit["mean_psnr"], "detok_psnr": self.summaries[tokens_path.name]["detok_psnr"],
                "train": self.summaries[model_path.parent.name],
                "train_history": json.loads((model_path.parent / "train_log.json").read_text())["history"]}
+        if trainings > 1:
+            row["trainings"] = per_training
         if recipe.canonical:
             row["canonical"] = self.summaries[self.fields(recipe).name]
         return row, picture
@@ -689,10 +710,11 @@ class Harness:
         }
         return {"rows": rows, "psnr": psnrs}
 
-    def nefgpt_rows(self, recipe: Recipe, seeds: int, samplings: dict[str, dict]) -> dict[str, dict]:
+    def nefgpt_rows(self, recipe: Recipe, seeds: int, samplings: dict[str, dict],
+                    trainings: int = 1) -> dict[str, dict]:
         """NeF-GPT's protocol: digit 3, n generated vs references rendered from training fields; a row per entry
         of `samplings` (name → SampleConfig overrides of the recipe's sampling, e.g. NEFGPT_SAMPLING), all against
-        the same references and oracle."""
+        the same references and oracle, from `seeds` generation seeds of each of `trainings` GPT trainings."""
         digit, n_gen, n_ref = NEFGPT["digit"], self.cfg.nefgpt_n_generated, self.cfg.nefgpt_n_references
         fields = load_fields(self.fields(recipe))
         pool = torch.nonzero(fields.labels == digit).flatten()
@@ -715,22 +737,30 @@ class Harness:
         oracle_values = {**oracle_d, "accuracy": oracle_acc, "memorised": oracle_mem}
         rows = {}
         for name, overrides in samplings.items():
-            per_seed = []
-            for seed in range(seeds):
-                log(f"NeF-GPT protocol ({name}), seed {seed}: generating {n_gen} fields of digit {digit}")
-                _, images = self.sample(recipe, torch.full((n_gen,), digit), seed, **overrides)
-                t0 = time.perf_counter()
-                d = distance_metrics(images, refs)
-                mem = memorisation(images, train_digit)["memorised_fraction"]
-                acc = self._accuracy(images, digit)
-                self._lap("evaluate", t0)
-                values = {**d, "accuracy": acc, "memorised": mem}
-                per_seed.append({m: {"samples": values[m], "oracle": oracle_values[m]} for m in NEFGPT_METRICS})
+            per_seed, per_training = [], []
+            for trained in self.trainings(recipe, trainings):
+                drawn = []
+                for seed in range(seeds):
+                    log(f"NeF-GPT protocol ({name}), train seed {self.train_config(trained).seed}, seed {seed}: "
+                        f"generating {n_gen} fields of digit {digit}")
+                    _, images = self.sample(trained, torch.full((n_gen,), digit), seed, **overrides)
+                    t0 = time.perf_counter()
+                    d = distance_metrics(images, refs)
+                    mem = memorisation(images, train_digit)["memorised_fraction"]
+                    acc = self._accuracy(images, digit)
+                    self._lap("evaluate", t0)
+                    values = {**d, "accuracy": acc, "memorised": mem}
+                    drawn.append({m: {"samples": values[m], "oracle": oracle_values[m]} for m in NEFGPT_METRICS})
+                per_training.append({"train_seed": self.train_config(trained).seed,
+                                     "metrics": {k: v["mean"] for k, v in aggregate(drawn, NEFGPT_METRICS).items()}})
+                per_seed += drawn
             rows[name] = {"recipe": asdict(recipe), "seeds": seeds, "digit": digit, "n_generated": n_gen,
                           "n_references": n_ref, "n_oracle": int(len(oracle_idx)), "published": NEFGPT["published"],
                           "sampling": {**self.sampling(recipe), **overrides},
                           "oracle_is": "other training fields of the digit, rendered, against the same references",
                           "metrics": aggregate(per_seed, NEFGPT_METRICS)}
+            if trainings > 1:
+                rows[name]["trainings"] = per_training
         return rows
 
     def sampling(self, recipe: Recipe) -> dict:
@@ -787,7 +817,9 @@ def check_goals(results: dict) -> list[dict]:
 
 def markdown_tables(results: dict) -> str:
     rows, lines = results["rows"], []
-    head = f"{results['config_name']} config on {results['device']}, {results['seeds']} generation seeds"
+    trainings = results.get("train_seeds", 1)
+    head = (f"{results['config_name']} config on {results['device']}, {results['seeds']} generation seeds"
+            + (f" of each of {trainings} GPT trainings" if trainings > 1 else ""))
     main = rows.get("main")
     if main:
         m = main["metrics"]
@@ -879,6 +911,9 @@ def parse_args(argv=None):
     ap.add_argument("--ablations", default="all", help="comma list of ablation names or groups "
                     "(fit, init, order, vq, codebook, model, sampling, baseline), or all")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--train-seeds", type=int, default=1,
+                    help="GPT trainings of the main recipe (seeds counting up from its own); the main and NeF-GPT "
+                         "rows pool the generation seeds of all (default: 1)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="change the config's main recipe: fit, tokenize, train or sample (e.g. tokenize.coarse=32); "
                          "repeatable, recorded in the results' config")
@@ -897,8 +932,8 @@ def run(args) -> dict:
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     if not only <= {"main", "nefgpt", "ablations"} or not only:
         raise NfgenError(f"--only {args.only!r}: use a comma list of main, nefgpt, ablations")
-    if args.seeds < 1:
-        raise NfgenError(f"--seeds {args.seeds}: use 1 or more")
+    if args.seeds < 1 or args.train_seeds < 1:
+        raise NfgenError(f"--seeds {args.seeds} --train-seeds {args.train_seeds}: use 1 or more of each")
     dev = pick_device(args.device)
     run_dir = Path(args.run_dir or f"runs/quality-{args.config}")
     suffix = "" if args.config == "full" else f"-{args.config}"
@@ -915,7 +950,8 @@ def run(args) -> dict:
         "config_name": args.config, "config": asdict(cfg), **environment("benchmarks.quality", dev),
         "cpu_threads": torch.get_num_threads(),
         "command": shlex.join(["python", "-m", "benchmarks.quality", *args.argv]),
-        "seeds": args.seeds, "protocol": __doc__.split("Protocol")[1].split("Outputs:")[0].strip(),
+        "seeds": args.seeds, "train_seeds": args.train_seeds,
+        "protocol": __doc__.split("Protocol")[1].split("Outputs:")[0].strip(),
         "nefgpt_published": NEFGPT["published"], "rows": {}, "seconds": h.seconds,
     }
 
@@ -927,7 +963,7 @@ def run(args) -> dict:
         write_json(results_path, results)
 
     if "main" in only:
-        row, (images, labels, nearest) = h.main_row(main, args.seeds)
+        row, (images, labels, nearest) = h.main_row(main, args.seeds, args.train_seeds)
         results["rows"]["main"] = row
         recon = h.reconstruction_rows(main)
         results["rows"]["reconstruction"] = recon["rows"]
@@ -949,7 +985,7 @@ def run(args) -> dict:
         samplings = {"nefgpt": NEFGPT_SAMPLING}
         if h.sampling(main) != NEFGPT_SAMPLING:  # beside it, the protocol with the main rows' sampling
             samplings["nefgpt_own_sampling"] = {}
-        results["rows"].update(h.nefgpt_rows(main, args.seeds, samplings))
+        results["rows"].update(h.nefgpt_rows(main, args.seeds, samplings, args.train_seeds))
         write(complete=False)
     if ablations:
         seeds = cfg.ablation_seeds or args.seeds

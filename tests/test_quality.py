@@ -281,6 +281,20 @@ def test_tiny_config_end_to_end(tmp_path, data_root, one_thread, capsys):
     for row in r["rows"]["ablations"].values():
         assert all(_finite(row["metrics"][name]["mean"]) for name in HEADLINE)
     assert len(r["goals"]) == 14 and {g["status"] for g in r["goals"]} <= {"PASS", "FAIL"}
+    # two trainings: the first is the run above (its artifacts reused, its draws the same), the second trains anew
+    again = tmp_path / "quality-cpu-tiny-2.json"
+    assert quality.main(common + ["--results", str(again), "--only", "main,nefgpt", "--train-seeds", "2"]) == 0
+    r2 = json.loads(again.read_text())
+    assert r2["train_seeds"] == 2 and "of each of 2 GPT trainings" in capsys.readouterr().out
+    m2 = r2["rows"]["main"]
+    assert [t["train_seed"] for t in m2["trainings"]] == [0, 1] and len({t["model"] for t in m2["trainings"]}) == 2
+    for name in HEADLINE:
+        pooled = m2["metrics"][name]["per_seed"]
+        assert pooled[:2] == main[name]["per_seed"] and len(pooled) == 4
+        assert m2["trainings"][0]["metrics"][name] == main[name]["mean"]
+    for row in ("nefgpt", "nefgpt_own_sampling"):
+        assert r2["rows"][row]["metrics"]["cov"]["per_seed"][:2] == r["rows"][row]["metrics"]["cov"]["per_seed"]
+        assert [t["train_seed"] for t in r2["rows"][row]["trainings"]] == [0, 1]
     png = tmp_path / "quality-cpu-tiny-samples.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # per held-out class a row each from nfgen, the three weight- or token-space references and the real images
@@ -347,6 +361,7 @@ def test_bad_options_exit_2(tmp_path, data_root, capsys):
     assert quality.main(base + ["--only", "main,bogus"]) == 2
     assert quality.main(base + ["--only", "ablations", "--ablations", "nope"]) == 2
     assert quality.main(base + ["--seeds", "0"]) == 2
+    assert quality.main(base + ["--train-seeds", "0"]) == 2
     assert quality.main(base + ["--set", "tokenize.nope=1"]) == 2
     assert quality.main(base + ["--set", "model.n_layer=1"]) == 2
     assert "error:" in capsys.readouterr().err
