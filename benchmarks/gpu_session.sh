@@ -82,10 +82,11 @@ for part in "$@"; do
       stamp scaleout
       timeout 300 python3 -m benchmarks.scaleout_check --device cuda --out "$OUT/scaleout-$dev.json" 2>&1 \
         | tee -a "$LOG" | tail -40 ;;
-    quality)  # the main and NeF-GPT rows
+    quality)  # the main and NeF-GPT rows; TRAIN_SEEDS=K pools K GPT trainings (each about 4 min more on the H100:
+      # 168 s of training at a406862 plus its draws; raise QUALITY_TIMEOUT with it)
       stamp quality
       timeout "${QUALITY_TIMEOUT:-420}" python3 -m benchmarks.quality --config full --device cuda --run-dir "$RUNS/q" \
-        --results "$OUT/quality-$dev.json" 2>&1 | tee -a "$LOG" | tail -60 ;;
+        --train-seeds "${TRAIN_SEEDS:-1}" --results "$OUT/quality-$dev.json" 2>&1 | tee -a "$LOG" | tail -60 ;;
     quality-sampling)  # the sampling sweep on the main model (cached in the run dir by the quality part); its 8 rows
       # took more than 150 s on the H100 (15 s a row, 30 s with CFG), it has 12 now, and a killed sweep writes nothing
       stamp quality-sampling
