@@ -228,6 +228,17 @@ def test_class_centred_tokens_train_and_generate(cli, tmp_path, run_dir, basis):
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
+def _train_then_generate_every_decoding(run, expected_from):
+    """A tiny GPT on RUN's tokens, then generate with drawn codes, expected codes, and expected codes from
+    `expected_from`: each a finite [24, 33] samples file."""
+    r = ["--run", str(run), "--quiet"]
+    assert main(["train", *r, "--steps", "2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                 "--batch-size", "8"]) == 0
+    for extra in (["--weights", "expected"], ["--weights", "expected", "--expected-from", str(expected_from)], []):
+        assert main(["generate", *r, "--per-class", "2", "--unconditional", "4", *extra]) == 0
+        samples = load_fields(run / "samples.safetensors")
+        assert samples.weights.shape == (24, 33) and torch.isfinite(samples.weights).all()
+
 def test_modes_lead_the_tokens_and_decode_every_draw(cli, tmp_path, run_dir):
     """--modes end to end: the mode leads every sequence, the GPT draws it, and every way of decoding a draw (drawn
     codes, expected codes from any position) decodes in the drawn mode's basis (the token baselines: in
@@ -239,12 +250,7 @@ def test_modes_lead_the_tokens_and_decode_every_draw(cli, tmp_path, run_dir):
                  "class-pca", "--modes", "2", "--codebook-size", "16", "--iters", "5"]) == 0
     ts = load_tokens(tmp_path / "tokens.safetensors")
     assert ts.tokens.shape == (40, 34) and ts.tokenizer.cfg.modes == 2 and set(ts.tokens[:, 0].tolist()) <= {0, 1}
-    assert main(["train", *r, "--steps", "2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-                 "--batch-size", "8"]) == 0
-    for extra in (["--weights", "expected"], ["--weights", "expected", "--expected-from", "5"], []):
-        assert main(["generate", *r, "--per-class", "2", "--unconditional", "4", *extra]) == 0
-        samples = load_fields(tmp_path / "samples.safetensors")
-        assert samples.weights.shape == (24, 33) and torch.isfinite(samples.weights).all()
+    _train_then_generate_every_decoding(tmp_path, expected_from=5)
     assert_clean_error(cli("tokenize", "--run", str(tmp_path / "x"), "--fields", str(run_dir / "fields.safetensors"),
                            "--modes", "2"), "--modes splits each class")
     assert_clean_error(cli("tokenize", "--run", str(tmp_path / "x"), "--fields", str(run_dir / "fields.safetensors"),
@@ -262,12 +268,7 @@ def test_coarse_tokens_end_to_end(cli, tmp_path, run_dir):
     ts = load_tokens(tmp_path / "tokens.safetensors")
     assert ts.tokens.shape == (40, 1 + 4 + 33) and ts.tokenizer.cfg.coarse == 4
     assert (ts.tokens[:, 1:9:2] < 4).all() and ts.tokens[:, 1:9:2].unique().numel() > 1
-    assert main(["train", *r, "--steps", "2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-                 "--batch-size", "8"]) == 0
-    for extra in (["--weights", "expected"], ["--weights", "expected", "--expected-from", "2"], []):
-        assert main(["generate", *r, "--per-class", "2", "--unconditional", "4", *extra]) == 0
-        samples = load_fields(tmp_path / "samples.safetensors")
-        assert samples.weights.shape == (24, 33) and torch.isfinite(samples.weights).all()
+    _train_then_generate_every_decoding(tmp_path, expected_from=2)
     assert_clean_error(cli("tokenize", "--run", str(tmp_path / "x"), "--fields", str(run_dir / "fields.safetensors"),
                            "--coarse", "4"), "use it with --basis pca or class-pca")
     assert_clean_error(cli("generate", *r, "--weights", "expected", "--expected-from", "33"),
