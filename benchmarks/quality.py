@@ -76,7 +76,7 @@ from nfgen.common import make_generator, pick_device
 from nfgen.data import load_split
 from nfgen.fields import (Fields, FitConfig, load_fields, psnr, render_fields, run_fit, save_fields,
                           spec_for_images)
-from nfgen.generate import SampleConfig, load_generator
+from nfgen.generate import Generator, SampleConfig, load_generator
 from nfgen.io import NfgenError, write_json
 from nfgen.metrics import distance_metrics, evaluate, memorisation, save_nearest_grid
 from nfgen.render import save_class_rows
@@ -430,6 +430,7 @@ class Harness:
             raise NfgenError(f"train and held-out splits share {len(overlap)} images; use disjoint slices such as "
                              "mnist:test[:8000] and mnist:test[8000:]")
         self._classifier = None
+        self._generators: dict[Path, Generator] = {}  # loaded (and checked) once per model, not once per draw
         self.baseline_images: dict[str, torch.Tensor] = {}  # each reference generator's seed-0 images, main protocol
 
     def num_params(self) -> int:
@@ -561,7 +562,9 @@ class Harness:
         """Generate one field per entry of `classes` (-1 = unconditional) → (Fields, images on device)."""
         model_path, tokens_path = self.model(recipe)
         t0 = time.perf_counter()
-        gen = load_generator(model_path, tokens_path, self.device)
+        if model_path not in self._generators:
+            self._generators[model_path] = load_generator(model_path, tokens_path, self.device)
+        gen = self._generators[model_path]
         sample_cfg = SampleConfig(**{**self.cfg.sample, **recipe.sample, **sample_overrides}, seed=seed,
                                   quiet=self.quiet)
         _, weights = gen.sample(classes, sample_cfg)
