@@ -12,8 +12,12 @@ Implementations:
   captured in a CUDA graph) and expands the KV heads. Obviously correct, not fast.
 - ``triton``: split-K over the sequence ("flash-decoding"), nfkernels/decode_attention_triton.py. It reads
   kv_len on the device, so it cannot check it: values above S_max are clamped to S_max (never read out of
-  bounds), and below 1 the output is undefined. CUDA, or CPU tensors under TRITON_INTERPRET=1. ``auto`` picks
-  it on CUDA, the reference on CPU.
+  bounds), and below 1 the output is undefined. CUDA, or CPU tensors under TRITON_INTERPRET=1.
+- ``cpp``: csrc/decode_attention_cpu.cpp, float32 CPU tensors: one task per (row, KV head) reads each filled
+  key and value row once for all the KV head's query heads (1.5-1.7x torch's SDPA over the sliced cache on a
+  2-core EPYC, `python -m benchmarks.bench_decode_attention`). kv_len outside [1, S_max] is refused.
+``auto`` picks triton on CUDA, cpp for float32 CPU tensors (the reference without the C++ build or for other
+dtypes).
 """
 from __future__ import annotations
 
@@ -56,13 +60,19 @@ def _check(q, k_cache, v_cache, kv_len) -> None:
         raise ValueError(f"q, k_cache, v_cache and kv_len must be on one device, got {sorted(map(str, devices))}")
 
 
+def _check_kv_len_value(kv_len: torch.Tensor, S_max: int) -> None:
+    """kv_len's value: a host sync on CUDA, so only the reference and the CPU op check it."""
+    n = int(kv_len.item())
+    if not 1 <= n <= S_max:
+        raise ValueError(f"kv_len must be in [1, S_max = {S_max}], got {n}")
+
+
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                kv_len: torch.Tensor) -> torch.Tensor:
     """Obviously-correct decode attention: slice to kv_len, expand the KV heads, softmax, in float32."""
     _check(q, k_cache, v_cache, kv_len)
-    n = int(kv_len.item())  # a host sync: fine for the reference
-    if not 1 <= n <= k_cache.shape[2]:
-        raise ValueError(f"kv_len must be in [1, S_max = {k_cache.shape[2]}], got {n}")
+    _check_kv_len_value(kv_len, k_cache.shape[2])
+    n = int(kv_len.item())
     groups = q.shape[1] // k_cache.shape[1]
     k = k_cache[:, :, :n].float().repeat_interleave(groups, dim=1)  # [B, H, n, d]
     v = v_cache[:, :, :n].float().repeat_interleave(groups, dim=1)
@@ -77,7 +87,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     `kv_len`: one-element int64 tensor on q's device, 1 <= kv_len <= S_max. See the module docstring.
     """
     _check(q, k_cache, v_cache, kv_len)
-    impl = resolve_backend(backend, q.device, "decode_attention", cpp=False, cuda=False, triton=HAS_TRITON)
+    fp32 = q.dtype == k_cache.dtype == torch.float32
+    impl = resolve_backend(backend, q.device, "decode_attention", cpp=fp32, cuda=False, triton=HAS_TRITON)
+    if impl == "cpp":
+        _check_kv_len_value(kv_len, k_cache.shape[2])  # the op checks it too, but in a RuntimeError
+        return torch.ops.nfkernels.decode_attention(q, k_cache, v_cache, kv_len)
     if impl == "triton":
         from nfkernels.decode_attention_triton import decode_attention_triton
 
