@@ -9,13 +9,16 @@ contender, float32 on CPU. Every contender samples with temperature 1 from the 2
               integrates (cost per token grows with the prefix): rows say "estimated".
   eager-kv    a plain eager KV-cache loop: keys/values appended with torch.cat every step (HF
               past_key_values style), softmax + torch.multinomial.
-  nfgen       nfgen.generate.generate_tokens: static KV cache, fused sample_next (cpp on CPU, Triton on
-              CUDA), decode steps replayed from CUDA graphs on CUDA. It samples 4 batches per call (2 at
-              batch 1024), as `nfgen generate` does, so the one-off setup (cache, graph capture) is amortised
-              the way it is in a real run; its time includes that setup.
+  nfgen       nfgen.generate.generate_tokens with its defaults: static KV cache, fused sample_next (cpp on
+              CPU, Triton on CUDA), decode-step attention SDPA replayed from CUDA graphs on CUDA, the C++
+              nfkernels.decode_attention op on CPU. It samples 4 batches per call (2 at batch 1024), as
+              `nfgen generate` does, so the one-off setup (cache, graph capture) is amortised the way it is in
+              a real run; its time includes that setup.
   nfgen-triton  (CUDA only) the same with SampleConfig(attention="triton"): decode-step attention through
               the split-K Triton kernel nfkernels.decode_attention, one CUDA graph for all steps, reading
               exactly the filled KV-cache slots.
+  nfgen-sdpa  (CPU only) the same with SampleConfig(attention="sdpa"): SDPA over the cache sliced to the
+              filled prefix, the CPU default before the C++ op.
 Batches {1, 64, 1024} on CUDA, 16 on CPU. --quick (CPU): 2 layers, 4 heads, width 128, L = 127.
   nfgen-total (--total-fields, default 10,000 on CUDA) issue 5's "10,000 fields in ≤ 30 s": one call of
               generate_tokens for that many fields, timed whole (setup and capture included), at the batch size
@@ -24,8 +27,8 @@ Batches {1, 64, 1024} on CUDA, 16 on CPU. --quick (CPU): 2 layers, 4 heads, widt
 them, the eager ones by expanding K/V to all heads as a plain implementation would).
 Times are medians over --repeats; "x recompute" / "x eager-kv" are nfgen's tokens/s over theirs. nfgen rows
 also give the KV-cache bytes its decode steps read per second (every layer's K and V over the attended
-slots: the whole 128-slot bucket on CUDA, the filled prefix on CPU and for nfgen-triton), the bound of
-large-batch decoding.
+slots: the whole 128-slot bucket with SDPA on CUDA, the filled prefix otherwise), the bound of large-batch
+decoding.
 
     python -m benchmarks.bench_generate [--device cuda] [--quick] [--out benchmarks/results/sample-<device>.json]
 """
@@ -146,11 +149,11 @@ def eager_kv(model: GPT, vocab: Vocab, batch: int, length: int, device):
     return torch.cat(out, dim=1)
 
 
-def kv_bytes_per_field(model: GPT, length: int, device, attention: str = "sdpa") -> int:
+def kv_bytes_per_field(model: GPT, length: int, device, attention: str = "auto") -> int:
     """KV-cache bytes nfgen's decode steps read for one field (what `Decoder.run` attends over): the whole
-    bucket with SDPA's CUDA graphs, exactly the filled slots on CPU and with the Triton kernel."""
+    bucket with SDPA's CUDA graphs, exactly the filled slots on CPU and with the decode-attention kernels."""
     c, max_len = model.config, length + 1
-    bucketed = device.type == "cuda" and attention == "sdpa"
+    bucketed = device.type == "cuda" and attention in ("auto", "sdpa")  # auto is sdpa on CUDA
     slots = 0
     for i in range(1, length):  # step i attends to kv_len = i + 2 filled slots
         kv_len = i + 2
@@ -160,7 +163,7 @@ def kv_bytes_per_field(model: GPT, length: int, device, attention: str = "sdpa")
 
 
 def nfgen_generate(model: GPT, vocab: Vocab, batch: int | None, length: int, device, n_batches: int = 1,
-                   attention: str = "sdpa", n_fields: int | None = None):
+                   attention: str = "auto", n_fields: int | None = None):
     """`n_batches` batches (or `n_fields` fields) in one call, as `nfgen generate` runs: setup (cache, graph
     capture) is amortised. batch None: the batch size generate picks from free memory."""
     classes = torch.arange(n_fields or batch * n_batches) % vocab.n_classes
@@ -215,8 +218,8 @@ def main(argv=None):
     for batch in batches:
         n_batches = 2 if batch >= 1024 else 4  # nfgen runs several batches per call, like `nfgen generate`
         results = {}
-        for method in ("recompute", "eager-kv", "nfgen") + (("nfgen-triton",) if on_cuda else ()):
-            attention = "triton" if method == "nfgen-triton" else "sdpa"
+        for method in ("recompute", "eager-kv", "nfgen", "nfgen-triton" if on_cuda else "nfgen-sdpa"):
+            attention = {"nfgen-triton": "triton", "nfgen-sdpa": "sdpa"}.get(method, "auto")
             times, estimated = [], False
             for r in range(args.repeats):
                 if method == "recompute":
@@ -252,9 +255,10 @@ def main(argv=None):
             results["nfgen"][f"x_{peer}"] = ours / results[peer]["tokens_per_s"]
         print(f"  nfgen x recompute {results['nfgen']['x_recompute']:.1f}, "
               f"x eager-kv {results['nfgen']['x_eager-kv']:.2f}  (batch {batch})")
-        if "nfgen-triton" in results:
-            results["nfgen-triton"]["x_nfgen"] = results["nfgen-triton"]["tokens_per_s"] / ours
-            print(f"  nfgen-triton x nfgen {results['nfgen-triton']['x_nfgen']:.2f}  (batch {batch})")
+        for other in ("nfgen-triton", "nfgen-sdpa"):
+            if other in results:
+                results[other]["x_nfgen"] = results[other]["tokens_per_s"] / ours
+                print(f"  {other} x nfgen {results[other]['x_nfgen']:.2f}  (batch {batch})")
 
     total = args.total_fields if args.total_fields is not None else (10_000 if on_cuda else 0)
     if total > 0:

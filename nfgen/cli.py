@@ -323,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                     ("seed", "sampling seed"), ("batch-size", "sequences sampled at once (default: from free memory)"),
                     ("backend", "sampling backend: auto, torch, cpp or triton")]:
         _opt(p, name, SampleConfig, h, type_=int if name == "batch-size" else None)
-    _opt(p, "attention", SampleConfig, "decode-step attention: sdpa, or triton (a split-K kernel that reads only "
-         "the filled KV cache, one CUDA graph)")
+    _opt(p, "attention", SampleConfig, "decode-step attention: auto (sdpa on CUDA, cpp on CPU), sdpa, triton (a "
+         "split-K CUDA kernel that reads only the filled KV cache, one CUDA graph) or cpp (the CPU kernel)")
     _opt(p, "weights", SampleConfig, "a field's weights: its drawn tokens' code values (sampled), or each token's "
          "mean code value under the distribution it was drawn from (expected)")
     _opt(p, "expected-from", SampleConfig, "with --weights expected: the first code token whose weight is "

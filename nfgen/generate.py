@@ -5,9 +5,10 @@ steps. With classifier-free guidance (cfg_scale != 1) every field's conditional 
 together in one 2B batch and `sample_next` mixes their logits. The decode step keeps all its state in
 device tensors (current token, position, step, per-step seeds), so on CUDA it is captured once in CUDA
 graphs and replayed L-1 times with no host sync; on CPU the same step runs eagerly, attending only to the
-filled prefix. Attention in a decode step is SDPA by default (one graph per GRAPH_BUCKET slots of attended
-length, masked); `attention="triton"` uses nfkernels.decode_attention instead, which reads the filled
-length from the position tensor: one graph for all steps, and no slot past the filled prefix is read.
+filled prefix. Attention in a decode step (`attention="auto"`) is SDPA on CUDA (one graph per GRAPH_BUCKET
+slots of attended length, masked) and nfkernels.decode_attention's C++ kernel on CPU; `attention="triton"`
+uses its Triton kernel on CUDA, which reads the filled length from the position tensor: one graph for all
+steps, and no slot past the filled prefix is read.
 Per-step seeds come from one generator seeded with `seed`: batch b (fields [b·B, (b+1)·B)) decodes with
 its b-th draw of L seeds, so a fixed seed and batch size give the same tokens.
 
@@ -33,7 +34,7 @@ from nfgen.common import make_generator, pick_device, progress
 from nfgen.io import NfgenError
 from nfgen.model import ATTENTION, GPT, load_model
 from nfgen.vocab import Vocab
-from nfkernels._ext import BACKENDS, HAS_TRITON, resolve_backend
+from nfkernels._ext import BACKENDS, HAS_TRITON, has_op, resolve_backend
 from nfkernels.sampling import draw_seed, filtered_logits, sample_next
 
 if TYPE_CHECKING:
@@ -56,7 +57,9 @@ class SampleConfig:
     seed: int = 0
     batch_size: int | None = None  # fields per batch; None: 64 on CPU, from free memory on CUDA
     backend: str = "auto"  # sampling op backend
-    attention: str = "sdpa"  # decode-step attention: sdpa (a graph per 128-slot bucket) or triton (one graph)
+    # decode-step attention: sdpa (a CUDA graph per 128-slot bucket), triton (one graph), cpp (the CPU kernel);
+    # auto: sdpa on CUDA, cpp on CPU (sdpa for a model that is not float32 or without the C++ build)
+    attention: str = "auto"
     cuda_graph: bool = True  # capture the decode step in CUDA graphs (CUDA only)
     # "sampled": a field's weights are its drawn tokens' code values. "expected": each weight is instead the mean
     # code value under the distribution its token was drawn from (after temperature / top-k / top-p / CFG),
@@ -83,7 +86,8 @@ class SampleConfig:
             (self.cfg_scale == self.cfg_scale and abs(self.cfg_scale) < float("inf"), "--cfg-scale must be finite"),
             (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}"),
             (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
-            (self.attention in ATTENTION, f"--attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}"),
+            (self.attention in ("auto",) + ATTENTION,
+             f"--attention must be one of auto, {', '.join(ATTENTION)}, got {self.attention!r}"),
             (self.weights in WEIGHTS, f"--weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}"),
             (isinstance(self.expected_from, int) and self.expected_from >= 0,
              f"--expected-from must be a position ≥ 0, got {self.expected_from}"),
@@ -104,6 +108,26 @@ def default_batch_size(model: GPT, length: int, device: torch.device, guided: bo
     per_row = c.n_layer * 2 * (length + 1) * c.n_kv_head * c.head_dim * 2 + 64 * c.n_embd * 4 + 8 * c.vocab_size * 4
     rows = int(0.5 * free // per_row) // (2 if guided else 1)
     return max(1, min(1024, rows // 64 * 64 if rows >= 64 else rows))
+
+
+def decode_attention_impl(choice: str, device: torch.device, dtype: torch.dtype) -> str:
+    """SampleConfig.attention → what forward_cached runs: "sdpa" or a decode_attention backend ("triton", "cpp").
+
+    auto: sdpa on CUDA (graphs per bucket; the Triton kernel saves only the unread tail of the last bucket, README
+    Kernels), the C++ kernel on CPU for a float32 model when it is built (1.5-1.7x SDPA over the sliced cache),
+    else sdpa. An explicit kernel that cannot run here is refused (NfgenError).
+    """
+    if choice == "sdpa":
+        return choice
+    if choice == "auto":
+        ok = device.type == "cpu" and dtype == torch.float32 and has_op("decode_attention")
+        return "cpp" if ok else "sdpa"
+    try:
+        resolve_backend(choice, device, "decode_attention", cpp=dtype == torch.float32, cuda=False,
+                        triton=HAS_TRITON)
+    except ValueError as exc:
+        raise NfgenError(f"--attention {choice}: {exc}; use --attention sdpa") from None
+    return choice
 
 
 class Decoder:
@@ -142,10 +166,11 @@ class Decoder:
             if not allowed.all():
                 self.allowed = allowed.to(device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.attention = decode_attention_impl(cfg.attention, device, dtype)
         # static_shapes: decode with the graphs' fixed shapes (attention over a whole bucket, masked) even
-        # without capturing; lets CPU tests check exactly what the graphs compute. The Triton attention has
-        # one fixed-shape step only (it reads the filled length from self.pos), so it always takes it.
-        self.static_shapes = static_shapes or cfg.attention == "triton"
+        # without capturing; lets CPU tests check exactly what the graphs compute. The decode-attention kernels
+        # have one fixed-shape step only (they read the filled length from self.pos), so they always take it.
+        self.static_shapes = static_shapes or self.attention != "sdpa"
         if device.type == "cuda" and cfg.cuda_graph and length >= 2:
             self._capture()
             self.static_shapes = True
@@ -167,7 +192,7 @@ class Decoder:
 
     def _decode_step(self, kv_len: int | None) -> None:
         """Feed self.tok at self.pos, sample token number self.step, advance. Device tensors only."""
-        logits = self.model.forward_cached(self.tok, self.pos, kv_len=kv_len, attention=self.cfg.attention)[:, -1]
+        logits = self.model.forward_cached(self.tok, self.pos, kv_len=kv_len, attention=self.attention)[:, -1]
         allowed = None if self.allowed is None else self.allowed.index_select(0, self.step)
         nxt, mean = self._sample(logits, self.seeds.index_select(0, self.step), allowed)
         self.out.index_copy_(1, self.step, nxt[:, None])
@@ -178,7 +203,7 @@ class Decoder:
         self.step.add_(1)
 
     def _buckets(self) -> list[int]:
-        if self.cfg.attention == "triton":  # one bucket, one graph: the kernel stops at pos + 1 by itself
+        if self.attention != "sdpa":  # one bucket (one graph): the kernel stops at pos + 1 by itself
             return [self.max_len]
         return sorted({min(self.max_len, b) for b in range(GRAPH_BUCKET, self.max_len + GRAPH_BUCKET, GRAPH_BUCKET)})
 
@@ -259,11 +284,7 @@ def generate_tokens(model: GPT, vocab: Vocab, classes: torch.Tensor, length: int
         raise NfgenError(f"class ids must be in [-1, {vocab.n_classes}), got {classes.min()}..{classes.max()}")
     if token_ranges is not None and tuple(token_ranges.shape) != (length, 2):
         raise ValueError(f"token_ranges must be [{length}, 2], got {tuple(token_ranges.shape)}")
-    if cfg.attention == "triton":
-        try:
-            resolve_backend("triton", device, "decode_attention", cpp=False, cuda=False, triton=HAS_TRITON)
-        except ValueError as exc:
-            raise NfgenError(f"--attention triton: {exc}; use --attention sdpa") from None
+    decode_attention_impl(cfg.attention, device, next(model.parameters()).dtype)  # refuse before any work
     class_tokens = torch.where(classes < 0, vocab.no_class, vocab.n_codes + 2 + classes).to(device)
     model = model.to(device).eval()
     if device.type == "cuda" and next(model.parameters()).dtype == torch.float32 and torch.cuda.is_bf16_supported():

@@ -6,7 +6,7 @@ is bound by reading the KV cache, which shrinks by n_head / n_kv_head. Training 
 `forward` (causal over the whole sequence). Generation uses `setup_kv_cache` once and then `forward_cached`:
 keys and values go into preallocated [B, kv heads, T_max, head_dim] buffers written in place, so a decode
 step has fixed shapes and can be captured in a CUDA graph (optionally with a Triton decode-attention kernel,
-nfkernels.decode_attention, that reads only the filled slots). The embedding and output weights are not tied,
+nfkernels.decode_attention, that reads only the filled slots; on CPU its C++ version is the fast path). The embedding and output weights are not tied,
 so every parameter is its own tensor in the state dict (safetensors refuses shared storage).
 
 Token ids alone do not say that two codes stand for nearly the same weight. With `value_features` > 0 every
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from nfgen.io import NfgenError, check_finite, load_artifact, save_artifact
 from nfkernels.decode_attention import decode_attention
 
-ATTENTION = ("sdpa", "triton")  # how forward_cached attends in a decode step (see there)
+ATTENTION = ("sdpa", "triton", "cpp")  # how forward_cached attends in a decode step (see there)
 
 
 @dataclass
@@ -129,7 +129,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, input_pos=None, mask=None, kv_len=None):
+    def forward(self, x, input_pos=None, mask=None, kv_len=None, attention="sdpa"):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split([C, self.kv_width, self.kv_width], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -141,11 +141,11 @@ class CausalSelfAttention(nn.Module):
                                                is_causal=True)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
-            if kv_len is not None:  # attend over the filled prefix only (eager decoding)
-                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-            if mask is None:  # a decode step through the Triton kernel: it reads slots 0 … input_pos only
-                y = decode_attention(q, k, v, input_pos + 1, backend="triton")
+            if attention != "sdpa":  # a decode step through nfkernels.decode_attention: slots 0 … input_pos only
+                y = decode_attention(q, k, v, input_pos + 1, backend=attention)
             else:
+                if kv_len is not None:  # attend over the filled prefix only (eager decoding)
+                    k, v = k[:, :, :kv_len], v[:, :, :kv_len]
                 y = cached_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -170,8 +170,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, input_pos=None, mask=None, kv_len=None):
-        x = x + self.attn(self.ln_1(x), input_pos, mask, kv_len)
+    def forward(self, x, input_pos=None, mask=None, kv_len=None, attention="sdpa"):
+        x = x + self.attn(self.ln_1(x), input_pos, mask, kv_len, attention)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -292,16 +292,19 @@ class GPT(nn.Module):
         eager loop; leave it None for fixed shapes (CUDA graphs). Every position < kv_len that a query may
         see must already be written.
         `attention`: "sdpa" masks F.scaled_dot_product_attention by position over the (first kv_len) slots.
-        "triton" sends a decode step (T = 1) to nfkernels.decode_attention, which reads exactly the
-        input_pos + 1 slots 0 … input_pos, counted on the device: one fixed-shape step then serves every
-        position (one CUDA graph) without reading the rest of the cache. Prefill (T > 1) always uses sdpa.
+        "triton" / "cpp" send a decode step (T = 1) to nfkernels.decode_attention with that backend, which
+        reads exactly the input_pos + 1 slots 0 … input_pos (kv_len is not needed): for triton counted on the
+        device, so one fixed-shape step serves every position (one CUDA graph) without reading the rest of the
+        cache; cpp is the CPU kernel. Prefill (T > 1) always uses sdpa.
         """
         if self.cache_max_len == 0:
             raise RuntimeError("call setup_kv_cache before forward_cached")
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
-        if attention == "triton" and idx.shape[1] == 1:
-            mask = None  # CausalSelfAttention: no mask means decode_attention over input_pos + 1 slots
+        if idx.shape[1] > 1:
+            attention = "sdpa"
+        if attention != "sdpa":
+            mask = None  # CausalSelfAttention calls decode_attention over input_pos + 1 slots
         else:
             n_keys = self.cache_max_len if kv_len is None else kv_len
             mask = torch.arange(n_keys, device=idx.device)[None, :] <= input_pos[:, None]  # [T, n_keys]
@@ -312,7 +315,7 @@ class GPT(nn.Module):
             cond = self.cond_token
         x = self.embed(idx, input_pos, cond)
         for block in self.transformer.h:
-            x = block(x, input_pos, mask, kv_len)
+            x = block(x, input_pos, mask, kv_len, attention)
         return self.lm_head(self.transformer.ln_f(x))
 
     def num_params(self) -> int:

@@ -148,7 +148,7 @@ def test_mismatched_artifacts(cli, tmp_path, run_dir, data_root):
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--weights", "mean"], "--weights must be one of sampled, expected"),
-    (["--attention", "flash"], "--attention must be one of sdpa, triton"),
+    (["--attention", "flash"], "--attention must be one of auto, sdpa, triton, cpp"),
     (["--expected-from", "4"], "add --weights expected"),
     (["--weights", "expected", "--expected-from", "100000"], "past the"),
 ])

@@ -1,5 +1,6 @@
-"""nfkernels.decode_attention: the split-K Triton kernel against the reference (slots past kv_len never read),
-the dispatch's errors, and generation through the kernel (attention="triton") against the default SDPA path.
+"""nfkernels.decode_attention: the split-K Triton kernel and the C++ CPU op against the reference (slots past
+kv_len never read), the dispatch's errors, and generation through either kernel (attention="triton" / "cpp")
+against the SDPA path.
 
 Without a GPU the kernel runs on CPU tensors through the Triton interpreter (tests/conftest.py), which costs
 ~20 ms per program, so shapes stay small. Tolerances: float32 1e-5 (absolute and relative; the kernel's
@@ -9,16 +10,18 @@ units of their last place of the float32 reference on the same 16-bit inputs.
 import pytest
 import torch
 
-from nfgen.generate import Decoder, SampleConfig, generate_tokens
+from nfgen.generate import Decoder, SampleConfig, decode_attention_impl, generate_tokens
 from nfgen.io import NfgenError
 from nfkernels import decode_attention, decode_attention_reference
-from nfkernels._ext import HAS_TRITON, triton_interpret
+from nfkernels._ext import HAS_TRITON, has_op, triton_interpret
 from test_generate import VOCAB, small_model
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 needs_triton = pytest.mark.skipif(not (HAS_TRITON and (ON_CUDA or triton_interpret())),
                                   reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU")
+HAS_CPP = has_op("decode_attention")
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="needs nfkernels._C (the C++ build)")
 NAN = float("nan")
 
 
@@ -88,10 +91,45 @@ def test_16_bit_caches(dtype, use_dot, atol):
     torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
 
 
-def test_auto_on_cpu_is_the_reference():
-    q, k, v, kv = inputs(2, 4, 2, 16, 9, 5)
-    q, k, v, kv = q.cpu(), k.cpu(), v.cpu(), kv.cpu()
-    assert torch.equal(decode_attention(q, k, v, kv), decode_attention_reference(q, k, v, kv))
+# B, H, H_kv, d, S_max for the C++ op: d = 16/32/48/64 take the kernels specialised on d, 7 / 20 / 24 the
+# generic loop; G = H / H_kv from 1 to 8; S_max odd, so the 8-wide softmax has a tail at most kv_len
+CPP_CASES = [(3, 3, 3, 16, 37), (2, 6, 2, 32, 45), (1, 8, 1, 48, 29), (2, 4, 2, 64, 19), (2, 3, 1, 7, 13),
+             (1, 6, 3, 20, 11), (2, 8, 4, 24, 9)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ["native", "baseline"])
+@pytest.mark.parametrize("B,H,H_kv,d,S_max", CPP_CASES)
+def test_cpp_matches_reference_and_skips_unfilled_slots(B, H, H_kv, d, S_max, isa, monkeypatch):
+    """The C++ op against the reference at kv_len 1, 7, 8, 9 (either side of one 8-wide softmax block) and
+    S_max, in its AVX2 copy and its baseline copy (NFKERNELS_NO_AVX2, read on every call). Slots past kv_len
+    hold NaN: reading one would poison the output. Scores up to ~±60 drive the vectorised exp through its
+    whole range, down to where it flushes to 0 (below -87)."""
+    if isa == "baseline":
+        monkeypatch.setenv("NFKERNELS_NO_AVX2", "1")
+    for kv_len in sorted({1, 7, 8, 9, S_max} & set(range(1, S_max + 1))):
+        q, k, v, kv = (t.cpu() for t in inputs(B, H, H_kv, d, S_max, kv_len, seed=kv_len))
+        q = q * (3 if kv_len % 2 else 0.1)
+        got = decode_attention(q, k, v, kv, backend="cpp")
+        assert got.shape == q.shape and got.dtype == q.dtype
+        assert torch.isfinite(got).all(), f"kv_len={kv_len}: a slot >= kv_len was read"
+        torch.testing.assert_close(got, decode_attention_reference(q, k, v, kv), atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, n=kv_len: f"kv_len={n}: {m}")
+
+
+@needs_cpp
+def test_cpp_strided_inputs_and_auto_dispatch():
+    """A strided q (as the model's is) and a cache that is a view; auto takes the C++ op for float32 CPU
+    tensors (close to the reference, not bit-equal: another summation order) and the reference otherwise."""
+    B, H, H_kv, d, S_max = 3, 8, 2, 48, 70
+    _, k, v, kv = (t.cpu() for t in inputs(B, H, H_kv, d, S_max, 40))
+    q = torch.randn(B, 1, H, d + 8)[..., :d].transpose(1, 2)  # [B, H, 1, d], not contiguous
+    want = decode_attention_reference(q, k, v, kv)
+    torch.testing.assert_close(decode_attention(q, k, v, kv), want, atol=1e-5, rtol=1e-5)
+    k_view = torch.cat([k, k], dim=3)[..., :d]  # not contiguous
+    torch.testing.assert_close(decode_attention(q, k_view, v, kv, backend="cpp"), want, atol=1e-5, rtol=1e-5)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    assert torch.equal(decode_attention(q64, k64, v64, kv), decode_attention_reference(q64, k64, v64, kv))
 
 
 def test_bad_inputs_are_one_line_value_errors():
@@ -113,49 +151,57 @@ def test_bad_inputs_are_one_line_value_errors():
         with pytest.raises(ValueError) as err:
             decode_attention(*args)
         assert "\n" not in str(err.value), what
-    with pytest.raises(ValueError, match="backend 'cpp' is not available"):
-        decode_attention(q, k, v, kv, backend="cpp")
-    for n in (0, 10):  # the reference checks kv_len's value (it syncs anyway)
-        with pytest.raises(ValueError, match=r"kv_len must be in \[1, S_max = 9\]"):
-            decode_attention_reference(q, k, v, torch.tensor([n]))
+    for dtype in (torch.bfloat16, torch.float64):  # the C++ op is float32 only
+        with pytest.raises(ValueError, match="backend 'cpp' is not available"):
+            decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), kv, backend="cpp")
+    ops = [decode_attention_reference] + ([lambda *a: decode_attention(*a, backend="cpp")] if HAS_CPP else [])
+    for op in ops:  # the reference and the C++ op check kv_len's value (on CPU reading it is free)
+        for n in (0, 10):
+            with pytest.raises(ValueError, match=r"kv_len must be in \[1, S_max = 9\]"):
+                op(q, k, v, torch.tensor([n]))
 
 
-@needs_triton
-def test_forward_cached_decode_step_matches_sdpa_and_full_forward():
+# each decode-attention kernel on the device it runs on: Triton on CUDA (interpreted on CPU), C++ on CPU
+KERNELS = [pytest.param("triton", DEVICE, marks=needs_triton),
+           pytest.param("cpp", torch.device("cpu"), marks=needs_cpp)]
+
+
+@pytest.mark.parametrize("attention,device", KERNELS)
+def test_forward_cached_decode_step_matches_sdpa_and_full_forward(attention, device):
     """One decode step at position 6 after a 6-token prefill: the kernel attends to slots 0 … 6 (kv_len =
     input_pos + 1), the same logits as the masked SDPA step and as the uncached forward's last position
     (logits up to ~8 in magnitude; ~1e-6 apart seen, 1e-4 allowed; reading one slot too few moved them 0.17)."""
-    model = small_model(8, n_kv_head=1).to(DEVICE)
-    seq = torch.randint(0, VOCAB.n_codes, (3, 7), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    model = small_model(8, n_kv_head=1).to(device)
+    seq = torch.randint(0, VOCAB.n_codes, (3, 7), generator=torch.Generator().manual_seed(8)).to(device)
     with torch.no_grad():
         full = model(seq)[0][:, -1]
         steps = {}
-        for attention in ("sdpa", "triton"):
+        for how in ("sdpa", attention):
             model.setup_kv_cache(3, 12)
-            model.forward_cached(seq[:, :6], torch.arange(6, device=DEVICE), attention=attention)  # prefill: SDPA
-            pos = torch.tensor([6], device=DEVICE)
-            steps[attention] = model.forward_cached(seq[:, 6:], pos, attention=attention)[:, -1]
-    torch.testing.assert_close(steps["triton"], steps["sdpa"], atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(steps["triton"], full, atol=1e-4, rtol=1e-5)
+            model.forward_cached(seq[:, :6], torch.arange(6, device=device), attention=how)  # prefill: SDPA
+            pos = torch.tensor([6], device=device)
+            steps[how] = model.forward_cached(seq[:, 6:], pos, attention=how)[:, -1]
+    torch.testing.assert_close(steps[attention], steps["sdpa"], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(steps[attention], full, atol=1e-4, rtol=1e-5)
 
 
-@needs_triton
-def test_triton_decoder_greedy_equals_sdpa_and_reads_only_filled_slots():
-    """Greedy tokens through the kernel equal the default path's. The Decoder with attention="triton" always
+@pytest.mark.parametrize("attention,device", KERNELS)
+def test_kernel_decoder_greedy_equals_sdpa_and_reads_only_filled_slots(attention, device):
+    """Greedy tokens through the kernel equal SDPA's. The Decoder with a decode-attention kernel always
     takes its one fixed-shape step, the step a CUDA graph would capture, so this is what the graph runs. Every
     cache slot starts as NaN: a slot read before its decode step wrote it would poison the logits."""
     from nfkernels.sampling import draw_seed
 
     length = 12
-    model = small_model(6, n_kv_head=1).to(DEVICE)  # 2 query heads on 1 KV head; float32 on CUDA too
+    model = small_model(6, n_kv_head=1).to(device)  # 2 query heads on 1 KV head; float32 on CUDA too
     classes = torch.tensor([0, 2, -1])
-    cls = torch.where(classes < 0, VOCAB.no_class, VOCAB.n_codes + 2 + classes).to(DEVICE)
-    seeds = draw_seed(None, DEVICE, length)
+    cls = torch.where(classes < 0, VOCAB.no_class, VOCAB.n_codes + 2 + classes).to(device)
+    seeds = draw_seed(None, device, length)
     with torch.no_grad():
-        sdpa = Decoder(model, VOCAB, 3, length, SampleConfig(top_k=1, cuda_graph=False, quiet=True), DEVICE)
-        want = sdpa.run(cls, seeds).clone()
-        cfg = SampleConfig(top_k=1, attention="triton", cuda_graph=False, quiet=True)
-        dec = Decoder(model, VOCAB, 3, length, cfg, DEVICE)
+        cfg = SampleConfig(top_k=1, attention="sdpa", cuda_graph=False, quiet=True)
+        want = Decoder(model, VOCAB, 3, length, cfg, device).run(cls, seeds).clone()
+        cfg = SampleConfig(top_k=1, attention=attention, cuda_graph=False, quiet=True)
+        dec = Decoder(model, VOCAB, 3, length, cfg, device)
         assert dec.static_shapes and dec._buckets() == [length + 1]  # one graph for every step
         for block in model.transformer.h:
             block.attn.kv_cache.k.fill_(NAN), block.attn.kv_cache.v.fill_(NAN)
@@ -164,21 +210,29 @@ def test_triton_decoder_greedy_equals_sdpa_and_reads_only_filled_slots():
     assert len(set(map(tuple, want.tolist()))) > 1
 
 
-@needs_triton
-def test_generate_tokens_with_triton_attention_and_guidance():
-    """SampleConfig(attention="triton") through generate_tokens, with CFG (conditional and NO_CLASS rows in
+@pytest.mark.parametrize("attention,device", KERNELS)
+def test_generate_tokens_with_kernel_attention_and_guidance(attention, device):
+    """SampleConfig(attention=kernel) through generate_tokens, with CFG (conditional and NO_CLASS rows in
     one batch) and one KV head per query head. On CUDA this is the captured graph, in bf16 on both sides:
     equal greedy tokens then rest on the wide logit margins of small_model (not checked on a GPU yet)."""
     model = small_model(7)
     classes = torch.tensor([1, -1])
     kw = {"top_k": 1, "cfg_scale": 2.5, "quiet": True}
-    want = generate_tokens(model, VOCAB, classes, 5, SampleConfig(**kw), DEVICE)
-    assert torch.equal(generate_tokens(model, VOCAB, classes, 5, SampleConfig(attention="triton", **kw), DEVICE), want)
+    want = generate_tokens(model, VOCAB, classes, 5, SampleConfig(attention="sdpa", **kw), device)
+    got = generate_tokens(model, VOCAB, classes, 5, SampleConfig(attention=attention, **kw), device)
+    assert torch.equal(got, want)
+
+
+def test_auto_attention_is_the_cpp_kernel_on_cpu_for_float32():
+    assert decode_attention_impl("auto", torch.device("cpu"), torch.float32) == ("cpp" if HAS_CPP else "sdpa")
+    assert decode_attention_impl("auto", torch.device("cpu"), torch.bfloat16) == "sdpa"
+    assert decode_attention_impl("auto", torch.device("cuda"), torch.float32) == "sdpa"
+    assert decode_attention_impl("sdpa", torch.device("cpu"), torch.float32) == "sdpa"
 
 
 def test_attention_option_errors(monkeypatch):
     model = small_model()
-    with pytest.raises(NfgenError, match="--attention must be one of sdpa, triton"):
+    with pytest.raises(NfgenError, match="--attention must be one of auto, sdpa, triton, cpp"):
         generate_tokens(model, VOCAB, torch.tensor([0]), 4, SampleConfig(attention="flash"))
     with pytest.raises(ValueError, match="attention must be one of"):
         model.setup_kv_cache(1, 4)
@@ -188,14 +242,16 @@ def test_attention_option_errors(monkeypatch):
     monkeypatch.setattr(ext, "triton_interpret", lambda: False)  # CPU without the interpreter: no Triton
     with pytest.raises(NfgenError, match="--attention triton: .*use --attention sdpa"):
         generate_tokens(model, VOCAB, torch.tensor([0]), 4, SampleConfig(attention="triton"), "cpu")
+    with pytest.raises(NfgenError, match="--attention cpp: .*use --attention sdpa"):  # float32 only
+        generate_tokens(model.to(torch.bfloat16), VOCAB, torch.tensor([0]), 4, SampleConfig(attention="cpp"), "cpu")
 
 
 def test_cli_attention_flag():
     from nfgen.cli import _config, build_parser
 
     parser = build_parser()
-    assert _config(SampleConfig, parser.parse_args(["generate"])).attention == "sdpa"
+    assert _config(SampleConfig, parser.parse_args(["generate"])).attention == "auto"
     assert _config(SampleConfig, parser.parse_args(["generate", "--attention", "triton"])).attention == "triton"
     # an unknown value is refused by SampleConfig in one line (test_cli: exit 2), not by argparse's usage dump
-    with pytest.raises(NfgenError, match="--attention must be one of sdpa, triton"):
+    with pytest.raises(NfgenError, match="--attention must be one of auto, sdpa, triton, cpp"):
         _config(SampleConfig, parser.parse_args(["generate", "--attention", "flash"])).validate()

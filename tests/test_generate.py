@@ -75,7 +75,7 @@ def test_static_shapes_path_equals_eager(monkeypatch, bucket, n_kv_head, class_e
 
     model = small_model(5, n_kv_head=n_kv_head, class_embed=class_embed)
     classes = torch.tensor([0, 1, 2, -1, 0, 2])
-    cfg = SampleConfig(temperature=1.2, top_k=7, cfg_scale=1.5, seed=4, backend="torch", quiet=True)
+    cfg = SampleConfig(temperature=1.2, top_k=7, cfg_scale=1.5, seed=4, backend="torch", attention="sdpa", quiet=True)
     monkeypatch.setattr(G, "GRAPH_BUCKET", bucket)
     dec = G.Decoder(model, VOCAB, 3, L, cfg, torch.device("cpu"), static_shapes=True)
     assert dec._buckets()[-1] == L + 1 and len(dec._buckets()) == -(-(L + 1) // bucket)
