@@ -25,7 +25,11 @@ Batches {1, 64, 1024} on CUDA, 16 on CPU. --quick (CPU): 2 layers, 4 heads, widt
               `nfgen generate` picks from free memory and at each of --total-batches.
 --n-kv-head K times the same model with grouped-query attention (K key/value heads; every contender uses
 them, the eager ones by expanding K/V to all heads as a plain implementation would).
-Times are medians over --repeats; "x recompute" / "x eager-kv" are nfgen's tokens/s over theirs. nfgen rows
+On CUDA (or with --peer-sdpa both) each peer runs twice: with torch's default SDPA dispatch, and as "<peer>[no-cudnn]" with cuDNN's
+attention excluded (sdpa_without_cudnn: the H100 run of 2629ac1 saw both peers spend 45-60 ms a decode step
+whatever the batch, a fixed host cost that fits cuDNN re-planning for every new length); the JSON records which
+SDPA kernel the default dispatch picks for the peers' shapes.
+Times are medians over --repeats; "x recompute" / "x eager-kv" are nfgen's tokens/s over the faster variant's. nfgen rows
 also give the KV-cache bytes its decode steps read per second (every layer's K and V over the attended
 slots: the whole 128-slot bucket with SDPA on CUDA, the filled prefix otherwise), the bound of large-batch
 decoding.
@@ -38,6 +42,7 @@ import argparse
 import os
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +85,31 @@ def launch_overhead_us(device, n: int = 2000) -> float:
         x.add_(1)
     sync(device)
     return (time.perf_counter() - t0) / n * 1e6
+
+
+def sdpa_without_cudnn():
+    """SDPA restricted to its flash, memory-efficient and math backends. cuDNN's attention builds an execution
+    plan per new sequence length (tens of ms of host time, pytorch/pytorch#191576 measured 42 ms a call when its
+    cache missed), and an eager loop's length grows every step: if torch's dispatch picks cuDNN for the peers'
+    shapes, the peers pay that every step and nfgen's fixed-shape graphs do not."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def sdpa_ops(device, dtype, batch: int, heads: int, head_dim: int) -> dict[str, list[str]]:
+    """Which aten SDPA kernel torch's default dispatch runs for the peers' shapes: a decode step (one query over
+    a 600-slot cache) and a causal prefix of 600 tokens; found by profiling one call of each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q1, kv = (torch.randn(batch, heads, t, head_dim, device=device, dtype=dtype) for t in (1, 600))
+    out = {}
+    for name, args, kw in (("decode_step", (q1, kv, kv), {}), ("causal_prefix", (kv, kv, kv), {"is_causal": True})):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            F.scaled_dot_product_attention(*args, **kw)
+        out[name] = sorted({e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")
+                            or e.name.startswith("aten::_flash") or e.name.startswith("aten::_efficient")})
+    return out
 
 
 def start_tokens(vocab: Vocab, batch: int, device) -> torch.Tensor:
@@ -184,6 +214,8 @@ def main(argv=None):
                     help="also time one run of this many fields (default: 10000 on CUDA, none on CPU)")
     ap.add_argument("--total-batches", default="2048",
                     help="comma-separated batch sizes for the --total-fields run, beside the free-memory default")
+    ap.add_argument("--peer-sdpa", choices=("auto", "default", "both"), default="auto",
+                    help="the peers' SDPA: torch's default dispatch, or both it and cuDNN excluded (auto: both on CUDA)")
     ap.add_argument("--out", default=None, help="write every row as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -212,20 +244,29 @@ def main(argv=None):
     host = {"launch_us": launch_overhead_us(device), "loadavg_start": os.getloadavg(), "cpus": os.cpu_count()}
     print(f"host: {host['launch_us']:.1f} µs a trivial launch, load average {host['loadavg_start'][0]:.1f} "
           f"on {host['cpus']} CPUs")
+    dtype = next(model.parameters()).dtype
+    sdpa_kernels = {b: sdpa_ops(device, dtype, b, c.n_head, c.head_dim) for b in batches}
+    print(f"SDPA kernels torch picks for the peers' shapes: {sdpa_kernels}")
     rows = []
-    header = f"{'method':<13}{'batch':>6}{'seconds':>10}{'tokens/s':>12}{'fields/s':>10}  note"
+    header = f"{'method':<20}{'batch':>6}{'seconds':>10}{'tokens/s':>12}{'fields/s':>10}  note"
     print(header)
+    # on CUDA each peer also runs with cuDNN attention excluded (see sdpa_without_cudnn); ratios take the faster
+    both = args.peer_sdpa == "both" or (args.peer_sdpa == "auto" and on_cuda)
+    peers = ("recompute", "eager-kv") + (("recompute[no-cudnn]", "eager-kv[no-cudnn]") if both else ())
     for batch in batches:
         n_batches = 2 if batch >= 1024 else 4  # nfgen runs several batches per call, like `nfgen generate`
         results = {}
-        for method in ("recompute", "eager-kv", "nfgen", "nfgen-triton" if on_cuda else "nfgen-sdpa"):
+        for method in peers + ("nfgen", "nfgen-triton" if on_cuda else "nfgen-sdpa"):
             attention = {"nfgen-triton": "triton", "nfgen-sdpa": "sdpa"}.get(method, "auto")
             times, estimated = [], False
             for r in range(args.repeats):
-                if method == "recompute":
-                    t, estimated = recompute(model, vocab, batch, length, device, args.recompute_budget)
-                elif method == "eager-kv":
-                    t = timed(lambda: eager_kv(model, vocab, batch, length, device), device)
+                backends = sdpa_without_cudnn() if method.endswith("[no-cudnn]") else nullcontext()
+                if method.startswith("recompute"):
+                    with backends:
+                        t, estimated = recompute(model, vocab, batch, length, device, args.recompute_budget)
+                elif method.startswith("eager-kv"):
+                    with backends:
+                        t = timed(lambda: eager_kv(model, vocab, batch, length, device), device)
                 else:
                     if r == 0:  # warm-up: Triton compilation
                         nfgen_generate(model, vocab, batch, min(length, 8), device, attention=attention)
@@ -248,13 +289,16 @@ def main(argv=None):
             note = "estimated" if estimated else ""
             if is_nfgen:
                 note = f"KV-cache reads {row['kv_read_gb_per_s']:.1f} GB/s"
-            print(f"{method:<13}{batch:>6}{sec:>10.3f}{row['tokens_per_s']:>12.0f}{row['fields_per_s']:>10.2f}  {note}",
+            print(f"{method:<20}{batch:>6}{sec:>10.3f}{row['tokens_per_s']:>12.0f}{row['fields_per_s']:>10.2f}  {note}",
                   flush=True)
         ours = results["nfgen"]["tokens_per_s"]
-        for peer in ("recompute", "eager-kv"):
-            results["nfgen"][f"x_{peer}"] = ours / results[peer]["tokens_per_s"]
-        print(f"  nfgen x recompute {results['nfgen']['x_recompute']:.1f}, "
-              f"x eager-kv {results['nfgen']['x_eager-kv']:.2f}  (batch {batch})")
+        for peer in ("recompute", "eager-kv"):  # against the faster of a peer's variants
+            best = max((m for m in results if m.split("[")[0] == peer), key=lambda m: results[m]["tokens_per_s"])
+            results["nfgen"][f"x_{peer}"] = ours / results[best]["tokens_per_s"]
+            results["nfgen"][f"x_{peer}_against"] = best
+        r = results["nfgen"]
+        print(f"  nfgen x {r['x_recompute_against']} {r['x_recompute']:.1f}, "
+              f"x {r['x_eager-kv_against']} {r['x_eager-kv']:.2f}  (batch {batch})")
         for other in ("nfgen-triton", "nfgen-sdpa"):
             if other in results:
                 results[other]["x_nfgen"] = results[other]["tokens_per_s"] / ours
@@ -271,7 +315,7 @@ def main(argv=None):
                    "length": length, "seconds": sec, "seconds_all": [sec], "tokens_per_s": total * length / sec,
                    "fields_per_s": total / sec, "ms_per_step": None, "estimated": False}
             rows.append(row)
-            print(f"{'nfgen-total':<13}{batch:>6}{sec:>10.3f}{row['tokens_per_s']:>12.0f}{row['fields_per_s']:>10.2f}"
+            print(f"{'nfgen-total':<20}{batch:>6}{sec:>10.3f}{row['tokens_per_s']:>12.0f}{row['fields_per_s']:>10.2f}"
                   f"  {total} fields in one call{' (default batch)' if batch == auto else ''}", flush=True)
 
     if args.out:
@@ -280,6 +324,7 @@ def main(argv=None):
                                           "kv_gb_per_field_bf16": kv_gb},
                                 "host": {**host, "launch_us_end": launch_overhead_us(device),
                                          "loadavg_end": os.getloadavg()},
+                                "sdpa_kernels": {str(b): k for b, k in sdpa_kernels.items()},
                                 "rows": rows})
 
 

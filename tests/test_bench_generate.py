@@ -1,0 +1,46 @@
+"""The generation and decode-attention benchmarks run end to end at toy sizes and write what the README quotes
+(their timings mean nothing here; the point is that a GPU session does not lose a run to a broken path)."""
+import json
+
+import pytest
+
+from nfkernels._ext import has_op
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_bench_generate_rows_and_peer_variants(tmp_path):
+    from benchmarks import bench_generate
+
+    out = tmp_path / "g.json"
+    bench_generate.main(["--quick", "--batches", "2", "--repeats", "1", "--peer-sdpa", "both", "--out", str(out)])
+    res = json.loads(out.read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"recompute", "recompute[no-cudnn]", "eager-kv", "eager-kv[no-cudnn]", "nfgen", "nfgen-sdpa"}
+    nfgen = rows["nfgen"]
+    for peer in ("recompute", "eager-kv"):  # the ratio is against the faster variant of the peer
+        against = nfgen[f"x_{peer}_against"]
+        assert against.split("[")[0] == peer
+        slower = {peer, f"{peer}[no-cudnn]"} - {against}
+        assert rows[against]["tokens_per_s"] >= rows[slower.pop()]["tokens_per_s"]
+        assert nfgen[f"x_{peer}"] == pytest.approx(nfgen["tokens_per_s"] / rows[against]["tokens_per_s"])
+    assert rows["nfgen-sdpa"]["x_nfgen"] > 0
+    assert all(k for k in res["sdpa_kernels"]["2"].values())  # the profiler saw an SDPA kernel for both shapes
+
+
+@pytest.mark.skipif(not has_op("decode_attention"), reason="needs nfkernels._C (the C++ build)")
+def test_bench_decode_attention_cpu(tmp_path):
+    from benchmarks import bench_decode_attention
+
+    out = tmp_path / "d.json"
+    bench_decode_attention.main(["--device", "cpu", "--batches", "2", "--kv-lens", "9,40", "--n-head", "4",
+                                 "--n-kv-head", "2", "--head-dim", "16", "--iters", "1", "--repeats", "1",
+                                 "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["dtype"] == "float32" and res["shape"]["n_kv_head"] == 2
+    assert {(r["contender"], r["kv_len"]) for r in res["rows"]} == {(c, n) for c in ("sdpa-exact", "cpp")
+                                                                    for n in (9, 40)}
+    assert all(r["max_abs_err"] < 1e-5 for r in res["rows"])
+    assert sum("speedup_vs_sdpa-exact" in r for r in res["rows"]) == 2
+    with pytest.raises(SystemExit):  # a head count that the KV heads do not divide: argparse's one-line error
+        bench_decode_attention.main(["--device", "cpu", "--n-head", "4", "--n-kv-head", "3"])
