@@ -248,6 +248,17 @@ def main(argv=None):
     sdpa_kernels = {b: sdpa_ops(device, dtype, b, c.n_head, c.head_dim) for b in batches}
     print(f"SDPA kernels torch picks for the peers' shapes: {sdpa_kernels}")
     rows = []
+
+    def save(done: bool = False):
+        """The JSON so far, rewritten after every row: a run that its time limit kills keeps the rows it finished."""
+        if args.out:
+            end = {"launch_us_end": launch_overhead_us(device), "loadavg_end": os.getloadavg()} if done else {}
+            write_result(args.out, {**environment("benchmarks.bench_generate", device), "complete": done,
+                                    "model": {**cfg_kw, "config": vars(c), "params": model.num_params(),
+                                              "length": length, "kv_gb_per_field_bf16": kv_gb},
+                                    "host": {**host, **end},
+                                    "sdpa_kernels": {str(b): k for b, k in sdpa_kernels.items()}, "rows": rows})
+
     header = f"{'method':<20}{'batch':>6}{'seconds':>10}{'tokens/s':>12}{'fields/s':>10}  note"
     print(header)
     # on CUDA each peer also runs with cuDNN attention excluded (see sdpa_without_cudnn); ratios take the faster
@@ -286,6 +297,7 @@ def main(argv=None):
                                            * row["fields_per_s"] / 1e9)
             results[method] = row
             rows.append(row)
+            save()
             note = "estimated" if estimated else ""
             if is_nfgen:
                 note = f"KV-cache reads {row['kv_read_gb_per_s']:.1f} GB/s"
@@ -303,6 +315,7 @@ def main(argv=None):
             if other in results:
                 results[other]["x_nfgen"] = results[other]["tokens_per_s"] / ours
                 print(f"  {other} x nfgen {results[other]['x_nfgen']:.2f}  (batch {batch})")
+        save()
 
     total = args.total_fields if args.total_fields is not None else (10_000 if on_cuda else 0)
     if total > 0:
@@ -315,18 +328,11 @@ def main(argv=None):
                    "length": length, "seconds": sec, "seconds_all": [sec], "tokens_per_s": total * length / sec,
                    "fields_per_s": total / sec, "ms_per_step": None, "estimated": False}
             rows.append(row)
+            save()
             print(f"{'nfgen-total':<20}{batch:>6}{sec:>10.3f}{row['tokens_per_s']:>12.0f}{row['fields_per_s']:>10.2f}"
                   f"  {total} fields in one call{' (default batch)' if batch == auto else ''}", flush=True)
 
-    if args.out:
-        write_result(args.out, {**environment("benchmarks.bench_generate", device),
-                                "model": {**cfg_kw, "config": vars(c), "params": model.num_params(), "length": length,
-                                          "kv_gb_per_field_bf16": kv_gb},
-                                "host": {**host, "launch_us_end": launch_overhead_us(device),
-                                         "loadavg_end": os.getloadavg()},
-                                "sdpa_kernels": {str(b): k for b, k in sdpa_kernels.items()},
-                                "rows": rows})
-
+    save(done=True)
 
 def test_generate_quick(benchmark):
     """pytest-benchmark entry: nfgen decoding of 16 short fields with a tiny model on CPU."""

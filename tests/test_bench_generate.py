@@ -15,6 +15,7 @@ def test_bench_generate_rows_and_peer_variants(tmp_path):
     out = tmp_path / "g.json"
     bench_generate.main(["--quick", "--batches", "2", "--repeats", "1", "--peer-sdpa", "both", "--out", str(out)])
     res = json.loads(out.read_text())
+    assert res["complete"]
     rows = {r["method"]: r for r in res["rows"]}
     assert set(rows) == {"recompute", "recompute[no-cudnn]", "eager-kv", "eager-kv[no-cudnn]", "nfgen", "nfgen-sdpa"}
     nfgen = rows["nfgen"]
