@@ -14,8 +14,8 @@ Implementations:
   kv_len on the device, so it cannot check it: values above S_max are clamped to S_max (never read out of
   bounds), and below 1 the output is undefined. CUDA, or CPU tensors under TRITON_INTERPRET=1.
 - ``cpp``: csrc/decode_attention_cpu.cpp, float32 CPU tensors: one task per (row, KV head) reads each filled
-  key and value row once for all the KV head's query heads (1.5-1.7x torch's SDPA over the sliced cache on a
-  2-core EPYC, `python -m benchmarks.bench_decode_attention`). kv_len outside [1, S_max] is refused.
+  key and value row once for all the KV head's query heads (1.45-4.2x torch's SDPA over the sliced cache on a
+  2-core EPYC, benchmarks/results/decode_attention-cpu.json). kv_len outside [1, S_max] is refused.
 ``auto`` picks triton on CUDA, cpp for float32 CPU tensors (the reference without the C++ build or for other
 dtypes).
 """
