@@ -5,6 +5,8 @@
 // into G accumulators. K and V are read exactly once and nothing past kv_len is touched: at the batch sizes
 // generation runs at, a decode step is bound by those bytes (torch's SDPA reached ~11 GB/s on a 2-core EPYC,
 // about 40 % of what the machine streams, over a cache sliced to the filled prefix).
+#include "cpu_isa.h"
+
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,10 +19,6 @@
 #include <vector>
 
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define NFK_X86_DISPATCH 1
-#endif
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned loads and stores
@@ -146,11 +144,9 @@ __attribute__((target("avx2,fma"))) void attend_avx2(const float* q, const float
 }
 #endif
 
-// NFKERNELS_NO_AVX2=1 forces the baseline copy (tests run both on an AVX2 machine), as in siren_cpu.cpp.
 AttendFn pick_attend_fn() {
 #ifdef NFK_X86_DISPATCH
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("NFKERNELS_NO_AVX2") == nullptr)
-    return attend_avx2;
+  if (nfk::use_avx2()) return attend_avx2;
 #endif
   return attend_base;
 }

@@ -13,6 +13,8 @@
 // pre-activation come from one polynomial evaluation (vectorisable, unlike libm's sinf) and cos is kept
 // for the backward pass. The hot loops are compiled twice, for AVX2+FMA and for the baseline ISA,
 // and picked at run time (setup.py builds for x86-64-v2, which has neither).
+#include "cpu_isa.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -363,15 +365,9 @@ NFK_INLINE void fit_fields(const Net& net, float* params, float* m1, float* m2, 
   }
 
 NFK_DEFINE_ISA(base, )
-#if defined(__x86_64__)
+#ifdef NFK_X86_DISPATCH
 NFK_DEFINE_ISA(avx2, __attribute__((target("avx2,fma"))))
-// NFKERNELS_NO_AVX2=1 forces the baseline copy (tests run both on an AVX2 machine).
-bool use_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok && std::getenv("NFKERNELS_NO_AVX2") == nullptr;
-}
 #else
-bool use_avx2() { return false; }
 #define forward_fields_avx2 forward_fields_base
 #define backward_fields_avx2 backward_fields_base
 #define fit_fields_avx2 fit_fields_base
@@ -404,7 +400,7 @@ torch::Tensor siren_forward_cpu(const torch::Tensor& params, const torch::Tensor
   const float* pp = p.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const bool avx2 = use_avx2();
+  const bool avx2 = nfk::use_avx2();
   at::parallel_for(0, N, kGrain, [&](int64_t b, int64_t e) {
     avx2 ? forward_fields_avx2(net, pp, xp, C, op, b, e) : forward_fields_base(net, pp, xp, C, op, b, e);
   });
@@ -427,7 +423,7 @@ torch::Tensor siren_backward_cpu(const torch::Tensor& grad_out, const torch::Ten
   const float* pp = p.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   float* gp = grad.data_ptr<float>();
-  const bool avx2 = use_avx2();
+  const bool avx2 = nfk::use_avx2();
   at::parallel_for(0, N, kGrain, [&](int64_t b, int64_t e) {
     avx2 ? backward_fields_avx2(net, gop, pp, xp, C, gp, b, e) : backward_fields_base(net, gop, pp, xp, C, gp, b, e);
   });
@@ -465,7 +461,7 @@ torch::Tensor siren_fit_steps_cpu(torch::Tensor params, torch::Tensor exp_avg, t
   const float* yp = y.data_ptr<float>();
   const bool* ap = act.defined() ? act.data_ptr<bool>() : nullptr;
   float* lp = loss.data_ptr<float>();
-  const bool avx2 = use_avx2();
+  const bool avx2 = nfk::use_avx2();
   at::parallel_for(0, N, kGrain, [&](int64_t b, int64_t e) {
     avx2 ? fit_fields_avx2(net, pp, m1, m2, xp, yp, ap, C, a, lp, b, e)
          : fit_fields_base(net, pp, m1, m2, xp, yp, ap, C, a, lp, b, e);

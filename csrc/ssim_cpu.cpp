@@ -9,6 +9,8 @@
 // so one vector lane is one pair (x_n, y_m) and every arithmetic op of the per-pair computation is a
 // full-width vector op, whatever the image size. OpenMP runs over tiles of x rows; within a tile each
 // packed y block is reused by all rows while it sits in L1/L2.
+#include "cpu_isa.h"
+
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -50,10 +52,7 @@ struct Aligned64 {
 };
 using VecBuf = std::vector<vf, Aligned64<vf>>;
 
-// The hot loop is compiled twice, for the baseline ISA and for AVX2+FMA, and picked at run time.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define NFK_X86_DISPATCH 1
-#endif
+// The hot loop is compiled twice, for the baseline ISA and for AVX2+FMA, and picked at run time (cpu_isa.h).
 
 struct Geometry {
   int64_t C, H, W, K, Ho, Wo;
@@ -208,11 +207,9 @@ __attribute__((target("avx2,fma"))) void ssim_block_avx2(const float* x, const f
 using BlockFn = void (*)(const float*, const float*, const float*, const vf*, const vf*, const vf*, const vf*,
                          const Geometry&, float, float, vf*, float*);
 
-// NFKERNELS_NO_AVX2=1 forces the baseline copy (tests run both on an AVX2 machine), as in siren_cpu.cpp.
 BlockFn pick_block_fn() {
 #ifdef NFK_X86_DISPATCH
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("NFKERNELS_NO_AVX2") == nullptr)
-    return ssim_block_avx2;
+  if (nfk::use_avx2()) return ssim_block_avx2;
 #endif
   return ssim_block_base;
 }
