@@ -128,13 +128,15 @@ def main(argv=None):
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: a row that says so
                     rows.append({"contender": name, "batch": batch, "kv_len": kv_len, "error": str(exc)[:200]})
                     print(f"{name:<34}{batch:>6}{kv_len:>7}  failed: {str(exc).splitlines()[0][:80]}")
-            for name, ms in time_ms(ok, args.iters, args.repeats).items():
-                row = {"contender": name, "batch": batch, "kv_len": kv_len, "n_head": H, "n_kv_head": H_kv,
-                       "head_dim": d, "ms": ms, "kv_gb_per_s": needed / ms / 1e6, "max_abs_err": errs[name]}
-                rows.append(row)
-                print(f"{name:<34}{batch:>6}{kv_len:>7}{ms:>9.4f}{row['kv_gb_per_s']:>9.1f}  {errs[name]:.1e}")
-            mine = [r for r in rows[-len(ok):] if r["contender"].startswith(("triton", "cpp"))]
-            base = next((r for r in rows[-len(ok):] if r["contender"] == base_name), None)
+            timed = [{"contender": name, "batch": batch, "kv_len": kv_len, "n_head": H, "n_kv_head": H_kv,
+                      "head_dim": d, "ms": ms, "kv_gb_per_s": needed / ms / 1e6, "max_abs_err": errs[name]}
+                     for name, ms in time_ms(ok, args.iters, args.repeats).items()]
+            for row in timed:
+                print(f"{row['contender']:<34}{batch:>6}{kv_len:>7}{row['ms']:>9.4f}{row['kv_gb_per_s']:>9.1f}  "
+                      f"{row['max_abs_err']:.1e}")
+            rows += timed
+            mine = [r for r in timed if r["contender"].startswith(("triton", "cpp"))]
+            base = next((r for r in timed if r["contender"] == base_name), None)
             if mine and base:
                 best = min(mine, key=lambda r: r["ms"])
                 best["speedup_vs_" + base_name] = base["ms"] / best["ms"]

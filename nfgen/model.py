@@ -6,8 +6,9 @@ is bound by reading the KV cache, which shrinks by n_head / n_kv_head. Training 
 `forward` (causal over the whole sequence). Generation uses `setup_kv_cache` once and then `forward_cached`:
 keys and values go into preallocated [B, kv heads, T_max, head_dim] buffers written in place, so a decode
 step has fixed shapes and can be captured in a CUDA graph (optionally with a Triton decode-attention kernel,
-nfkernels.decode_attention, that reads only the filled slots; on CPU its C++ version is the fast path). The embedding and output weights are not tied,
-so every parameter is its own tensor in the state dict (safetensors refuses shared storage).
+nfkernels.decode_attention, that reads only the filled slots; on CPU its C++ op is the fast path). The
+embedding and output weights are not tied, so every parameter is its own tensor in the state dict
+(safetensors refuses shared storage).
 
 Token ids alone do not say that two codes stand for nearly the same weight. With `value_features` > 0 every
 code token also embeds its code vector (through `code_value_features`, stored as a buffer set from the
