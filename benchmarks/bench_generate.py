@@ -24,6 +24,7 @@ Batches {1, 64, 1024} on CUDA, 16 on CPU. --quick (CPU): 2 layers, 4 heads, widt
               generate_tokens for that many fields, timed whole (setup and capture included), at the batch size
               `nfgen generate` picks from free memory and at each of --total-batches; timed before the other
               rows (after an untimed warm-up that compiles the Triton kernels), as a user's run would start.
+              On CUDA also with the Triton decode attention at the default batch (--total-attention).
 --n-kv-head K times the same model with grouped-query attention (K key/value heads; every contender uses
 them, the eager ones by expanding K/V to all heads as a plain implementation would).
 On CUDA (or with --peer-sdpa both) each peer runs twice: with torch's default SDPA dispatch, and as "<peer>[no-cudnn]" with cuDNN's
@@ -215,6 +216,9 @@ def main(argv=None):
                     help="also time one run of this many fields (default: 10000 on CUDA, none on CPU)")
     ap.add_argument("--total-batches", default="2048",
                     help="comma-separated batch sizes for the --total-fields run, beside the free-memory default")
+    ap.add_argument("--total-attention", default=None,
+                    help="comma-separated --attention choices for the --total-fields run at the default batch "
+                         "(default: auto,triton on CUDA, auto on CPU); other batches run with auto")
     ap.add_argument("--peer-sdpa", choices=("auto", "default", "both"), default="auto",
                     help="the peers' SDPA: torch's default dispatch, or both it and cuDNN excluded (auto: both on CUDA)")
     ap.add_argument("--out", default=None, help="write every row as JSON here")
@@ -271,16 +275,23 @@ def main(argv=None):
         from nfgen.generate import default_batch_size
 
         auto = default_batch_size(model, length, device, guided=False)
-        nfgen_generate(model, vocab, 2, min(length, 8), device)  # warm-up: Triton compilation, not timed
-        for batch in dict.fromkeys([auto] + [int(b) for b in args.total_batches.split(",") if b]):
-            sec = timed(lambda: nfgen_generate(model, vocab, batch, length, device, n_fields=total), device)
-            row = {"method": "nfgen-total", "batch": batch, "batch_is_default": batch == auto, "fields": total,
-                   "length": length, "seconds": sec, "seconds_all": [sec], "tokens_per_s": total * length / sec,
-                   "fields_per_s": total / sec, "ms_per_step": None, "estimated": False}
+        attentions = (args.total_attention or ("auto,triton" if on_cuda else "auto")).split(",")
+        runs = [(auto, a) for a in attentions] + [(int(b), "auto") for b in args.total_batches.split(",")
+                                                  if b and int(b) != auto]
+        for a in attentions:  # warm-up: Triton compilation, not timed
+            nfgen_generate(model, vocab, 2, min(length, 8), device, attention=a)
+        for batch, attention in runs:
+            sec = timed(lambda: nfgen_generate(model, vocab, batch, length, device, attention=attention,
+                                               n_fields=total), device)
+            row = {"method": "nfgen-total", "batch": batch, "batch_is_default": batch == auto, "attention": attention,
+                   "fields": total, "length": length, "seconds": sec, "seconds_all": [sec],
+                   "tokens_per_s": total * length / sec, "fields_per_s": total / sec, "ms_per_step": None,
+                   "estimated": False}
             rows.append(row)
             save()
             print(f"{'nfgen-total':<20}{batch:>6}{sec:>10.3f}{row['tokens_per_s']:>12.0f}{row['fields_per_s']:>10.2f}"
-                  f"  {total} fields in one call{' (default batch)' if batch == auto else ''}", flush=True)
+                  f"  {total} fields in one call, attention {attention}{' (default batch)' if batch == auto else ''}",
+                  flush=True)
     for batch in batches:
         n_batches = 2 if batch >= 1024 else 4  # nfgen runs several batches per call, like `nfgen generate`
         results = {}

@@ -14,11 +14,13 @@ def test_bench_generate_rows_and_peer_variants(tmp_path):
 
     out = tmp_path / "g.json"
     bench_generate.main(["--quick", "--batches", "2", "--repeats", "1", "--peer-sdpa", "both", "--total-fields", "5",
-                         "--total-batches", "3", "--out", str(out)])
+                         "--total-batches", "3", "--total-attention", "auto,sdpa", "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["complete"]
     totals = [r for r in res["rows"] if r["method"] == "nfgen-total"]
-    assert [r["batch_is_default"] for r in totals] == [True, False] and {r["fields"] for r in totals} == {5}
+    assert [(r["batch_is_default"], r["attention"]) for r in totals] == [(True, "auto"), (True, "sdpa"),
+                                                                          (False, "auto")]
+    assert {r["fields"] for r in totals} == {5}
     rows = {r["method"]: r for r in res["rows"] if r["method"] != "nfgen-total"}
     assert set(rows) == {"recompute", "recompute[no-cudnn]", "eager-kv", "eager-kv[no-cudnn]", "nfgen", "nfgen-sdpa"}
     nfgen = rows["nfgen"]
