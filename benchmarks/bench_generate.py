@@ -27,12 +27,12 @@ Batches {1, 64, 1024} on CUDA, 16 on CPU. --quick (CPU): 2 layers, 4 heads, widt
               On CUDA also with the Triton decode attention at the default batch (--total-attention).
 --n-kv-head K times the same model with grouped-query attention (K key/value heads; every contender uses
 them, the eager ones by expanding K/V to all heads as a plain implementation would).
-On CUDA (or with --peer-sdpa both) each peer runs twice: with torch's default SDPA dispatch, and as "<peer>[no-cudnn]" with cuDNN's
-attention excluded (sdpa_without_cudnn: the H100 run of 2629ac1 saw both peers spend 45-60 ms a decode step
-whatever the batch, a fixed host cost that fits cuDNN re-planning for every new length); the JSON records which
-SDPA kernel the default dispatch picks for the peers' shapes.
-Times are medians over --repeats; "x recompute" / "x eager-kv" are nfgen's tokens/s over the faster variant's. nfgen rows
-also give the KV-cache bytes its decode steps read per second (every layer's K and V over the attended
+On CUDA (or with --peer-sdpa both) each peer runs twice: with torch's default SDPA dispatch, and as
+"<peer>[no-cudnn]" with cuDNN's attention excluded (sdpa_without_cudnn: the H100 run of 2629ac1 saw both peers
+spend 45-60 ms a decode step whatever the batch, a fixed host cost that fits cuDNN re-planning for every new
+length); the JSON records which SDPA kernel the default dispatch picks for the peers' shapes.
+Times are medians over --repeats; "x recompute" / "x eager-kv" are nfgen's tokens/s over the faster variant's.
+nfgen rows also give the KV-cache bytes its decode steps read per second (every layer's K and V over the attended
 slots: the whole 128-slot bucket with SDPA on CUDA, the filled prefix otherwise), the bound of large-batch
 decoding.
 
@@ -220,7 +220,8 @@ def main(argv=None):
                     help="comma-separated --attention choices for the --total-fields run at the default batch "
                          "(default: auto,triton on CUDA, auto on CPU); other batches run with auto")
     ap.add_argument("--peer-sdpa", choices=("auto", "default", "both"), default="auto",
-                    help="the peers' SDPA: torch's default dispatch, or both it and cuDNN excluded (auto: both on CUDA)")
+                    help="the peers' SDPA: torch's default dispatch, or both it and cuDNN excluded "
+                         "(auto: both on CUDA)")
     ap.add_argument("--out", default=None, help="write every row as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

@@ -96,7 +96,7 @@ def test_16_bit_caches(dtype, use_dot, atol):
 
 
 # B, H, H_kv, d, S_max for the C++ op: d = 16/32/48/64 take the kernels specialised on d, 7 / 20 / 24 the
-# generic loop; G = H / H_kv from 1 to 8; S_max odd, so the 8-wide softmax has a tail at most kv_len
+# generic loop; G = H / H_kv from 1 to 8; S_max odd, so at kv_len = S_max the 8-wide softmax blocks leave a tail
 CPP_CASES = [(3, 3, 3, 16, 37), (2, 6, 2, 32, 45), (1, 8, 1, 48, 29), (2, 4, 2, 64, 19), (2, 3, 1, 7, 13),
              (1, 6, 3, 20, 11), (2, 8, 4, 24, 9)]
 
