@@ -75,6 +75,7 @@ def run_baseline(fields_path, out_dir, *, per_class: int = 10, unconditional: in
     the per-class Gaussian over a fields file's weights; over a tokens file, "marginals" its tokens drawn position
     by position and "bootstrap" its fields copied and jittered by `bandwidth` class stds (default 0.5; both decoded
     with `weights` / `expected_from` as `nfgen generate` decodes)."""
+    from nfgen.fields import training_split
     from nfgen.generate import SampleConfig, check_expected_from, check_sample_counts, classes_to_sample, save_samples
 
     if kind not in KINDS:
@@ -122,7 +123,8 @@ def run_baseline(fields_path, out_dir, *, per_class: int = 10, unconditional: in
         out = gaussian_samples(data.weights, labels, classes, make_generator(seed))
         about = {"baseline": "per-class Gaussian over the weights"}
     seconds = time.perf_counter() - t0
-    samples, png = save_samples(out_dir, out, classes, spec, image_shape, n_classes, {**about, **source, "seed": seed})
+    samples, png = save_samples(out_dir, out, classes, spec, image_shape, n_classes,
+                                {**about, **source, "seed": seed, "training_split": training_split(data.meta)})
     return {"kind": kind, "n_fields": len(classes), "samples": str(samples), "png": str(png),
             "training_fields": len(labels), "seconds": round(seconds, 3)}
 

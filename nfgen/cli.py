@@ -194,7 +194,8 @@ def cmd_evaluate(args) -> dict:
     summary = run_evaluate(_path(args.samples, run, "samples.safetensors"), run, ref_split=args.ref_split,
                            train_split=args.train_split, classifier_path=classifier, data_root=args.data_root,
                            device=args.device, seed=args.seed, quiet=args.quiet, images_path=args.images)
-    _save_config(run, "evaluate", args, classifier=str(classifier) if classifier else None)
+    _save_config(run, "evaluate", args, classifier=str(classifier) if classifier else None,
+                 ref_split=summary["splits"]["references"], train_split=summary["splits"]["train"])
     return summary
 
 
@@ -363,8 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--images", default=None,
                         help="instead, images from any generator: a safetensors file with 'images' (float "
                              "[N, H, W(, C)] in [0, 1], or uint8) and optional 'labels' (int [N], -1 = unconditional)")
-    p.add_argument("--ref-split", default="mnist:test[8000:]", help="held-out references (default: mnist:test[8000:])")
-    p.add_argument("--train-split", default="mnist:test[:8000]", help="training split, for memorisation and the oracle")
+    p.add_argument("--ref-split", default=None,
+                   help="held-out references (default for MNIST samples: mnist:test[8000:]; needed for others)")
+    p.add_argument("--train-split", default=None,
+                   help="training images, for memorisation and the oracle (default: the split the samples' GPT was "
+                        "trained on, as the samples file records; else mnist:test[:8000])")
     p.add_argument("--classifier", default=None, help="classifier file (default: RUN/classifier.safetensors if present)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the subsampling to |Sg| = |Sr| (default: 0)")

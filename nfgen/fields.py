@@ -376,6 +376,14 @@ def load_fields(path, hint: str = FIT_HINT) -> Fields:
                   meta=meta)
 
 
+def training_split(meta: dict) -> str | None:
+    """The split a fields or tokens file's fields were fitted to, or the one generated fields were trained on
+    (`training_split`, written by generate and baseline) → its spec, or None when the file does not say."""
+    source = meta.get("source")
+    split = source.get("split") if isinstance(source, dict) else meta.get("training_split")
+    return split if isinstance(split, str) else None
+
+
 # ----------------------------------------------------------------------------- the stage: sharded, resumable
 
 # Options that do not change what a fit computes: a resumed run may change them freely.

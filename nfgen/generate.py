@@ -464,6 +464,8 @@ def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, uncon
     """Sample fields with a trained model; write OUT/samples.safetensors (a fields file) and OUT/samples.png.
 
     Under torchrun the batches are split over the ranks and rank 0 writes the files."""
+    from nfgen.fields import training_split
+
     cfg = cfg or SampleConfig()
     cfg.validate()
     distributed.init_from_env(device)
@@ -480,7 +482,8 @@ def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, uncon
     fields_path, png_path = sample_paths(out_dir)
     if distributed.is_main():  # every rank holds all the tokens; rank 0 writes
         save_samples(out_dir, weights, classes, ts.spec, ts.image_shape, n_classes,
-                     {"model": str(model_path), "tokens": str(tokens_path), "sampling": asdict(cfg)})
+                     {"model": str(model_path), "tokens": str(tokens_path), "sampling": asdict(cfg),
+                      "training_split": training_split(ts.meta)})
     distributed.barrier()  # no rank returns before the samples exist
     return {"n_fields": n, "samples": str(fields_path), "png": str(png_path), "seconds": round(seconds, 3),
             "fields_per_s": round(n / seconds, 2), "tokens_per_s": round(n * tok.tokens_per_field / seconds, 1),

@@ -35,6 +35,8 @@ from nfkernels.ssim import _backend as _ssim_backend  # which kernel a search ru
 from nfkernels.ssim import _same_set, nearest_from_matrix, ssim_distance, ssim_nearest, ssim_nearest_both
 
 MEMORISED_SSIM = 0.95
+DEFAULT_REF_SPLIT = "mnist:test[8000:]"
+DEFAULT_TRAIN_SPLIT = "mnist:test[:8000]"
 GENERATE_HINT = "run `nfgen generate` first"
 IMAGES_HINT = ("write one with safetensors.torch.save_file({'images': float [N, H, W(, C)] in [0, 1], "
                "'labels': int64 [N] (-1 = unconditional; optional)}, path)")
@@ -360,14 +362,44 @@ def save_nearest_grid(path, sample_images, labels, train_images, nearest_index, 
     save_grid(torch.cat(rows), path, nrow=per_row, row_labels=names)
 
 
-def run_evaluate(samples_path, out_dir, *, ref_split: str = "mnist:test[8000:]", train_split: str = "mnist:test[:8000]",
+def default_splits(samples_meta: dict, ref_split: str | None, train_split: str | None) -> tuple[str, str]:
+    """(references, training images) for evaluate: the training split defaults to the one the samples' GPT
+    was trained on (recorded by generate / baseline), else DEFAULT_TRAIN_SPLIT; the references default to
+    DEFAULT_REF_SPLIT, for MNIST only: another dataset's held-out images are the caller's to name."""
+    from nfgen.data import parse_split
+    from nfgen.fields import training_split
+
+    train_split = train_split or training_split(samples_meta) or DEFAULT_TRAIN_SPLIT
+    if ref_split is None:
+        dataset = parse_split(train_split)[0]
+        if dataset != parse_split(DEFAULT_REF_SPLIT)[0]:
+            raise NfgenError(f"the samples come from {train_split}; name held-out {dataset} images as references "
+                             f"with --ref-split (the default, {DEFAULT_REF_SPLIT}, is MNIST)")
+        ref_split = DEFAULT_REF_SPLIT
+    return ref_split, train_split
+
+
+def check_held_out(ref, train) -> None:
+    """Refuse references that are also training images: the oracle and memorisation would score copies."""
+    from nfgen.data import parse_split
+
+    (ref_name, ref_set, _), (train_name, train_set, _) = parse_split(ref.spec), parse_split(train.spec)
+    if (ref_name, ref_set) == (train_name, train_set):
+        shared = len(set(ref.indices.tolist()) & set(train.indices.tolist()))
+        if shared:
+            images = "image" if shared == 1 else "images"
+            raise NfgenError(f"{ref.spec} and {train.spec} share {shared} {images}; the references must be held "
+                             f"out: pass a --ref-split (or --train-split) that does not overlap the other")
+
+
+def run_evaluate(samples_path, out_dir, *, ref_split: str | None = None, train_split: str | None = None,
                  classifier_path=None, data_root=None, device: str = "auto", seed: int = 0, backend: str = "auto",
                  quiet: bool = False, images_path=None) -> dict:
     """Load, evaluate, write out_dir/metrics.json and out_dir/nearest.png; returns the metrics.
 
     The samples are generated fields (`samples_path`, rendered here) or, with `images_path`, an images file
-    (load_images) from any generator. Under torchrun the nearest-neighbour searches are split over the ranks and
-    rank 0 writes the files."""
+    (load_images) from any generator. Unnamed splits default as `default_splits` says. Under torchrun the
+    nearest-neighbour searches are split over the ranks and rank 0 writes the files."""
     from nfgen.data import load_split
     from nfgen.fields import load_fields, render_fields
 
@@ -376,8 +408,10 @@ def run_evaluate(samples_path, out_dir, *, ref_split: str = "mnist:test[8000:]",
     dev = pick_device(device)
     source = images_path if images_path is not None else samples_path
     samples = load_images(images_path) if images_path is not None else load_fields(samples_path, hint=GENERATE_HINT)
+    ref_split, train_split = default_splits(getattr(samples, "meta", {}), ref_split, train_split)
     ref = load_split(ref_split, data_root=data_root)
     train = load_split(train_split, data_root=data_root)
+    check_held_out(ref, train)
     shape = tuple(samples.images.shape[1:]) if images_path is not None else tuple(samples.image_shape)
     if shape != tuple(ref.image_shape):
         raise NfgenError(f"{source} holds {shape} images but {ref_split} has {tuple(ref.image_shape)}; evaluate "

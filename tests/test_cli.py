@@ -28,8 +28,7 @@ def run_dir(tmp_path_factory, data_root):
                  "--epochs", "1", "--quiet"]) == 0
     assert main(["generate", *r, "--per-class", "2", "--unconditional", "4", "--temperature", "0.9",
                  "--top-k", "8", "--quiet"]) == 0
-    assert main(["evaluate", *r, "--ref-split", "mnist:test[8000:8060]", "--train-split", "mnist:test[:40]",
-                 "--quiet"]) == 0
+    assert main(["evaluate", *r, "--ref-split", "mnist:test[8000:8060]", "--quiet"]) == 0  # training split: recorded
     return run
 
 
@@ -44,7 +43,11 @@ def test_pipeline_writes_every_artifact(run_dir):
     samples = load_fields(run_dir / "samples.safetensors")
     assert samples.weights.shape == (24, 33)
     assert samples.labels.tolist() == sorted([c for c in range(10) for _ in range(2)]) + [-1] * 4
+    assert samples.meta["training_split"] == "mnist:test[:40]"  # the fields' split, through the tokens file
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    # evaluate took the training split the samples record for memorisation and the oracle, not its MNIST default
+    assert metrics["splits"] == {"references": "mnist:test[8000:8060]", "train": "mnist:test[:40]"}
+    assert json.loads((run_dir / "evaluate.config.json").read_text())["train_split"] == "mnist:test[:40]"
     group = metrics["groups"]["conditional_all"]
     for key in ("mmd", "cov", "1nna"):
         assert set(group[key]) == {"samples", "oracle"}
@@ -300,6 +303,20 @@ def test_usage_errors_are_one_line(cli, tmp_path):
     assert_clean_error(cli("evaluate", "--run", str(tmp_path), "--samples", "s.safetensors",
                            "--images", "i.safetensors"), "argument --images: not allowed with argument --samples")
     assert not any(tmp_path.iterdir())
+
+
+def test_evaluate_refuses_references_it_cannot_use(cli, run_dir, tmp_path):
+    out = ["--run", str(tmp_path), "--samples", str(run_dir / "samples.safetensors"), "--quiet"]
+    # references that are training images too: the oracle and memorisation would score copies of themselves
+    assert_clean_error(cli("evaluate", *out, "--ref-split", "mnist:test[30:90]"),
+                       "mnist:test[30:90] and mnist:test[:40] share 10 images; the references must be held out")
+    assert_clean_error(cli("evaluate", *out, "--ref-split", "mnist:test[8000:8060]", "--train-split",
+                           "mnist:test[7990:8001]"), "share 1 image;")
+    # no default references for a dataset other than MNIST
+    assert_clean_error(cli("evaluate", *out, "--train-split", "cifar10:test[:40]"),
+                       "the samples come from cifar10:test[:40]; name held-out cifar10 images as references with "
+                       "--ref-split")
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_evaluate_images_from_another_generator(cli, tmp_path, data_root):
@@ -585,8 +602,9 @@ def test_rgb_pipeline_end_to_end(tmp_path, cifar_data_root):
                  "cifar10:test[9000:9100]", "--epochs", "1"]) == 0
     assert main(["generate", *run, "--per-class", "2", "--unconditional", "4", "--weights", "expected",
                  "--expected-from", "32"]) == 0
-    assert main(["evaluate", *run, "--ref-split", "cifar10:test[8000:8040]", "--train-split",
-                 "cifar10:test[:60]"]) == 0
+    assert main(["evaluate", *run]) == 2  # MNIST's default references do not fit: named in one line, below
+    assert not (tmp_path / "metrics.json").exists()
+    assert main(["evaluate", *run, "--ref-split", "cifar10:test[8000:8040]"]) == 0
     fields = load_fields(tmp_path / "fields.safetensors")
     assert fields.meta["architecture"]["out_dim"] == 3 and list(fields.meta["image_shape"]) == [32, 32, 3]
     assert fields.weights.shape == (60, 2 * 16 + 16 + 16 * 16 + 16 + 16 * 3 + 3)
@@ -595,5 +613,6 @@ def test_rgb_pipeline_end_to_end(tmp_path, cifar_data_root):
     assert samples.weights.shape == (24, fields.weights.shape[1]) and torch.isfinite(samples.weights).all()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["sizes"]["image_shape"] == [32, 32, 3]
+    assert metrics["splits"] == {"references": "cifar10:test[8000:8040]", "train": "cifar10:test[:60]"}
     assert all(0 <= v <= 1 for m in ("mmd", "cov", "1nna") for v in metrics["groups"]["conditional_all"][m].values())
     assert (tmp_path / "samples.png").stat().st_size > 0 and (tmp_path / "nearest.png").stat().st_size > 0

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nfgen.io import NfgenError
-from nfgen.metrics import (distance_metrics, evaluate, load_images, memorisation, metrics_from_nearest,
+from nfgen.metrics import (DEFAULT_REF_SPLIT, DEFAULT_TRAIN_SPLIT, check_held_out, default_splits,
+                           distance_metrics, evaluate, load_images, memorisation, metrics_from_nearest,
                            nearest_from_matrices, run_evaluate)
 
 
@@ -132,6 +133,35 @@ def _write_fields(path, n, image_shape=(28, 28), labels=None, seed=0):
     w[:, -1] = 0.5  # output bias: mid-grey images with some structure
     labels = torch.arange(n) % 3 if labels is None else labels
     save_fields(path, w, labels, torch.zeros(n), spec, image_shape, {"source": "test"})
+
+
+def test_default_splits():
+    fitted_on = {"source": {"split": "mnist:test[:2000]", "indices": [0, 1]}}  # a fields or tokens file
+    generated = {"training_split": "mnist:test[:2000]"}  # generate's samples
+    for meta in (fitted_on, generated):
+        assert default_splits(meta, None, None) == (DEFAULT_REF_SPLIT, "mnist:test[:2000]")
+    assert default_splits({}, None, None) == (DEFAULT_REF_SPLIT, DEFAULT_TRAIN_SPLIT)  # e.g. an images file
+    assert default_splits({"source": "hand-edited"}, None, None)[1] == DEFAULT_TRAIN_SPLIT
+    named = default_splits(generated, "mnist:test[9000:]", "mnist:test[:100]")  # named splits win
+    assert named == ("mnist:test[9000:]", "mnist:test[:100]")
+    assert default_splits({"training_split": "cifar10:test[:60]"}, "cifar10:test[60:]", None) == (
+        "cifar10:test[60:]", "cifar10:test[:60]")
+    with pytest.raises(NfgenError, match=r"come from cifar10:test\[:60\]; name held-out cifar10 images"):
+        default_splits({"training_split": "cifar10:test[:60]"}, None, None)
+
+
+def _split(spec: str, indices) -> SimpleNamespace:
+    return SimpleNamespace(spec=spec, indices=torch.tensor(indices))
+
+
+def test_check_held_out():
+    check_held_out(_split("mnist:test[8000:]", range(8000, 10000)), _split("mnist:test[:8000]", range(8000)))
+    check_held_out(_split("mnist:test[:100]", range(100)), _split("mnist:train[:100]", range(100)))  # other set
+    check_held_out(_split("cifar10:test[:100]", range(100)), _split("mnist:test[:100]", range(100)))  # other data
+    with pytest.raises(NfgenError, match=r"mnist:test\[95:\] and mnist:test\[:100\] share 5 images"):
+        check_held_out(_split("mnist:test[95:]", range(95, 10000)), _split("mnist:test[:100]", range(100)))
+    with pytest.raises(NfgenError, match="share 1 image;"):  # a negative slice resolves to the same positions
+        check_held_out(_split("mnist:test[-1:]", [9999]), _split("mnist:test[9999:]", [9999]))
 
 
 def test_run_evaluate_writes_outputs(tmp_path, data_root):
