@@ -78,14 +78,21 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     return shifted.gather(3, cols)
 
 
+def check_classifier_fits(model: nn.Module, image_shape: tuple) -> None:
+    """Refuse images [H, W] or [H, W, C] of another shape than the classifier was trained on."""
+    cfg = model.cfg
+    channels = image_shape[2] if len(image_shape) == 3 else 1
+    if (channels, *image_shape[:2]) != (cfg.in_channels, *cfg.image_hw):
+        raise NfgenError(f"classifier expects images of shape {tuple(cfg.image_hw)} with {cfg.in_channels} "
+                         f"channel(s), got {tuple(image_shape)}; use a classifier trained on this dataset")
+
+
 @torch.no_grad()
 def classify(model: nn.Module, images: torch.Tensor, batch: int = 1024) -> torch.Tensor:
     """Logits [N, n_classes] (float32, CPU) for images [N, H, W] or [N, H, W, C] in [0, 1]."""
+    check_classifier_fits(model, tuple(images.shape[1:]))
     x = to_nchw(images)
     cfg = model.cfg
-    if tuple(x.shape[1:]) != (cfg.in_channels, *cfg.image_hw):
-        raise NfgenError(f"classifier expects images of shape {tuple(cfg.image_hw)} with {cfg.in_channels} "
-                         f"channel(s), got {tuple(images.shape[1:])}; use a classifier trained on this dataset")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -175,17 +182,15 @@ def run_classifier(train_split: str = "mnist:test[:8000]", heldout_split: str = 
                    out_path="classifier.safetensors", *, epochs: int | None = None, seed: int = 0, device="auto",
                    data_root=None, quiet: bool = False, download: bool = False) -> dict:
     """Train on `train_split`, report accuracy on `heldout_split`, write the classifier artifact."""
-    from nfgen.data import load_split
+    from nfgen.data import load_split, shared_images
 
     train = load_split(train_split, data_root=data_root, download=download)
     held = load_split(heldout_split, data_root=data_root, download=download)
     if train.images.shape[1:] != held.images.shape[1:]:
         raise NfgenError(f"train split {train.spec} has images {tuple(train.images.shape[1:])} but held-out "
                          f"{held.spec} has {tuple(held.images.shape[1:])}; use splits of the same dataset")
-    overlap = set(train.indices.tolist()) & set(held.indices.tolist()) if train.spec.split(
-        "[")[0] == held.spec.split("[")[0] else set()
-    if overlap:
-        raise NfgenError(f"train and held-out splits share {len(overlap)} images; use disjoint slices such as "
+    if shared := shared_images(train, held):
+        raise NfgenError(f"train and held-out splits share {shared} images; use disjoint slices such as "
                          "mnist:test[:8000] and mnist:test[8000:]")
     model, info = train_classifier(train.images, train.labels, held.images, held.labels, epochs=epochs, seed=seed,
                                    device=device, quiet=quiet, n_classes=train.n_classes)

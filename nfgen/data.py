@@ -54,6 +54,13 @@ class Split:
         return self.images.shape[0]
 
 
+def shared_images(a: Split, b: Split) -> int:
+    """How many images two splits have in common (splits of the same set share the positions in both)."""
+    if parse_split(a.spec)[:2] != parse_split(b.spec)[:2]:
+        return 0
+    return len(set(a.indices.tolist()) & set(b.indices.tolist()))
+
+
 def resolve_data_root(root: str | os.PathLike | None = None) -> Path:
     if root:
         return Path(root).expanduser()

@@ -381,15 +381,12 @@ def default_splits(samples_meta: dict, ref_split: str | None, train_split: str |
 
 def check_held_out(ref, train) -> None:
     """Refuse references that are also training images: the oracle and memorisation would score copies."""
-    from nfgen.data import parse_split
+    from nfgen.data import shared_images
 
-    (ref_name, ref_set, _), (train_name, train_set, _) = parse_split(ref.spec), parse_split(train.spec)
-    if (ref_name, ref_set) == (train_name, train_set):
-        shared = len(set(ref.indices.tolist()) & set(train.indices.tolist()))
-        if shared:
-            images = "image" if shared == 1 else "images"
-            raise NfgenError(f"{ref.spec} and {train.spec} share {shared} {images}; the references must be held "
-                             f"out: pass a --ref-split (or --train-split) that does not overlap the other")
+    if shared := shared_images(ref, train):
+        images = "image" if shared == 1 else "images"
+        raise NfgenError(f"{ref.spec} and {train.spec} share {shared} {images}; the references must be held out: "
+                         f"pass a --ref-split (or --train-split) that does not overlap the other")
 
 
 def run_evaluate(samples_path, out_dir, *, ref_split: str | None = None, train_split: str | None = None,
@@ -418,9 +415,10 @@ def run_evaluate(samples_path, out_dir, *, ref_split: str | None = None, train_s
                          f"against the dataset the {'images' if images_path is not None else 'fields'} come from")
     classifier = None
     if classifier_path is not None:
-        from nfgen.classifier import load_classifier
+        from nfgen.classifier import check_classifier_fits, load_classifier
 
         classifier = load_classifier(classifier_path, dev)
+        check_classifier_fits(classifier, shape)  # before the searches, not after them
     if images_path is not None:
         images = samples.images.to(dev)
     else:

@@ -175,6 +175,25 @@ def test_run_evaluate_writes_outputs(tmp_path, data_root):
     assert written["groups"]["conditional_all"]["1nna"]["samples"] >= written["groups"]["conditional_all"]["1nna"]["oracle"]
 
 
+def test_run_evaluate_refuses_a_classifier_of_other_images_before_any_search(tmp_path, data_root, monkeypatch):
+    from nfgen import metrics
+    from nfgen.classifier import ClassifierConfig, SmallCNN, classify, save_classifier
+
+    colour = SmallCNN(ClassifierConfig(in_channels=3, image_hw=(32, 32)))
+    save_classifier(tmp_path / "clf.safetensors", colour, {})
+    _write_fields(tmp_path / "s.safetensors", 6)
+    monkeypatch.setattr(metrics, "evaluate", lambda *a, **k: pytest.fail("the searches ran before the check"))
+    with pytest.raises(NfgenError, match=r"classifier expects images of shape \(32, 32\) with 3 channel\(s\), got "
+                                         r"\(28, 28\); use a classifier trained on this dataset"):
+        run_evaluate(tmp_path / "s.safetensors", tmp_path / "eval", ref_split="mnist:test[9000:9060]",
+                     train_split="mnist:test[:80]", classifier_path=tmp_path / "clf.safetensors",
+                     data_root=data_root, device="cpu", quiet=True)
+    assert not (tmp_path / "eval").exists()
+    assert classify(colour, torch.rand(2, 32, 32, 3)).shape == (2, 10)  # what it was trained for it takes
+    with pytest.raises(NfgenError, match=r"got \(32, 32\); use"):  # one channel of the right size is not enough
+        classify(colour, torch.rand(2, 32, 32))
+
+
 def test_run_evaluate_with_classifier(tmp_path, data_root):
     from nfgen.classifier import ClassifierConfig, SmallCNN, save_classifier
 
