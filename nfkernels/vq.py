@@ -129,19 +129,25 @@ def _kmeanspp_init(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
     """k-means++: each next code drawn with probability ∝ squared distance to the nearest code so far.
 
     Stays on the device without host syncs (cumsum + searchsorted instead of multinomial, which also
-    caps the number of categories at 2^24).
+    caps the number of categories at 2^24). Every step writes into the same buffers: k rounds of fresh
+    [M]-sized temporaries fragmented glibc's heap on CPU until the peak RSS reached ~200 bytes a point.
     """
     M = x.shape[0]
-    first = torch.randint(M, (1,), generator=g, device=x.device)
-    codes = [x[first]]
-    d2 = (x - codes[0]).pow(2).sum(1)
-    for _ in range(1, k):
-        cdf = d2.double().cumsum(0)
-        r = torch.rand(1, generator=g, device=x.device, dtype=torch.float64) * cdf[-1]
-        j = torch.searchsorted(cdf, r, right=True).clamp_(max=M - 1)
-        codes.append(x[j])
-        d2 = torch.minimum(d2, (x - codes[-1]).pow(2).sum(1))
-    return torch.cat(codes)
+    codes = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    diff, d2, cand = torch.empty_like(x), x.new_empty(M), x.new_empty(M)
+    cdf = torch.empty(M, dtype=torch.float64, device=x.device)
+    j = torch.randint(M, (1,), generator=g, device=x.device)
+    for i in range(k):
+        torch.index_select(x, 0, j, out=codes[i:i + 1])
+        torch.sub(x, codes[i], out=diff)
+        torch.sum(diff.mul_(diff), 1, out=d2 if i == 0 else cand)
+        if i:
+            torch.minimum(d2, cand, out=d2)
+        if i + 1 < k:
+            torch.cumsum(d2, 0, dtype=torch.float64, out=cdf)
+            r = torch.rand(1, generator=g, device=x.device, dtype=torch.float64) * cdf[-1]
+            j = torch.searchsorted(cdf, r, right=True).clamp_(max=M - 1)
+    return codes
 
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 30, init: str = "kmeans++", seed: int = 0,

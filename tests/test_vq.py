@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nfkernels import _ext
-from nfkernels.vq import MAX_DIM, kmeans, vq_assign, vq_assign_reference
+from nfkernels.vq import MAX_DIM, _kmeanspp_init, kmeans, vq_assign, vq_assign_reference
 
 ENGINES = [("torch", "brute"), ("cpp", "brute"), ("triton", "brute"), ("torch", "sorted"), ("cpp", "sorted")]
 
@@ -270,6 +270,29 @@ def test_kmeans_inertia_never_increases(init):
     # the returned codebook is the one whose error was recorded last
     final = vq_assign(x, codebook, return_distance=True)[1].double().mean().item()
     assert final == pytest.approx(history[-1], rel=1e-9)
+
+
+def kmeanspp_reference(x, k, g):
+    """k-means++ written plainly: a fresh tensor for every step."""
+    M = x.shape[0]
+    codes = [x[torch.randint(M, (1,), generator=g)]]
+    d2 = (x - codes[0]).pow(2).sum(1)
+    for _ in range(1, k):
+        cdf = d2.double().cumsum(0)
+        j = torch.searchsorted(cdf, torch.rand(1, generator=g, dtype=torch.float64) * cdf[-1], right=True)
+        codes.append(x[j.clamp_(max=M - 1)])
+        d2 = torch.minimum(d2, (x - codes[-1]).pow(2).sum(1))
+    return torch.cat(codes)
+
+
+@pytest.mark.parametrize("M,d,k", [(1, 1, 1), (77, 3, 77), (5001, 4, 37), (100_003, 1, 256), (2999, 8, 5)])
+def test_kmeanspp_init_draws_what_the_plain_recipe_draws(M, d, k):
+    # the init reuses its buffers step to step (no fresh [M] temporaries); the draws must not change
+    x = torch.randn(M, d, generator=torch.Generator().manual_seed(M))
+    x[: M // 3] = x[0]  # repeated points: a chosen point's d² is 0, so later draws must skip it
+    got = _kmeanspp_init(x, k, torch.Generator().manual_seed(9))
+    assert torch.equal(got, kmeanspp_reference(x, k, torch.Generator().manual_seed(9)))
+    assert got.shape == (k, d) and got.is_contiguous()
 
 
 def test_kmeans_seed_determinism_and_backends():
