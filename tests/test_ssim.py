@@ -112,6 +112,19 @@ def test_rgb_matches_skimage(backend, device):
     assert (got.double() - skimage_matrix(x, y)).abs().max() < 1e-5
 
 
+# the GEMM kernels loop over output pixels: ~50 s a shape under the interpreter, so they take it on a GPU only
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if torch.cuda.is_available() or not b.startswith("triton-")])
+@pytest.mark.parametrize("shape", [(64, 64, 3), (61, 47)])
+def test_larger_images_match_skimage(backend, shape, device):
+    # issue 6's later sizes: 64x64 colour (per-channel mean), and odd sides of 50 and more pixels
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(2, *shape, generator=g), torch.rand(3, *shape, generator=g)
+    y[0] = 0.6 * x[0] + 0.2  # one similar pair among the random ones
+    got = pairwise_ssim(*on(device, x, y), backend=api(backend)).cpu()
+    want = skimage_matrix(x, y)
+    assert (got.double() - want).abs().max() < 1e-5 and want[0, 0] > 0.5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mnist_pairs_match_skimage(backend, mnist, device):
     x, y = mnist[:7], mnist[7:20]
