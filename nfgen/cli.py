@@ -256,10 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
                     ("lr-final-ratio", "cosine decay of the lr to lr × this (1: constant)"),
                     ("clamp-margin", "fit exact 0 / 1 pixels to -m / 1 + m, so the render's clamp hides weight "
                      "errors below m there (default: the template's margin, 0 without a template)"),
-                    ("chunk", "fields fitted together"), ("steps-per-call", "fused steps per kernel call"),
+                    ("chunk", "fields fitted together"),
+                    ("steps-per-call", "fused steps per kernel call; progress and --target-psnr are checked between "
+                     "calls"),
                     ("init", "shared (one template for all fields) or independent"),
                     ("template", "PATH[:INDEX] of a fitted field to start every field from"),
-                    ("target-psnr", "stop a field once it reaches this PSNR (dB)"), ("seed", "seed of the init"),
+                    ("target-psnr", "stop a field once it reaches this PSNR (dB), checked every --steps-per-call "
+                     "steps"), ("seed", "seed of the init"),
                     ("backend", "auto, torch, cpp or triton"),
                     ("dot-precision", "Triton's hidden×hidden products: ieee (fp32), tf32 or tf32x3"),
                     ("device", "auto, cpu or cuda")]:
