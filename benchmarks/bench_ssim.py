@@ -311,5 +311,23 @@ def main(argv=None):
         write_result(args.out, {"benchmark": "pairwise_ssim", **environment("benchmarks.bench_ssim", device),
                                 "max_abs_diff_vs_conv2d": errors, "failed_variants": failures, "rows": all_rows})
 
+
+# pytest-benchmark entries (`python -m pytest benchmarks/bench_ssim.py`): 64 x 64 MNIST pairs on the CPU, nfgen's
+# fused all-pairs op against the batched conv2d peer
+def _small_pairs():
+    return load_images(64, 64, torch.device("cpu"))
+
+
+def test_bench_nfgen_pairwise_ssim_small(benchmark):
+    x, y = _small_pairs()
+    out = benchmark(pairwise_ssim, x, y)
+    assert torch.allclose(out, conv2d_batched(x, y, len(x)), atol=1e-5)
+
+
+def test_bench_conv2d_pairwise_ssim_small(benchmark):
+    x, y = _small_pairs()
+    assert benchmark(conv2d_batched, x, y, len(x)).shape == (64, 64)
+
+
 if __name__ == "__main__":
     main()
