@@ -8,7 +8,13 @@ draws and 3 oracle draws exactly as `nfgen.metrics.evaluate` does (`distance_met
 It reports each metric's spread over single draws and the share of trials in which the perfect generator passes
 each goal, for each held-out split given: the small config's 200 references and the full config's 2000.
 
+A generator of fields can do no better than reproduce the fitted training fields. `--fields NAME=FILE,…` adds, per
+fields file fitted to the training split, that perfect field generator: each draw's images rendered from their
+fitted (or, for a tokens file, de-tokenized) fields instead of the images themselves, scored the same way, with
+its gap to the real images of the same draw (paired, so the draw's noise cancels) and its pass rates.
+
     python -m benchmarks.oracle_spread [--heldout mnist:test[8000:8200],mnist:test[8000:]] [--trials 200,30]
+        [--fields fitted=RUN/fields.safetensors,tokens=RUN/tokens.safetensors]
         [--results benchmarks/results/oracle-spread-cpu.json]
 """
 from __future__ import annotations
@@ -37,38 +43,80 @@ def stratified(labels: torch.Tensor, counts: dict[int, int], gen: torch.Generato
     return torch.cat(picks)
 
 
-def spread(train, heldout, trials: int, device, seed: int = 0) -> dict:
+def field_renders(spec: str, train, device) -> torch.Tensor:
+    """The training split's images as a fields file (or a tokens file, de-tokenized) renders them: [N, H, W(, C)]."""
+    from safetensors import safe_open
+
+    from nfgen.fields import load_fields, render_fields
+    from nfgen.tokenizer import load_tokens
+
+    with safe_open(spec, framework="pt") as f:
+        kind = (f.metadata() or {}).get("nfgen_kind")
+    if kind == "tokens":
+        ts = load_tokens(spec)
+        weights, labels, meta, fields_spec, shape = (ts.tokenizer.decode(ts.tokens, ts.labels), ts.labels, ts.meta,
+                                                     ts.spec, ts.image_shape)
+    else:
+        fields = load_fields(spec)
+        weights, labels, meta, fields_spec, shape = (fields.weights, fields.labels, fields.meta, fields.spec,
+                                                     fields.image_shape)
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    if source.get("split") != train.spec or source.get("indices") != train.indices.tolist() \
+            or not torch.equal(labels, train.labels):
+        raise SystemExit(f"{spec} was not fitted to {train.spec} (its source: {source.get('split')}); pass fields "
+                         "of the training split")
+    return render_fields(weights, fields_spec, shape, device=device)
+
+
+def spread(train, heldout, trials: int, device, seed: int = 0, fields: dict | None = None) -> dict:
+    """`fields`: name → renders of the training split (field_renders), each a perfect field generator."""
+    fields = fields or {}
     refs = heldout.images.to(device)
     n = len(heldout)
     counts = {int(c): int(k) for c, k in zip(*heldout.labels.unique(return_counts=True))}
-    images = train.images.to(device)
+    sources = {"perfect": train.images.to(device), **fields}
     gen = make_generator(seed)
-    single = {m: [] for m in GOALS}
-    passed = {m: 0 for m in GOALS}
-    gaps = {m: [] for m in GOALS}
+    single = {name: {m: [] for m in GOALS} for name in (*sources, "oracle")}
+    passed = {name: {m: 0 for m in GOALS} for name in sources}
+    gaps = {name: {m: [] for m in GOALS} for name in sources}
     t0 = time.perf_counter()
     for _ in progress(range(trials), desc=f"{heldout.spec}", unit="trial"):
-        got = {"perfect": {m: [] for m in GOALS}, "oracle": {m: [] for m in GOALS}}
+        got = {name: {m: [] for m in GOALS} for name in single}
         for _ in range(SEEDS):
-            perfect = stratified(train.labels, counts, gen)
-            oracle = torch.randperm(len(train), generator=gen)[:n]
-            for name, idx in (("perfect", perfect), ("oracle", oracle)):
-                d = distance_metrics(images[idx.to(device)], refs)
+            perfect = stratified(train.labels, counts, gen).to(device)
+            oracle = torch.randperm(len(train), generator=gen)[:n].to(device)
+            draws = [(name, images[perfect]) for name, images in sources.items()]
+            for name, images in draws + [("oracle", sources["perfect"][oracle])]:
+                d = distance_metrics(images, refs)
                 for m in GOALS:
                     got[name][m].append(d[m])
-                    single[m].append(d[m])
-        for m, ok in GOALS.items():
-            s, o = statistics.mean(got["perfect"][m]), statistics.mean(got["oracle"][m])
-            passed[m] += bool(ok(s, o))
-            gaps[m].append(s - o)
-    return {
+                    single[name][m].append(d[m])
+        for name in sources:
+            for m, ok in GOALS.items():
+                s, o = statistics.mean(got[name][m]), statistics.mean(got["oracle"][m])
+                passed[name][m] += bool(ok(s, o))
+                gaps[name][m].append(s - o)
+
+    def stats(values):
+        return {"mean": statistics.mean(values), "std": statistics.stdev(values)}
+
+    row = {
         "heldout_split": heldout.spec, "train_split": train.spec, "n": n, "trials": trials, "seeds_per_trial": SEEDS,
-        "single_draw": {m: {"mean": statistics.mean(v), "std": statistics.stdev(v)} for m, v in single.items()},
-        "perfect_minus_oracle_3_seed_means": {m: {"mean": statistics.mean(v), "std": statistics.stdev(v)}
-                                              for m, v in gaps.items()},
-        "perfect_generator_passes": {m: passed[m] / trials for m in GOALS},
-        "seconds": round(time.perf_counter() - t0, 1),
+        "single_draw": {m: stats(single["perfect"][m] + single["oracle"][m]) for m in GOALS},
+        "perfect_minus_oracle_3_seed_means": {m: stats(v) for m, v in gaps["perfect"].items()},
+        "perfect_generator_passes": {m: passed["perfect"][m] / trials for m in GOALS},
     }
+    if fields:
+        # the same draws as images and as fields: their difference is the rendering's cost, free of the draw's noise
+        row["field_generators"] = {name: {
+            "single_draw": {m: stats(single[name][m]) for m in GOALS},
+            "minus_images_same_draw": {m: stats([a - b for a, b in zip(single[name][m], single["perfect"][m])])
+                                       for m in GOALS},
+            "minus_oracle_3_seed_means": {m: stats(v) for m, v in gaps[name].items()},
+            "passes": {m: passed[name][m] / trials for m in GOALS},
+        } for name in fields}
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
 
 
 def main(argv=None) -> int:
@@ -78,6 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", default="200,30", help="trials per held-out split (comma list, same order)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data-root", default=None)
+    ap.add_argument("--fields", default="", help="NAME=FILE,…: fields (or tokens) files fitted to --train, each "
+                    "scored as a perfect field generator")
     ap.add_argument("--results", default=None)
     args = ap.parse_args(argv)
     device = pick_device(args.device)
@@ -85,13 +135,24 @@ def main(argv=None) -> int:
     trials = [int(t) for t in args.trials.split(",")]
     if len(trials) != len(splits) or min(trials) < 2:
         ap.error(f"--trials needs one count ≥ 2 per held-out split ({len(splits)}), got {args.trials!r}")
+    named = [item.split("=", 1) for item in args.fields.split(",") if item]
+    if any(len(item) != 2 or not all(item) for item in named):
+        ap.error(f"--fields takes NAME=FILE pairs, got {args.fields!r}")
     train = load_split(args.train, args.data_root)
-    rows = [spread(train, load_split(s, args.data_root), t, device) for s, t in zip(splits, trials)]
+    fields = {name: field_renders(path, train, device) for name, path in named}
+    rows = [spread(train, load_split(s, args.data_root), t, device, fields=fields) for s, t in zip(splits, trials)]
     for r in rows:
         print(f"{r['heldout_split']} (n = {r['n']}, {r['trials']} trials): single draw "
               + ", ".join(f"{m} {v['mean']:.4f} ± {v['std']:.4f}" for m, v in r["single_draw"].items())
               + "; a perfect generator passes "
               + ", ".join(f"{m} {p:.0%}" for m, p in r["perfect_generator_passes"].items()))
+        for name, f in r.get("field_generators", {}).items():
+            print(f"  {name}: minus the same draw's images "
+                  + ", ".join(f"{m} {v['mean']:+.4f} ± {v['std']:.4f}" for m, v in f["minus_images_same_draw"].items())
+                  + "; passes " + ", ".join(f"{m} {p:.0%}" for m, p in f["passes"].items()))
+    if args.results:
+        write_result(args.results, {**environment("benchmarks.oracle_spread", device), "fields": dict(named),
+                                    "rows": rows})
     if args.results:
         write_result(args.results, {**environment("benchmarks.oracle_spread", device), "rows": rows})
     return 0

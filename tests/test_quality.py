@@ -398,6 +398,37 @@ def test_oracle_spread_draws_like_the_main_rows_and_scores_the_goals(data_root, 
     assert 0.5 <= real["single_draw"]["1nna"]["mean"] <= 1.0 and real["single_draw"]["1nna"]["std"] > 0
 
 
+def test_oracle_spread_scores_perfect_field_generators_on_the_same_draws(data_root, tmp_path):
+    from benchmarks import oracle_spread
+    from nfgen.cli import main
+    from nfgen.data import load_split
+
+    train, held = load_split("mnist:test[:300]", data_root), load_split("mnist:test[8000:8040]", data_root)
+    # a "field generator" that renders the images exactly scores what they score, draw for draw; a speckled one worse
+    noise = torch.rand(train.images.shape, generator=torch.Generator().manual_seed(0))
+    speckled = (train.images + 0.3 * noise).clamp(0, 1)
+    row = oracle_spread.spread(train, held, trials=2, device="cpu",
+                               fields={"exact": train.images, "speckled": speckled})
+    exact, noisy = row["field_generators"]["exact"], row["field_generators"]["speckled"]
+    assert all(v == {"mean": 0.0, "std": 0.0} for v in exact["minus_images_same_draw"].values())
+    assert exact["passes"] == row["perfect_generator_passes"]
+    worse = noisy["minus_images_same_draw"]
+    assert worse["mmd"]["mean"] > 0.02 and worse["1nna"]["mean"] > 0.03  # measured: 0.035, 0.079
+    assert row == {**oracle_spread.spread(train, held, trials=2, device="cpu"), "field_generators": row[
+        "field_generators"], "seconds": row["seconds"]}  # the images' own numbers do not move
+    # fields files: fitted to the training split, rendered (a tokens file de-tokenized); any other split refused
+    r = ["--run", str(tmp_path), "--quiet"]
+    assert main(["fit", *r, "--split", "mnist:test[:300]", "--hidden", "8", "--hidden-layers", "1",
+                 "--steps", "30"]) == 0
+    assert main(["tokenize", *r, "--codebook-size", "16", "--iters", "3"]) == 0
+    for name in ("fields", "tokens"):
+        renders = oracle_spread.field_renders(str(tmp_path / f"{name}.safetensors"), train, "cpu")
+        assert renders.shape == train.images.shape and (renders - train.images).abs().mean() < 0.2
+    with pytest.raises(SystemExit, match="was not fitted to mnist:test\\[:299\\]"):
+        oracle_spread.field_renders(str(tmp_path / "fields.safetensors"), load_split("mnist:test[:299]", data_root),
+                                    "cpu")
+
+
 def test_set_changes_the_main_recipe_and_nothing_else():
     small = quality.CONFIGS["small"]
     cfg = quality.with_settings(small, ["tokenize.coarse=32", "sample.weights=sampled", "train.lr=0.001",
