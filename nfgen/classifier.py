@@ -84,7 +84,8 @@ def check_classifier_fits(model: nn.Module, image_shape: tuple) -> None:
     channels = image_shape[2] if len(image_shape) == 3 else 1
     if (channels, *image_shape[:2]) != (cfg.in_channels, *cfg.image_hw):
         raise NfgenError(f"classifier expects images of shape {tuple(cfg.image_hw)} with {cfg.in_channels} "
-                         f"channel(s), got {tuple(image_shape)}; use a classifier trained on this dataset")
+                         f"channel(s), got {tuple(image_shape)}; use a classifier trained on this dataset (`nfgen "
+                         "classifier --train-split … --heldout-split …` with two slices of it)")
 
 
 @torch.no_grad()

@@ -184,7 +184,8 @@ def test_run_evaluate_refuses_a_classifier_of_other_images_before_any_search(tmp
     _write_fields(tmp_path / "s.safetensors", 6)
     monkeypatch.setattr(metrics, "evaluate", lambda *a, **k: pytest.fail("the searches ran before the check"))
     with pytest.raises(NfgenError, match=r"classifier expects images of shape \(32, 32\) with 3 channel\(s\), got "
-                                         r"\(28, 28\); use a classifier trained on this dataset"):
+                                         r"\(28, 28\); use a classifier trained on this dataset \(`nfgen classifier "
+                                         r"--train-split … --heldout-split …`"):
         run_evaluate(tmp_path / "s.safetensors", tmp_path / "eval", ref_split="mnist:test[9000:9060]",
                      train_split="mnist:test[:80]", classifier_path=tmp_path / "clf.safetensors",
                      data_root=data_root, device="cpu", quiet=True)
