@@ -251,7 +251,11 @@ def main(argv=None):
     print(f"host: {host['launch_us']:.1f} µs a trivial launch, load average {host['loadavg_start'][0]:.1f} "
           f"on {host['cpus']} CPUs")
     dtype = next(model.parameters()).dtype
-    sdpa_kernels = {b: sdpa_ops(device, dtype, b, c.n_head, c.head_dim) for b in batches}
+    try:  # a diagnosis, not a row: a profiler that fails must not cost the scarce GPU run its rows
+        sdpa_kernels = {b: sdpa_ops(device, dtype, b, c.n_head, c.head_dim) for b in batches}
+    except Exception as exc:  # noqa: BLE001
+        sdpa_kernels = {b: {"error": f"profiling failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+                        for b in batches}
     print(f"SDPA kernels torch picks for the peers' shapes: {sdpa_kernels}")
     rows = []
 

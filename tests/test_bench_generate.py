@@ -34,6 +34,21 @@ def test_bench_generate_rows_and_peer_variants(tmp_path):
     assert all(k for k in res["sdpa_kernels"]["2"].values())  # the profiler saw an SDPA kernel for both shapes
 
 
+def test_bench_generate_survives_a_failing_profiler(tmp_path, monkeypatch):
+    from benchmarks import bench_generate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kineto is not available\nsecond line")
+
+    monkeypatch.setattr(bench_generate, "sdpa_ops", broken)
+    out = tmp_path / "g.json"
+    bench_generate.main(["--quick", "--batches", "2", "--repeats", "1", "--peer-sdpa", "default",
+                         "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["complete"] and {r["method"] for r in res["rows"]} >= {"recompute", "eager-kv", "nfgen"}
+    assert res["sdpa_kernels"] == {"2": {"error": "profiling failed: RuntimeError: kineto is not available"}}
+
+
 @pytest.mark.skipif(not has_op("decode_attention"), reason="needs nfkernels._C (the C++ build)")
 def test_bench_decode_attention_cpu(tmp_path):
     from benchmarks import bench_decode_attention
