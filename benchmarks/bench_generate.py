@@ -269,6 +269,12 @@ def main(argv=None):
                                     "host": {**host, **end},
                                     "sdpa_kernels": {str(b): k for b, k in sdpa_kernels.items()}, "rows": rows})
 
+    def failed(method: str, batch: int, attention: str, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        rows.append({"method": method, "batch": batch, "attention": attention, "error": error})
+        save()
+        print(f"{method:<20}{batch:>6}  failed with --attention {attention}: {error}", flush=True)
+
     header = f"{'method':<20}{'batch':>6}{'seconds':>10}{'tokens/s':>12}{'fields/s':>10}  note"
     print(header)
     # on CUDA each peer also runs with cuDNN attention excluded (see sdpa_without_cudnn); ratios take the faster
@@ -283,11 +289,19 @@ def main(argv=None):
         attentions = (args.total_attention or ("auto,triton" if on_cuda else "auto")).split(",")
         runs = [(auto, a) for a in attentions] + [(int(b), "auto") for b in args.total_batches.split(",")
                                                   if b and int(b) != auto]
-        for a in attentions:  # warm-up: Triton compilation, not timed
-            nfgen_generate(model, vocab, 2, min(length, 8), device, attention=a)
+        warm = set()
         for batch, attention in runs:
-            sec = timed(lambda: nfgen_generate(model, vocab, batch, length, device, attention=attention,
-                                               n_fields=total), device)
+            try:  # an opt-in attention that fails leaves a row that says why; auto failing is a bug, raised
+                if attention not in warm:  # warm-up: Triton compilation, not timed
+                    nfgen_generate(model, vocab, 2, min(length, 8), device, attention=attention)
+                    warm.add(attention)
+                sec = timed(lambda: nfgen_generate(model, vocab, batch, length, device, attention=attention,
+                                                   n_fields=total), device)
+            except Exception as exc:  # noqa: BLE001
+                if attention == "auto":
+                    raise
+                failed("nfgen-total", batch, attention, exc)
+                continue
             row = {"method": "nfgen-total", "batch": batch, "batch_is_default": batch == auto, "attention": attention,
                    "fields": total, "length": length, "seconds": sec, "seconds_all": [sec],
                    "tokens_per_s": total * length / sec, "fields_per_s": total / sec, "ms_per_step": None,
@@ -303,22 +317,28 @@ def main(argv=None):
         for method in peers + ("nfgen", "nfgen-triton" if on_cuda else "nfgen-sdpa"):
             attention = {"nfgen-triton": "triton", "nfgen-sdpa": "sdpa"}.get(method, "auto")
             times, estimated = [], False
-            for r in range(args.repeats):
-                backends = sdpa_without_cudnn() if method.endswith("[no-cudnn]") else nullcontext()
-                if method.startswith("recompute"):
-                    with backends:
-                        t, estimated = recompute(model, vocab, batch, length, device, args.recompute_budget)
-                elif method.startswith("eager-kv"):
-                    with backends:
-                        t = timed(lambda: eager_kv(model, vocab, batch, length, device), device)
-                else:
-                    if r == 0:  # warm-up: Triton compilation
-                        nfgen_generate(model, vocab, batch, min(length, 8), device, attention=attention)
-                    t = timed(lambda: nfgen_generate(model, vocab, batch, length, device, n_batches, attention),
-                              device)
-                times.append(t)
-                if t > 60:  # one slow repeat is enough
-                    break
+            try:
+                for r in range(args.repeats):
+                    backends = sdpa_without_cudnn() if method.endswith("[no-cudnn]") else nullcontext()
+                    if method.startswith("recompute"):
+                        with backends:
+                            t, estimated = recompute(model, vocab, batch, length, device, args.recompute_budget)
+                    elif method.startswith("eager-kv"):
+                        with backends:
+                            t = timed(lambda: eager_kv(model, vocab, batch, length, device), device)
+                    else:
+                        if r == 0:  # warm-up: Triton compilation
+                            nfgen_generate(model, vocab, batch, min(length, 8), device, attention=attention)
+                        t = timed(lambda: nfgen_generate(model, vocab, batch, length, device, n_batches, attention),
+                                  device)
+                    times.append(t)
+                    if t > 60:  # one slow repeat is enough
+                        break
+            except Exception as exc:  # noqa: BLE001 - as in the total runs: only a non-default variant may fail
+                if method in peers + ("nfgen",):
+                    raise
+                failed(method, batch, attention, exc)
+                continue
             sec = statistics.median(times)
             is_nfgen = method.startswith("nfgen")
             fields = batch * n_batches if is_nfgen else batch

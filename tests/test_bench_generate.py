@@ -49,6 +49,32 @@ def test_bench_generate_survives_a_failing_profiler(tmp_path, monkeypatch):
     assert res["sdpa_kernels"] == {"2": {"error": "profiling failed: RuntimeError: kineto is not available"}}
 
 
+def test_bench_generate_keeps_its_rows_when_an_opt_in_attention_fails(tmp_path, monkeypatch):
+    # on CUDA the opt-in variant is Triton's decode attention (nfgen-triton, --total-attention triton); here SDPA
+    # stands in for it: it fails, gets a row that says why, and every other row is still measured
+    from benchmarks import bench_generate
+
+    real = bench_generate.nfgen_generate
+
+    def generate(model, vocab, batch, length, device, n_batches=1, attention="auto", n_fields=None):
+        if attention == "sdpa":
+            raise RuntimeError("graph capture failed")
+        return real(model, vocab, batch, length, device, n_batches, attention, n_fields)
+
+    monkeypatch.setattr(bench_generate, "nfgen_generate", generate)
+    out = tmp_path / "g.json"
+    bench_generate.main(["--quick", "--batches", "2", "--repeats", "1", "--peer-sdpa", "default", "--total-fields", "3",
+                         "--total-batches", "3", "--total-attention", "auto,sdpa", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["complete"]
+    failed = [(r["method"], r["attention"], r["error"]) for r in res["rows"] if "error" in r]
+    assert failed == [("nfgen-total", "sdpa", "RuntimeError: graph capture failed"),
+                      ("nfgen-sdpa", "sdpa", "RuntimeError: graph capture failed")]
+    measured = {(r["method"], r.get("attention")) for r in res["rows"] if "error" not in r}
+    assert measured == {("nfgen-total", "auto"), ("recompute", None), ("eager-kv", None), ("nfgen", None)}
+    assert all(r["seconds"] > 0 for r in res["rows"] if "error" not in r)
+
+
 @pytest.mark.skipif(not has_op("decode_attention"), reason="needs nfkernels._C (the C++ build)")
 def test_bench_decode_attention_cpu(tmp_path):
     from benchmarks import bench_decode_attention
