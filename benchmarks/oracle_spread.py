@@ -50,8 +50,11 @@ def field_renders(spec: str, train, device) -> torch.Tensor:
     from nfgen.fields import load_fields, render_fields
     from nfgen.tokenizer import load_tokens
 
-    with safe_open(spec, framework="pt") as f:
-        kind = (f.metadata() or {}).get("nfgen_kind")
+    try:
+        with safe_open(spec, framework="pt") as f:
+            kind = (f.metadata() or {}).get("nfgen_kind")
+    except Exception as exc:  # noqa: BLE001 - missing, truncated, not safetensors: one line, as the CLI says it
+        raise SystemExit(f"cannot read {spec} ({str(exc).splitlines()[0]}); pass a fields or tokens file") from None
     if kind == "tokens":
         ts = load_tokens(spec)
         weights, labels, meta, fields_spec, shape = (ts.tokenizer.decode(ts.tokens, ts.labels), ts.labels, ts.meta,
@@ -136,8 +139,8 @@ def main(argv=None) -> int:
     if len(trials) != len(splits) or min(trials) < 2:
         ap.error(f"--trials needs one count ≥ 2 per held-out split ({len(splits)}), got {args.trials!r}")
     named = [item.split("=", 1) for item in args.fields.split(",") if item]
-    if any(len(item) != 2 or not all(item) for item in named):
-        ap.error(f"--fields takes NAME=FILE pairs, got {args.fields!r}")
+    if any(len(item) != 2 or not all(item) or item[0] in ("perfect", "oracle") for item in named):
+        ap.error(f"--fields takes NAME=FILE pairs (names other than perfect and oracle), got {args.fields!r}")
     train = load_split(args.train, args.data_root)
     fields = {name: field_renders(path, train, device) for name, path in named}
     rows = [spread(train, load_split(s, args.data_root), t, device, fields=fields) for s, t in zip(splits, trials)]

@@ -424,6 +424,10 @@ def test_oracle_spread_scores_perfect_field_generators_on_the_same_draws(data_ro
     for name in ("fields", "tokens"):
         renders = oracle_spread.field_renders(str(tmp_path / f"{name}.safetensors"), train, "cpu")
         assert renders.shape == train.images.shape and (renders - train.images).abs().mean() < 0.2
+    with pytest.raises(SystemExit, match="cannot read .*nope.safetensors"):
+        oracle_spread.field_renders(str(tmp_path / "nope.safetensors"), train, "cpu")
+    with pytest.raises(SystemExit):  # a name that would stand in for the images themselves
+        oracle_spread.main(["--fields", f"perfect={tmp_path / 'fields.safetensors'}"])
     with pytest.raises(SystemExit, match="was not fitted to mnist:test\\[:299\\]"):
         oracle_spread.field_renders(str(tmp_path / "fields.safetensors"), load_split("mnist:test[:299]", data_root),
                                     "cpu")
