@@ -93,6 +93,37 @@ def test_static_shapes_path_equals_eager(monkeypatch, bucket, n_kv_head, class_e
     assert not torch.equal(first, second)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("attention", ["sdpa"] + (["triton"] if HAS_TRITON else []))
+def test_captured_decode_step_equals_the_same_step_run_eagerly_on_the_gpu(attention):
+    """The quality runs' GPU path, which the CPU tests above cannot reach: a bf16 model, CFG, the class
+    embedding, residual-level ranges and the expected code vectors, decoded by replaying CUDA graphs, draws the
+    tokens (and records the means) that the same fixed-shape step draws when run without capture."""
+    import copy
+
+    import nfgen.generate as G
+    from nfgen.common import make_generator
+    from nfkernels.sampling import draw_seed
+
+    dev = torch.device("cuda")
+    model = copy.deepcopy(small_model(8, class_embed=True)).to(dev, torch.bfloat16)
+    vectors = torch.randn(VOCAB.n_codes, 2, generator=torch.Generator().manual_seed(1))
+    ranges = torch.tensor([[0, 10], [10, 19]]).repeat(L // 2 + 1, 1)[:L]
+    cls = torch.tensor([VOCAB.n_codes + 2, VOCAB.no_class, VOCAB.n_codes + 4], device=dev)
+    seeds = draw_seed(make_generator(3, dev), dev, L)
+    out = {}
+    for graph in (True, False):
+        cfg = SampleConfig(temperature=1.1, top_k=7, top_p=0.95, cfg_scale=1.5, attention=attention,
+                           cuda_graph=graph, quiet=True)
+        dec = G.Decoder(model, VOCAB, 3, L, cfg, dev, ranges, static_shapes=True, code_vectors=vectors)
+        assert bool(dec.graphs) == graph
+        with torch.no_grad():
+            out[graph] = dec.run(cls, seeds).clone(), dec.values.clone()
+    assert torch.equal(out[True][0], out[False][0])
+    assert ((out[True][0] >= ranges[:, 0].to(dev)) & (out[True][0] < ranges[:, 1].to(dev))).all()
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-3, atol=1e-4)
+
+
 def test_fixed_seed_reproduces_and_backends_share_rng():
     model = small_model(2)
     classes = torch.tensor([0, 1, 2, -1, 0, 1, 2])
