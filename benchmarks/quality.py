@@ -73,7 +73,7 @@ from benchmarks._env import environment
 from nfgen.baselines import bootstrap_token_weights, gaussian_samples, marginal_token_weights
 from nfgen.classifier import classify, load_classifier, run_classifier
 from nfgen.common import make_generator, pick_device
-from nfgen.data import load_split
+from nfgen.data import check_disjoint, load_split
 from nfgen.fields import (Fields, FitConfig, load_fields, psnr, render_fields, run_fit, save_fields,
                           spec_for_images)
 from nfgen.generate import Generator, SampleConfig, load_generator
@@ -425,10 +425,7 @@ class Harness:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.train_split = load_split(cfg.train_split, data_root=data_root)
         self.heldout = load_split(cfg.heldout_split, data_root=data_root)
-        overlap = set(self.train_split.indices.tolist()) & set(self.heldout.indices.tolist())
-        if cfg.train_split.split("[")[0] == cfg.heldout_split.split("[")[0] and overlap:
-            raise NfgenError(f"train and held-out splits share {len(overlap)} images; use disjoint slices such as "
-                             "mnist:test[:8000] and mnist:test[8000:]")
+        check_disjoint(self.train_split, self.heldout)
         self._classifier = None
         self._generators: dict[Path, Generator] = {}  # loaded (and checked) once per model, not once per draw
         self.baseline_images: dict[str, torch.Tensor] = {}  # each reference generator's seed-0 images, main protocol

@@ -183,16 +183,14 @@ def run_classifier(train_split: str = "mnist:test[:8000]", heldout_split: str = 
                    out_path="classifier.safetensors", *, epochs: int | None = None, seed: int = 0, device="auto",
                    data_root=None, quiet: bool = False, download: bool = False) -> dict:
     """Train on `train_split`, report accuracy on `heldout_split`, write the classifier artifact."""
-    from nfgen.data import load_split, shared_images
+    from nfgen.data import check_disjoint, load_split
 
     train = load_split(train_split, data_root=data_root, download=download)
     held = load_split(heldout_split, data_root=data_root, download=download)
     if train.images.shape[1:] != held.images.shape[1:]:
         raise NfgenError(f"train split {train.spec} has images {tuple(train.images.shape[1:])} but held-out "
                          f"{held.spec} has {tuple(held.images.shape[1:])}; use splits of the same dataset")
-    if shared := shared_images(train, held):
-        raise NfgenError(f"train and held-out splits share {shared} images; use disjoint slices such as "
-                         "mnist:test[:8000] and mnist:test[8000:]")
+    check_disjoint(train, held)
     model, info = train_classifier(train.images, train.labels, held.images, held.labels, epochs=epochs, seed=seed,
                                    device=device, quiet=quiet, n_classes=train.n_classes)
     summary = {"train_split": train.spec, "heldout_split": held.spec,

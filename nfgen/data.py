@@ -61,6 +61,13 @@ def shared_images(a: Split, b: Split) -> int:
     return len(set(a.indices.tolist()) & set(b.indices.tolist()))
 
 
+def check_disjoint(train: Split, heldout: Split) -> None:
+    """Refuse a held-out split that shares images with the training split."""
+    if shared := shared_images(train, heldout):
+        raise NfgenError(f"train and held-out splits share {shared} images; use disjoint slices such as "
+                         "mnist:test[:8000] and mnist:test[8000:]")
+
+
 def resolve_data_root(root: str | os.PathLike | None = None) -> Path:
     if root:
         return Path(root).expanduser()
