@@ -541,6 +541,7 @@ def test_token_baselines_draw_position_by_position_or_copy(cli, run_dir, tmp_pat
     samples = load_fields(out / "samples.safetensors")
     assert samples.weights.shape == (32, 33) and samples.meta["weights"] == "sampled"
     assert samples.labels.tolist() == [c for c in range(10) for _ in range(3)] + [-1, -1]
+    assert samples.meta["training_split"] == "mnist:test[:40]"  # from the tokens file: evaluate's default
     # every weight of a class-c draw is a code value some class-c training field has at that position
     drawn = ts.tokenizer.encode(samples.weights[:30], samples.labels[:30])
     for i in range(30):
