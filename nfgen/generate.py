@@ -485,6 +485,9 @@ def run_generate(model_path, tokens_path, out_dir, *, per_class: int = 10, uncon
                      {"model": str(model_path), "tokens": str(tokens_path), "sampling": asdict(cfg),
                       "training_split": training_split(ts.meta)})
     distributed.barrier()  # no rank returns before the samples exist
+    if not cfg.quiet and distributed.is_main():
+        print(f"generate {n} fields ({per_class} per class, {unconditional} unconditional) in {seconds:.1f} s "
+              f"({n / seconds:.1f} fields/s) → {fields_path}, {png_path}")
     return {"n_fields": n, "samples": str(fields_path), "png": str(png_path), "seconds": round(seconds, 3),
             "fields_per_s": round(n / seconds, 2), "tokens_per_s": round(n * tok.tokens_per_field / seconds, 1),
             "device": str(device), "world_size": distributed.world_size(), "batch_size": cfg.batch_size,

@@ -362,6 +362,26 @@ def save_nearest_grid(path, sample_images, labels, train_images, nearest_index, 
     save_grid(torch.cat(rows), path, nrow=per_row, row_labels=names)
 
 
+def headline(result: dict, path) -> str:
+    """The numbers a person looks for first, each beside its oracle, as a few lines of text."""
+    def pair(d: dict, fmt: str) -> str:
+        return f"{d['samples']:{fmt}} (oracle {d['oracle']:{fmt}})"
+
+    splits = result["splits"]
+    lines = [f"evaluate against {splits['references']}, oracle from {splits['train']} → {path}"]
+    for name, title in (("conditional_all", "class-conditional"), ("unconditional", "unconditional")):
+        g = result["groups"].get(name)
+        if g:
+            lines.append(f"  {title} ({g['n']}): MMD {pair(g['mmd'], '.4f')}, COV {pair(g['cov'], '.3f')}, "
+                         f"1-NNA {pair(g['1nna'], '.3f')}")
+    mem = result["memorisation"]["memorised_fraction"]
+    scores = [f"memorised {pair(mem, '.3f')}"]
+    if result.get("classifier"):
+        scores.insert(0, f"classifier accuracy {pair(result['classifier']['accuracy'], '.3f')}")
+    lines.append("  " + ", ".join(scores))
+    return "\n".join(lines)
+
+
 def default_splits(samples_meta: dict, ref_split: str | None, train_split: str | None) -> tuple[str, str]:
     """(references, training images) for evaluate: the training split defaults to the one the samples' GPT
     was trained on (recorded by generate / baseline), else DEFAULT_TRAIN_SPLIT; the references default to
@@ -434,5 +454,7 @@ def run_evaluate(samples_path, out_dir, *, ref_split: str | None = None, train_s
     if distributed.is_main():  # every rank holds the same metrics; rank 0 writes them
         save_nearest_grid(out_dir / "nearest.png", images.cpu(), samples.labels, train.images, nearest)
         write_json(out_dir / "metrics.json", result)
+        if not quiet:
+            print(headline(result, out_dir / "metrics.json"))
     distributed.barrier()  # no rank returns before metrics.json exists
     return result

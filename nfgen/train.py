@@ -468,11 +468,19 @@ def train(tokens_path: str | Path, run_dir: str | Path, cfg: TrainConfig, resume
     checkpoint(cfg.steps, final=True)
     distributed.barrier()  # no rank returns before the final checkpoint exists
     last = history[-1] if history else {}
-    return {"steps": cfg.steps, "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
-            "kept": kept(cfg.steps),
-            "marginal_val_loss": marginal_loss(train_seqs, val_seqs, vocab.n_codes) if n_val else None,
-            "n_train": int(train_seqs.shape[0]), "n_val": n_val, "params": sum(p.numel() for p in model.parameters()),
-            "seconds": round(elapsed, 2), "model": str(run_dir / "model.safetensors")}
+    summary = {"steps": cfg.steps, "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
+               "kept": kept(cfg.steps),
+               "marginal_val_loss": marginal_loss(train_seqs, val_seqs, vocab.n_codes) if n_val else None,
+               "n_train": int(train_seqs.shape[0]), "n_val": n_val,
+               "params": sum(p.numel() for p in model.parameters()), "seconds": round(elapsed, 2),
+               "model": str(run_dir / "model.safetensors")}
+    if not cfg.quiet and distributed.is_main():
+        k = summary["kept"]
+        val = (f"validation loss {k['val_loss']:.4f} nats a token at step {k['step']} (per-position histograms: "
+               f"{summary['marginal_val_loss']:.4f})" if n_val and k["val_loss"] is not None else "no validation")
+        print(f"train {cfg.steps} steps on {summary['n_train']} fields, {summary['params']:,} parameters: {val}, "
+              f"{elapsed:.1f} s → {summary['model']}")
+    return summary
 
 
 def marginal_loss(train_seqs: torch.Tensor, val_seqs: torch.Tensor, n_codes: int) -> float:

@@ -305,6 +305,24 @@ def test_usage_errors_are_one_line(cli, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_stages_print_a_line_for_people_then_the_json(cli, run_dir, tmp_path):
+    tokens = str(run_dir / "tokens.safetensors")
+    proc = cli("train", "--run", str(tmp_path), "--tokens", tokens, "--steps", "2", "--n-layer", "1", "--n-head", "2",
+               "--n-embd", "16", "--batch-size", "8", "--eval-every", "1")
+    first, rest = proc.stdout.split("\n", 1)
+    assert proc.returncode == 0 and first.startswith("train 2 steps on ") and " nats a token at step " in first
+    assert json.loads(rest)["steps"] == 2
+    proc = cli("generate", "--run", str(tmp_path), "--tokens", tokens, "--per-class", "1", "--unconditional", "2")
+    first, rest = proc.stdout.split("\n", 1)
+    assert first.startswith("generate 12 fields (1 per class, 2 unconditional) in ")
+    assert json.loads(rest)["n_fields"] == 12
+    proc = cli("evaluate", "--run", str(tmp_path), "--ref-split", "mnist:test[8000:8030]")
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("evaluate against mnist:test[8000:8030], oracle from mnist:test[:40] → ")
+    assert lines[1].startswith("  class-conditional (10): MMD ") and lines[2].startswith("  unconditional (2): MMD ")
+    assert json.loads("\n".join(lines[4:]))["splits"]["train"] == "mnist:test[:40]"
+
+
 def test_evaluate_refuses_references_it_cannot_use(cli, run_dir, tmp_path):
     out = ["--run", str(tmp_path), "--samples", str(run_dir / "samples.safetensors"), "--quiet"]
     # references that are training images too: the oracle and memorisation would score copies of themselves

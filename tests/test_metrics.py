@@ -7,7 +7,7 @@ import torch
 
 from nfgen.io import NfgenError
 from nfgen.metrics import (DEFAULT_REF_SPLIT, DEFAULT_TRAIN_SPLIT, check_held_out, default_splits,
-                           distance_metrics, evaluate, load_images, memorisation, metrics_from_nearest,
+                           distance_metrics, evaluate, headline, load_images, memorisation, metrics_from_nearest,
                            nearest_from_matrices, run_evaluate)
 
 
@@ -193,6 +193,25 @@ def test_run_evaluate_refuses_a_classifier_of_other_images_before_any_search(tmp
     assert classify(colour, torch.rand(2, 32, 32, 3)).shape == (2, 10)  # what it was trained for it takes
     with pytest.raises(NfgenError, match=r"got \(32, 32\); use"):  # one channel of the right size is not enough
         classify(colour, torch.rand(2, 32, 32))
+
+
+def test_headline_puts_each_number_beside_its_oracle(tmp_path, data_root, capsys):
+    _write_fields(tmp_path / "s.safetensors", 6)
+    res = run_evaluate(tmp_path / "s.safetensors", tmp_path / "eval", ref_split="mnist:test[9000:9060]",
+                       train_split="mnist:test[:80]", data_root=data_root, device="cpu", quiet=False)
+    printed = capsys.readouterr().out.splitlines()
+    g, mem = res["groups"]["conditional_all"], res["memorisation"]["memorised_fraction"]
+    metrics_json = tmp_path / "eval" / "metrics.json"
+    assert printed == headline(res, metrics_json).splitlines()
+    assert printed[0] == f"evaluate against mnist:test[9000:9060], oracle from mnist:test[:80] → {metrics_json}"
+    assert printed[1] == (f"  class-conditional (6): MMD {g['mmd']['samples']:.4f} (oracle {g['mmd']['oracle']:.4f}), "
+                          f"COV {g['cov']['samples']:.3f} (oracle {g['cov']['oracle']:.3f}), "
+                          f"1-NNA {g['1nna']['samples']:.3f} (oracle {g['1nna']['oracle']:.3f})")
+    # no classifier and no unconditional samples: neither line
+    assert printed[2] == f"  memorised {mem['samples']:.3f} (oracle {mem['oracle']:.3f})"
+    with_classifier = {**res, "classifier": {"accuracy": {"samples": 0.8, "oracle": 0.99}}}
+    assert headline(with_classifier, "m.json").splitlines()[-1].startswith(
+        "  classifier accuracy 0.800 (oracle 0.990), memorised")
 
 
 def test_run_evaluate_with_classifier(tmp_path, data_root):
