@@ -180,6 +180,9 @@ def cmd_baseline(args) -> dict:
     summary["evaluate_with"] = f"nfgen evaluate --run {out}" + (f" --classifier {classifier}"
                                                                  if classifier.is_file() else "")
     _save_config(run, "baseline", args, out=str(out))
+    if not args.quiet:
+        print(f"baseline {summary['kind']}: {summary['n_fields']} fields → {summary['samples']}, {summary['png']}; "
+              f"score them with `{summary['evaluate_with']}`")
     return summary
 
 

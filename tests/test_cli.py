@@ -321,6 +321,16 @@ def test_stages_print_a_line_for_people_then_the_json(cli, run_dir, tmp_path):
     assert lines[0].startswith("evaluate against mnist:test[8000:8030], oracle from mnist:test[:40] → ")
     assert lines[1].startswith("  class-conditional (10): MMD ") and lines[2].startswith("  unconditional (2): MMD ")
     assert json.loads("\n".join(lines[4:]))["splits"]["train"] == "mnist:test[:40]"
+    fitted = load_fields(run_dir / "fields.safetensors")  # relabelled: mnist:test[:40] has no 8
+    fields = tmp_path / "fields.safetensors"
+    save_fields(fields, fitted.weights, torch.arange(40) % 10, fitted.psnr, fitted.spec, fitted.image_shape, {})
+    proc = cli("baseline", "--run", str(run_dir), "--fields", str(fields), "--per-class", "1", "--out",
+               str(tmp_path / "gauss"))
+    first, rest = proc.stdout.split("\n", 1)
+    assert first.startswith("baseline gaussian: 10 fields → ") and first.endswith(
+        f"score them with `nfgen evaluate --run {tmp_path / 'gauss'} --classifier "
+        f"{run_dir / 'classifier.safetensors'}`")
+    assert json.loads(rest)["kind"] == "gaussian"
 
 
 def test_evaluate_refuses_references_it_cannot_use(cli, run_dir, tmp_path):
