@@ -69,7 +69,7 @@ def _common(p: argparse.ArgumentParser, data: bool = False) -> None:
     # --run-dir: under torchrun, whose own --run-path swallows an abbreviated --run
     p.add_argument("--run", "--run-dir", dest="run", default="runs/default",
                    help="run directory holding this run's artifacts (default: runs/default)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no line for people: the JSON summary alone")
     if data:
         p.add_argument("--data-root", default=None, help="data root (default: $NFGEN_DATA, else ~/.cache/nfgen)")
         p.add_argument("--download", action="store_true", help="download MNIST into the data root if missing")
