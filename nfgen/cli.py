@@ -204,13 +204,25 @@ def cmd_evaluate(args) -> dict:
 
 def cmd_classifier(args) -> dict:
     from nfgen.classifier import run_classifier
+    from nfgen.data import parse_split
+    from nfgen.fields import training_split
+    from nfgen.io import read_header
+    from nfgen.metrics import DEFAULT_REF_SPLIT, DEFAULT_TRAIN_SPLIT
 
     run = Path(args.run)
     out = _path(args.out, run, "classifier.safetensors")
+    if args.train_split is None or args.heldout_split is None:
+        # the defaults are MNIST's: a run of another dataset's fields would get a classifier of the wrong images
+        fitted = training_split(read_header(run / "fields.safetensors")[1])
+        dataset = parse_split(fitted)[0] if fitted else "mnist"
+        if dataset != parse_split(DEFAULT_TRAIN_SPLIT)[0]:
+            raise NfgenError(f"{run / 'fields.safetensors'} holds fields of {fitted}; name the classifier's "
+                             f"--train-split and --heldout-split from {dataset} (the defaults are MNIST's)")
+    train_split, heldout_split = args.train_split or DEFAULT_TRAIN_SPLIT, args.heldout_split or DEFAULT_REF_SPLIT
     _outputs(run, "classifier", out)
-    summary = run_classifier(args.train_split, args.heldout_split, out, epochs=args.epochs, seed=args.seed,
+    summary = run_classifier(train_split, heldout_split, out, epochs=args.epochs, seed=args.seed,
                              device=args.device, data_root=args.data_root, quiet=args.quiet)
-    _save_config(run, "classifier", args, out=str(out))
+    _save_config(run, "classifier", args, out=str(out), train_split=train_split, heldout_split=heldout_split)
     return summary
 
 
@@ -382,8 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classifier", help="train the CNN behind the classifier score")
     _common(p, data=True)
-    p.add_argument("--train-split", default="mnist:test[:8000]", help="training images (default: mnist:test[:8000])")
-    p.add_argument("--heldout-split", default="mnist:test[8000:]", help="held-out images (default: mnist:test[8000:])")
+    p.add_argument("--train-split", default=None, help="training images (default: mnist:test[:8000]; name both "
+                   "splits when the run's fields are of another dataset)")
+    p.add_argument("--heldout-split", default=None, help="held-out images (default: mnist:test[8000:])")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the classifier's own)")
     p.add_argument("--out", default=None, help="classifier file (default: RUN/classifier.safetensors)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")

@@ -45,11 +45,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from nfgen import __version__, distributed
 from nfgen.common import make_generator, pick_device, progress
-from nfgen.io import NfgenError, check_finite, load_artifact, save_artifact
+from nfgen.io import NfgenError, check_finite, load_artifact, read_header, save_artifact
 from nfkernels import SirenSpec, coord_grid, siren_fit_steps, siren_forward, siren_init
 
 FIT_HINT = "run `nfgen fit` first"
@@ -415,12 +414,7 @@ def fit_fingerprint(split, cfg: FitConfig) -> str:
 
 def _shard_meta(path: Path) -> dict:
     """A shard's metadata, from the safetensors header alone (no tensors are read)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        meta = json.loads(header.get("nfgen_meta", "{}"))
-    except (SafetensorError, OSError, ValueError, RuntimeError):
-        header, meta = {}, {}
+    header, meta = read_header(path)
     if header.get("nfgen_kind") != "fields_shard" or "fingerprint" not in meta:
         raise NfgenError(f"{path} is not a readable fields shard; delete it (or its folder) and rerun the fit")
     return meta

@@ -126,6 +126,19 @@ def load_artifact(path: str | os.PathLike, kind: str, hint: str = "") -> tuple[d
     return tensors, meta
 
 
+def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
+    """An artifact's safetensors header and its nfgen metadata, without reading a tensor; ({}, {}) for a file
+    that is missing or not readable (callers that need the file load it and say what is wrong)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        return header, json.loads(header.get("nfgen_meta", "{}"))
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return {}, {}
+
+
 def check_finite(name: str, t: torch.Tensor, fix: str) -> None:
     if t.is_floating_point() and not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).sum())

@@ -619,7 +619,7 @@ def test_baseline_bad_input(cli, run_dir, tmp_path):
     assert not out.exists()
 
 
-def test_rgb_pipeline_end_to_end(tmp_path, cifar_data_root):
+def test_rgb_pipeline_end_to_end(tmp_path, cifar_data_root, capsys):
     """CIFAR-10 through every stage: 3-output SIRENs on 32×32 colour images, class-pca tokens, the GPT, sampling
     and the per-channel SSIM metrics."""
     run = ["--run", str(tmp_path), "--quiet"]  # the data comes from NFGEN_DATA, which cifar_data_root checked
@@ -627,6 +627,11 @@ def test_rgb_pipeline_end_to_end(tmp_path, cifar_data_root):
     assert main(["tokenize", *run, "--basis", "class-pca", "--center", "class", "--iters", "5"]) == 0
     assert main(["train", *run, "--steps", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
                  "--batch-size", "8", "--eval-every", "2"]) == 0
+    assert main(["classifier", *run, "--epochs", "1"]) == 2  # MNIST's default splits, for CIFAR-10 fields: refused
+    assert "holds fields of cifar10:test[:60]; name the classifier's --train-split and --heldout-split from " \
+           "cifar10" in capsys.readouterr().err
+    assert main(["classifier", *run, "--train-split", "cifar10:test[:300]", "--epochs", "1"]) == 2  # both, please
+    assert not (tmp_path / "classifier.safetensors").exists()
     assert main(["classifier", *run, "--train-split", "cifar10:test[:300]", "--heldout-split",
                  "cifar10:test[9000:9100]", "--epochs", "1"]) == 0
     assert main(["generate", *run, "--per-class", "2", "--unconditional", "4", "--weights", "expected",
