@@ -45,17 +45,14 @@ def stratified(labels: torch.Tensor, counts: dict[int, int], gen: torch.Generato
 
 def field_renders(spec: str, train, device) -> torch.Tensor:
     """The training split's images as a fields file (or a tokens file, de-tokenized) renders them: [N, H, W(, C)]."""
-    from safetensors import safe_open
-
     from nfgen.fields import load_fields, render_fields
+    from nfgen.io import read_header
     from nfgen.tokenizer import load_tokens
 
-    try:
-        with safe_open(spec, framework="pt") as f:
-            kind = (f.metadata() or {}).get("nfgen_kind")
-    except Exception as exc:  # noqa: BLE001 - missing, truncated, not safetensors: one line, as the CLI says it
-        raise SystemExit(f"cannot read {spec} ({str(exc).splitlines()[0]}); pass a fields or tokens file") from None
-    if kind == "tokens":
+    header, _ = read_header(spec)
+    if not header:  # missing, truncated, not safetensors: one line, as the CLI says it
+        raise SystemExit(f"cannot read {spec} as an nfgen artifact; pass a fields or tokens file")
+    if header.get("nfgen_kind") == "tokens":
         ts = load_tokens(spec)
         weights, labels, meta, fields_spec, shape = (ts.tokenizer.decode(ts.tokens, ts.labels), ts.labels, ts.meta,
                                                      ts.spec, ts.image_shape)
