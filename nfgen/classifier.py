@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from nfgen import __version__
 from nfgen.common import make_generator, pick_device, progress
+from nfgen.data import DEFAULT_HELDOUT_SPLIT, DEFAULT_TRAIN_SPLIT
 from nfgen.io import NfgenError, check_finite, load_artifact, save_artifact
 
 CLASSIFIER_HINT = "run `nfgen classifier` first"
@@ -179,7 +180,7 @@ def load_classifier(path, device="cpu", hint: str = CLASSIFIER_HINT) -> nn.Modul
     return model.to(device).eval()
 
 
-def run_classifier(train_split: str = "mnist:test[:8000]", heldout_split: str = "mnist:test[8000:]",
+def run_classifier(train_split: str = DEFAULT_TRAIN_SPLIT, heldout_split: str = DEFAULT_HELDOUT_SPLIT,
                    out_path="classifier.safetensors", *, epochs: int | None = None, seed: int = 0, device="auto",
                    data_root=None, quiet: bool = False, download: bool = False) -> dict:
     """Train on `train_split`, report accuracy on `heldout_split`, write the classifier artifact."""

@@ -204,21 +204,21 @@ def cmd_evaluate(args) -> dict:
 
 def cmd_classifier(args) -> dict:
     from nfgen.classifier import run_classifier
-    from nfgen.data import parse_split
+    from nfgen.data import DEFAULT_HELDOUT_SPLIT, DEFAULT_TRAIN_SPLIT, parse_split, same_dataset
     from nfgen.fields import training_split
     from nfgen.io import read_header
-    from nfgen.metrics import DEFAULT_REF_SPLIT, DEFAULT_TRAIN_SPLIT
 
     run = Path(args.run)
     out = _path(args.out, run, "classifier.safetensors")
     if args.train_split is None or args.heldout_split is None:
         # the defaults are MNIST's: a run of another dataset's fields would get a classifier of the wrong images
         fitted = training_split(read_header(run / "fields.safetensors")[1])
-        dataset = parse_split(fitted)[0] if fitted else "mnist"
-        if dataset != parse_split(DEFAULT_TRAIN_SPLIT)[0]:
+        if fitted and not same_dataset(fitted, DEFAULT_TRAIN_SPLIT):
             raise NfgenError(f"{run / 'fields.safetensors'} holds fields of {fitted}; name the classifier's "
-                             f"--train-split and --heldout-split from {dataset} (the defaults are MNIST's)")
-    train_split, heldout_split = args.train_split or DEFAULT_TRAIN_SPLIT, args.heldout_split or DEFAULT_REF_SPLIT
+                             f"--train-split and --heldout-split from {parse_split(fitted)[0]} (the defaults are "
+                             "MNIST's)")
+    train_split = args.train_split or DEFAULT_TRAIN_SPLIT
+    heldout_split = args.heldout_split or DEFAULT_HELDOUT_SPLIT
     _outputs(run, "classifier", out)
     summary = run_classifier(train_split, heldout_split, out, epochs=args.epochs, seed=args.seed,
                              device=args.device, data_root=args.data_root, quiet=args.quiet)

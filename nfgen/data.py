@@ -54,6 +54,17 @@ class Split:
         return self.images.shape[0]
 
 
+# MNIST's split of this project (the only MNIST here is its test set): the defaults of every stage that needs
+# training and held-out images
+DEFAULT_TRAIN_SPLIT = "mnist:test[:8000]"
+DEFAULT_HELDOUT_SPLIT = "mnist:test[8000:]"
+
+
+def same_dataset(a: str, b: str) -> bool:
+    """Whether two split specs name the same dataset (`mnist:test[:10]` and `mnist:train` do)."""
+    return parse_split(a)[0] == parse_split(b)[0]
+
+
 def shared_images(a: Split, b: Split) -> int:
     """How many images two splits have in common (splits of the same set share the positions in both)."""
     if parse_split(a.spec)[:2] != parse_split(b.spec)[:2]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nfgen.classifier import run_classifier
 from nfgen.common import pick_device
-from nfgen.data import load_split
+from nfgen.data import DEFAULT_HELDOUT_SPLIT, DEFAULT_TRAIN_SPLIT, load_split
 from nfgen.fields import FitConfig, run_fit
 from nfgen.generate import SampleConfig, run_generate
 from nfgen.io import check_writable, make_dir, write_json
@@ -22,8 +22,7 @@ from nfgen.train import TrainConfig, train
 
 TRAIN_SPLIT = "mnist:test[:2000]"
 REF_SPLIT = "mnist:test[8000:8500]"
-CLASSIFIER_SPLIT = "mnist:test[:8000]"
-HELDOUT_SPLIT = "mnist:test[8000:]"
+CLASSIFIER_SPLIT, HELDOUT_SPLIT = DEFAULT_TRAIN_SPLIT, DEFAULT_HELDOUT_SPLIT
 # The recipe is the quality runs' (benchmarks.quality's small and full configs) at demo size: every field fitted
 # from a Reptile template learned on the same images, tokens that are each class's own principal components
 # around its mean field, the coarsest 32 drawn at T 1 and the finer ones the GPT's expected values. Against the

@@ -35,8 +35,6 @@ from nfkernels.ssim import _backend as _ssim_backend  # which kernel a search ru
 from nfkernels.ssim import _same_set, nearest_from_matrix, ssim_distance, ssim_nearest, ssim_nearest_both
 
 MEMORISED_SSIM = 0.95
-DEFAULT_REF_SPLIT = "mnist:test[8000:]"
-DEFAULT_TRAIN_SPLIT = "mnist:test[:8000]"
 GENERATE_HINT = "run `nfgen generate` first"
 IMAGES_HINT = ("write one with safetensors.torch.save_file({'images': float [N, H, W(, C)] in [0, 1], "
                "'labels': int64 [N] (-1 = unconditional; optional)}, path)")
@@ -385,17 +383,16 @@ def headline(result: dict, path) -> str:
 def default_splits(samples_meta: dict, ref_split: str | None, train_split: str | None) -> tuple[str, str]:
     """(references, training images) for evaluate: the training split defaults to the one the samples' GPT
     was trained on (recorded by generate / baseline), else DEFAULT_TRAIN_SPLIT; the references default to
-    DEFAULT_REF_SPLIT, for MNIST only: another dataset's held-out images are the caller's to name."""
-    from nfgen.data import parse_split
+    DEFAULT_HELDOUT_SPLIT, for MNIST only: another dataset's held-out images are the caller's to name."""
+    from nfgen.data import DEFAULT_HELDOUT_SPLIT, DEFAULT_TRAIN_SPLIT, parse_split, same_dataset
     from nfgen.fields import training_split
 
     train_split = train_split or training_split(samples_meta) or DEFAULT_TRAIN_SPLIT
     if ref_split is None:
-        dataset = parse_split(train_split)[0]
-        if dataset != parse_split(DEFAULT_REF_SPLIT)[0]:
-            raise NfgenError(f"the samples come from {train_split}; name held-out {dataset} images as references "
-                             f"with --ref-split (the default, {DEFAULT_REF_SPLIT}, is MNIST)")
-        ref_split = DEFAULT_REF_SPLIT
+        if not same_dataset(train_split, DEFAULT_HELDOUT_SPLIT):
+            raise NfgenError(f"the samples come from {train_split}; name held-out {parse_split(train_split)[0]} "
+                             f"images as references with --ref-split (the default, {DEFAULT_HELDOUT_SPLIT}, is MNIST)")
+        ref_split = DEFAULT_HELDOUT_SPLIT
     return ref_split, train_split
 
 

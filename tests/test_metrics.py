@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from nfgen.io import NfgenError
-from nfgen.metrics import (DEFAULT_REF_SPLIT, DEFAULT_TRAIN_SPLIT, check_held_out, default_splits,
-                           distance_metrics, evaluate, headline, load_images, memorisation, metrics_from_nearest,
-                           nearest_from_matrices, run_evaluate)
+from nfgen.data import DEFAULT_HELDOUT_SPLIT, DEFAULT_TRAIN_SPLIT
+from nfgen.metrics import (check_held_out, default_splits, distance_metrics, evaluate, headline, load_images,
+                           memorisation, metrics_from_nearest, nearest_from_matrices, run_evaluate)
 
 
 def line_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -139,8 +139,8 @@ def test_default_splits():
     fitted_on = {"source": {"split": "mnist:test[:2000]", "indices": [0, 1]}}  # a fields or tokens file
     generated = {"training_split": "mnist:test[:2000]"}  # generate's samples
     for meta in (fitted_on, generated):
-        assert default_splits(meta, None, None) == (DEFAULT_REF_SPLIT, "mnist:test[:2000]")
-    assert default_splits({}, None, None) == (DEFAULT_REF_SPLIT, DEFAULT_TRAIN_SPLIT)  # e.g. an images file
+        assert default_splits(meta, None, None) == (DEFAULT_HELDOUT_SPLIT, "mnist:test[:2000]")
+    assert default_splits({}, None, None) == (DEFAULT_HELDOUT_SPLIT, DEFAULT_TRAIN_SPLIT)  # e.g. an images file
     assert default_splits({"source": "hand-edited"}, None, None)[1] == DEFAULT_TRAIN_SPLIT
     named = default_splits(generated, "mnist:test[9000:]", "mnist:test[:100]")  # named splits win
     assert named == ("mnist:test[9000:]", "mnist:test[:100]")
