@@ -18,7 +18,7 @@ Protocol (fixed; the sizes are the only thing the configs change)
   accuracy / CE), fitted-field PSNR and de-tokenized PSNR (training and held-out fields, the held-out ones
   encoded with the tokenizer learned on the training fields). Mean ± std (ddof 1) over 3 generation seeds
   (with --train-seeds K, over the 3 of each of K trainings of the GPT: one training's numbers move by about as
-  much as its generation seeds' at CPU size, README "Three trainings").
+  much as its generation seeds' at CPU size, docs/quality.md, "Three trainings").
 - Reconstruction rows: the fitted training fields, and the same fields de-tokenized, evaluated like the samples
   (|Sr| per class, seeded choice): what a generator that reproduced the training fields exactly would get.
 - Reference generators without a GPT (nfgen.baselines): a Gaussian per class (sample mean and covariance) over
@@ -177,7 +177,7 @@ CONFIGS = {
     # the finer ones are the GPT's expected values: MMD 0.278 → 0.251 and accuracy 0.90 → 0.935 at COV and 1-NNA
     # within the seed spread (4000 fields; the sampling:sampled row draws every component). The config trained on
     # the first 4000 fields until 8000 put its samples past the per-class Gaussian over the weights, level with
-    # the class-pca Gaussian truncated the same way (README, Measured). Each class is 8 modes (k-means in weight
+    # the class-pca Gaussian truncated the same way (docs/quality.md). Each class is 8 modes (k-means in weight
     # space), each with its own mean field and basis, the mode drawn first: accuracy 0.955 → 0.983 (4 modes: 0.972),
     # MMD 0.236 → 0.227 (0.224), class-conditional 1-NNA 0.7475 → 0.748 (0.733), and in NeF-GPT's protocol with its
     # own top-k 3 / T 0.8 COV 0.122 → 0.265 (3 seeds each; the vq:modes1 row is one mean field per class).
@@ -212,7 +212,7 @@ CONFIGS = {
     # full run (a406862, raw scalar VQ with 256 codes at T 0.8 / top-k 3, now the vq:weights row) missed every
     # distance goal far from the oracle (1-NNA 0.968 against 0.642, COV 0.202 against 0.506), while at CPU size
     # class-pca beat raw codes on every metric at 4000 fields and passed 8 of the 10 main goals at 8000 with 8 modes
-    # (README, Measured); the first GPU call should produce the headline with the better recipe, and the
+    # (docs/quality.md); the first GPU call should produce the headline with the better recipe, and the
     # vq:weights row measures the old one at full size.
     # Ablations that train their own GPT do so for 1000 steps, beside a baseline row of the main recipe at 1000
     # steps; the model-size rows try a 25M GPT and 2 key/value heads (a 4x smaller KV cache: faster decoding,

@@ -5,7 +5,7 @@ over fields, so a field's trajectory does not depend on which chunk it is in). T
 within each call of `steps_per_call` fused steps; `lr_final_ratio` < 1 gives a cosine decay across calls.
 
 Tuning (2→32→32→1, ω0 30, shared init, 2-core CPU, measured without a clamp margin, which came later and
-is measured in README): PSNR of the rendered, clamped fields, and of the same
+is measured in docs/quality.md): PSNR of the rendered, clamped fields, and of the same
 fields after scalar VQ of the raw weights with 256 codes (the tokenizer before mean-centring, `--center none`).
 With raw codes a higher lr fits tighter but costs VQ PSNR:
 
@@ -73,7 +73,8 @@ class FitConfig:
     # them back, so a field renders its image unchanged while any weight error (tokenizing, a GPT's sampling) that
     # moves such a pixel by less than the margin stays invisible. MNIST's test set is 81 % exact zeros, where those
     # errors showed as grey speckle. None: the margin the template was learned with (`nfgen template` uses 0.3), 0
-    # without a template: from the random draw the margin made the demo's samples worse (README, "Clamp margin").
+    # without a template: from the random draw the margin made the demo's samples worse (docs/quality.md,
+    # "Clamp margin").
     clamp_margin: float | None = None
     steps_per_call: int = 25  # fused steps per siren_fit_steps call (progress and early stop run between)
     backend: str = "auto"

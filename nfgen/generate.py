@@ -70,7 +70,7 @@ class SampleConfig:
     # keep their drawn tokens' values (0: every position expected). With coarse-to-fine tokens (--basis class-pca)
     # a field keeps its drawn coarse components and takes the model's mean of each fine one (a truncation trick):
     # on the CPU quality run the small GPT's fine draws add scatter that SSIM pays for, and drawing only the first
-    # 32 of 1185 cut MMD from 0.278 to 0.251 and lifted accuracy from 0.90 to 0.935 (README, Measured). A mode token
+    # 32 of 1185 cut MMD from 0.278 to 0.251 and lifted accuracy from 0.90 to 0.935 (docs/quality.md). A mode token
     # (tokenize --modes) is not counted: it always keeps its draw, and K counts the code tokens after it (coarse
     # tokens, tokenize --coarse, are not counted either)
     expected_from: int = 0
@@ -113,9 +113,9 @@ def default_batch_size(model: GPT, length: int, device: torch.device, guided: bo
 def decode_attention_impl(choice: str, device: torch.device, dtype: torch.dtype) -> str:
     """SampleConfig.attention → what forward_cached runs: "sdpa" or a decode_attention backend ("triton", "cpp").
 
-    auto: sdpa on CUDA (graphs per bucket; the Triton kernel saves only the unread tail of the last bucket, README
-    Kernels), the C++ kernel on CPU for a float32 model when it is built (1.23x faster generation than SDPA, README),
-    else sdpa. An explicit kernel that cannot run here is refused (NfgenError).
+    auto: sdpa on CUDA (graphs per bucket; the Triton kernel saves only the unread tail of the last bucket,
+    docs/kernels.md), the C++ kernel on CPU for a float32 model when it is built (1.23x faster generation than
+    SDPA, README), else sdpa. An explicit kernel that cannot run here is refused (NfgenError).
     """
     if choice == "sdpa":
         return choice

@@ -25,7 +25,7 @@ fine and any sampled token moves it along a direction that real fields vary in. 
 field (42.07 of the fitted 42.21 dB on the CPU quality run's 4000 fields, against 36.9 dB for raw codes),
 and its samples cover the data as raw codes' do not (at T 1: COV 0.495 against 0.395, 1-NNA 0.83 against
 0.985). But the small GPT's samples ignore their class (accuracy 0.14 against 0.26, both at T 1); our reading
-is that the class shifts mostly the first few components, where it shifts every raw weight (README, Measured;
+is that the class shifts mostly the first few components, where it shifts every raw weight (docs/quality.md;
 benchmarks/results/quality-cpu-small-roles-pca.json). Hence an option, with the quality ablation rows vq:pca*.
 
 The class's mean field (--center class) can be taken out too: class c's fields are quantised relative to their
@@ -36,7 +36,7 @@ mixed with --shrinkage of the pooled one, so held-out fields outside the span of
 encode). A token sequence of standard normal components then decodes to a draw from the class's Gaussian
 whatever the GPT has learned of the class, which the small GPT had not: on the CPU quality run it lifts the
 samples' accuracy from 0.47 (raw codes) to 0.90 and coverage from 0.15 to 0.48, level with the per-class
-Gaussian, and keeps 42.06 of 42.21 dB (held-out fields 38.04 of 41.22; README, Measured;
+Gaussian, and keeps 42.06 of 42.21 dB (held-out fields 38.04 of 41.22; docs/quality.md;
 benchmarks/results/quality-cpu-small-class-pca.json). The pooled basis (--basis pca --center class) and class
 centring of raw codes (--center class) score below it (quality-cpu-small-class-centred.json). It is the small
 quality config's main recipe; the tokenize default stays the raw codes until the H100 rows (vq:class-pca) say
@@ -62,7 +62,7 @@ in two, its bin first. That matters under top-k sampling: over 256 fine codes, t
 codes at a component's mode and pins the leading components, where over bins it keeps three bins that span the
 component's spread. NeF-GPT's protocol samples at top-k 3. On the CPU quality run 32 components with 8 bins lifted
 its COV at top-k 3 / T 0.8 from 0.265 to 0.430, while the main protocol's accuracy (T 1) fell from 0.983 to 0.948,
-below three trainings of the plain recipe (0.978-0.983); so off by default (README, "Coarse tokens").
+below three trainings of the plain recipe (0.978-0.983); so off by default (docs/quality.md, "Coarse tokens").
 
 Per-tensor normalisation (--normalize layer) is an option: the first layer's weights are ~30x larger
 than the later layers', so a shared codebook spends most codes on layer 0. Measured, that is the right
