@@ -181,7 +181,8 @@ CONFIGS = {
     # space), each with its own mean field and basis, the mode drawn first: accuracy 0.955 → 0.983 (4 modes: 0.972),
     # MMD 0.236 → 0.227 (0.224), class-conditional 1-NNA 0.7475 → 0.748 (0.733), and in NeF-GPT's protocol with its
     # own top-k 3 / T 0.8 COV 0.122 → 0.265 (3 seeds each; the vq:modes1 row is one mean field per class).
-    # Ablations on request.
+    # Ablations on request; those of issue 8 kept this recipe (quality-cpu-small-8000-modes8-ablations.json,
+    # docs/quality.md).
     "small": QualityConfig(
         train_split="mnist:test[:8000]", heldout_split="mnist:test[8000:8200]",
         # 100 fit steps, as its committed results were measured (the full config moved to 120 for 40 dB)
