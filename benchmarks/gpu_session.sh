@@ -97,7 +97,7 @@ for part in "$@"; do
     quality-ablations)  # ABLATIONS: the rows that train their own GPT (a comma list; see benchmarks/quality.py).
       # About a minute a row on an H100 (a row that fits a new template or new fields, more) and all of them take
       # ~16: pass chunks of about 4 GPTs, which fit one call's 600 s beside the build, e.g.
-      # ABLATIONS=baseline,vq:weights,vq:modes1,model:kv2 (the main's 4-mode class-pca tokens against the raw codes of
+      # ABLATIONS=baseline,vq:weights,vq:modes1,model:kv2 (the main's 8-mode class-pca tokens against the raw codes of
       # the a406862 era and one mean field per class, at the same 1000 steps), then vq:pca-class with
       # model:no-class-embed,model:ids-only,fit:clamp-margin0, then codebook and
       # fit,init,order,vq,model in chunks (cached rows are free). Rows run in the harness's order, not the list's.

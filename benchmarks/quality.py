@@ -190,7 +190,8 @@ CONFIGS = {
         train=dict(n_layer=3, n_head=3, n_embd=96, n_kv_head=1, value_embed=True, steps=400, batch_size=16,
                    lr=3e-3, warmup=40, eval_every=100, checkpoint_every=10_000),
         sample=dict(temperature=1.0, top_k=0, batch_size=200, weights="expected", expected_from=32),
-        alt_model=dict(n_layer=2, n_head=4, n_embd=64), ablation_seeds=1,
+        # model:kv3 gives each query head its own key/value head (quality-cpu-small-8000-modes8-kv3.json: no gain)
+        alt_model=dict(n_layer=2, n_head=4, n_embd=64), alt_kv_head=3, ablation_seeds=1,
         sampling_sweep={"sampled": dict(weights="sampled", expected_from=0),
                         "expected": dict(expected_from=0), "expected-from16": dict(expected_from=16),
                         "expected-from64": dict(expected_from=64), "T0.9": dict(temperature=0.9),
