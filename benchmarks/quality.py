@@ -41,11 +41,12 @@ Protocol (fixed; the sizes are the only thing the configs change)
   (`canonical_order`) vs none; scalar VQ vs grouped (d = the divisors of P in the config: 3 and 5 for P = 1185)
   vs residual (2 levels) vs codes centred on the mean field (256 and 64 codes) or on the class's mean field vs
   principal components (of all fields; of the offsets from the class means, pooled; each class's own: class-pca);
-  codebook 64 vs 256 vs 1024; two model sizes; a sampling sweep (temperature, top-k, top-p, CFG, expected code
-  values as the weights). A config may train the ablation rows' GPTs for fewer steps than the main row's; it
-  then adds a "baseline:main" row (the main recipe at that budget) to compare them with. Artifacts are shared
-  between rows (every tokenizer row reuses the main fit, every sampling row the main model) and cached in the run
-  directory, keyed by their full recipe, so a rerun only redoes what changed.
+  codebook 64 vs 256 vs 1024; two model sizes and another number of key/value heads; a sampling sweep
+  (temperature, top-k, top-p, CFG, expected code values as the weights). A config may train the ablation rows'
+  GPTs for fewer steps than the main row's; it then adds a "baseline:main" row (the main recipe at that budget) to
+  compare them with. Artifacts are shared between rows (every tokenizer row reuses the main fit, every sampling
+  row the main model) and cached in the run directory, keyed by their full recipe, so a rerun only redoes what
+  changed.
 - Goals (checked from the numbers, PASS/FAIL printed): classifier accuracy ≥ 0.99 × its held-out accuracy;
   1-NNA ≤ oracle + 0.03; COV ≥ oracle − 0.03; MMD ≤ 1.05 × oracle; memorised ≤ oracle; fitted ≥ 40 dB;
   de-tokenized ≥ 35 dB; every NeF-GPT number beaten in its own protocol.
